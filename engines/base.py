@@ -1,0 +1,88 @@
+"""The one engine interface every backend implements (DESIGN.md section 5).
+
+An ``Engine`` runs one compiled subgraph. Feeds and outputs are torch tensors on the
+backend's device. The base class checks feeds against the subgraph's declaration the
+first time each shape signature is seen, with messages that say what arrived and what
+was expected; backends implement ``_run``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+
+import torch
+
+from dllm.errors import BackendError
+from dllm.exporter.subgraphs import SubgraphDecl
+
+
+class Backend(str, enum.Enum):
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+class Engine(abc.ABC):
+    def __init__(self, decl: SubgraphDecl, device: torch.device | str = "cpu"):
+        self.decl = decl
+        self.device = torch.device(device)
+        self._checked: set[tuple] = set()
+
+    @property
+    def inputs(self):
+        return self.decl.inputs
+
+    @property
+    def outputs(self):
+        return self.decl.outputs
+
+    def check_feeds(self, feeds: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Validate names, dtypes, ranks, static dims and dynamic-dim consistency; returns the dim sizes."""
+        expected = {t.name for t in self.decl.inputs}
+        if set(feeds) != expected:
+            raise BackendError(f"{self.decl.name}: feeds {sorted(feeds)} do not match the declared inputs "
+                               f"{sorted(expected)}")
+        sizes: dict[str, int] = {}
+        for t in self.decl.inputs:
+            x = feeds[t.name]
+            if not isinstance(x, torch.Tensor):
+                raise BackendError(f"{self.decl.name}.{t.name}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.dtype != t.torch_dtype:
+                raise BackendError(f"{self.decl.name}.{t.name}: dtype {x.dtype}, expected {t.torch_dtype}")
+            if x.dim() != len(t.dims):
+                raise BackendError(f"{self.decl.name}.{t.name}: shape {list(x.shape)}, expected rank "
+                                   f"{len(t.dims)} {list(t.dims)}")
+            if x.device != self.device and not (x.device.type == self.device.type and self.device.index is None):
+                raise BackendError(f"{self.decl.name}.{t.name}: on {x.device}, the engine runs on {self.device}")
+            for d, n in zip(t.dims, x.shape):
+                if isinstance(d, int) and d != n:
+                    raise BackendError(f"{self.decl.name}.{t.name}: shape {list(x.shape)}, expected {list(t.dims)}")
+                if isinstance(d, str) and sizes.setdefault(d, n) != n:
+                    raise BackendError(f"{self.decl.name}.{t.name}: dim {d}={n} disagrees with {d}={sizes[d]} "
+                                       "of an earlier input")
+        return sizes
+
+    def output_shapes(self, sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.shape(sizes) for t in self.decl.outputs}
+
+    def allocate_outputs(self, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        return {t.name: torch.empty(t.shape(sizes), dtype=t.torch_dtype, device=self.device)
+                for t in self.decl.outputs}
+
+    def run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
+            ) -> dict[str, torch.Tensor]:
+        """Run the subgraph. ``out`` (optional) holds preallocated output tensors to write into."""
+        signature = tuple((k, v.dtype, tuple(v.shape)) for k, v in sorted(feeds.items()))
+        if signature not in self._checked:
+            sizes = self.check_feeds(feeds)
+            if out is not None:
+                for name, shape in self.output_shapes(sizes).items():
+                    if name not in out or tuple(out[name].shape) != shape:
+                        raise BackendError(f"{self.decl.name}: output buffer {name!r} must have shape {list(shape)}")
+            self._checked.add(signature)
+        return self._run(feeds, out)
+
+    @abc.abstractmethod
+    def _run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        ...

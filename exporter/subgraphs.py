@@ -1,0 +1,206 @@
+"""Subgraphs: the per-layer pieces an engine directory holds, with their I/O declared once as data.
+
+DESIGN.md section 3. Every consumer derives from ``SubgraphDecl``:
+ONNX input/output names and dynamic axes, dummy inputs, TensorRT optimization profiles,
+runtime feed checks and output allocation.
+
+| subgraph  | inputs                                            | outputs                                  |
+|-----------|---------------------------------------------------|------------------------------------------|
+| embed     | ids [B,k] int32                                   | h [B,k,D]                                |
+| layer_{i} | h_rows [B,k,D], pos [B,k] int32,                  | k_rows, v_rows [B,k,Hkv,hd] (k after RoPE)|
+|           | k_cache, v_cache [B,N,Hkv,hd]                     | attn_rows, mlp_rows [B,k,D] (deltas)      |
+| head      | h_rows [B,k,D]                                    | logits [B,k,V] (final norm + LM head)     |
+| vproj_{i} | h_rows [B,k,D]                                    | v_rows [B,k,Hkv,hd] (value-proxy probe)   |
+
+Dims named by strings are dynamic: ``B`` batch, ``k`` rows recomputed, ``N`` canvas length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+from torch import nn
+
+from dllm.spec import ModelSpec
+
+DYNAMIC_DIMS = ("B", "k", "N")
+MODEL_DTYPE = "model"   # placeholder resolved to the export dtype
+
+
+class DType(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.value]
+
+
+TORCH_DTYPES = {"int32": torch.int32, "int64": torch.int64, "fp32": torch.float32,
+                "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Kind(str, enum.Enum):
+    EMBED = "embed"
+    LAYER = "layer"
+    HEAD = "head"
+    VPROJ = "vproj"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDecl:
+    name: str
+    dtype: str                       # "int32" or a DType value ("fp32", "fp16", "bf16")
+    dims: tuple[str | int, ...]      # strings are dynamic dims
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        """Concrete shape for the given dynamic sizes, e.g. {"B": 1, "k": 8, "N": 64}."""
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorDecl":
+        return cls(d["name"], d["dtype"], tuple(d["dims"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubgraphDecl:
+    name: str                        # "embed", "layer_00", "head", "vproj_00"
+    kind: Kind
+    layer: int | None
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export style dynamic axes, derived from the declaration."""
+        return {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
+                for t in self.inputs + self.outputs}
+
+    def dummy_inputs(self, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Random feeds of the declared dtypes; ``pos`` gets distinct positions < N, ids stay small."""
+        g = torch.Generator().manual_seed(seed)
+        feeds = {}
+        for t in self.inputs:
+            shape = t.shape(sizes)
+            if t.name == "pos":
+                n = sizes["N"]
+                rows = [torch.randperm(n, generator=g)[: shape[1]].sort().values for _ in range(shape[0])]
+                feeds[t.name] = torch.stack(rows).to(torch.int32)
+            elif t.name == "ids":
+                feeds[t.name] = torch.randint(0, 16, shape, generator=g, dtype=torch.int32)
+            else:
+                feeds[t.name] = torch.randn(shape, generator=g).to(t.torch_dtype)
+        return feeds
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind.value, "layer": self.layer,
+                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SubgraphDecl":
+        return cls(d["name"], Kind(d["kind"]), d.get("layer"),
+                   tuple(TensorDecl.from_dict(t) for t in d["inputs"]),
+                   tuple(TensorDecl.from_dict(t) for t in d["outputs"]))
+
+
+def layer_name(i: int) -> str:
+    return f"layer_{i:02d}"
+
+
+def vproj_name(i: int) -> str:
+    return f"vproj_{i:02d}"
+
+
+def declare(spec: ModelSpec, dtype: DType | str, with_vproj: bool = False) -> list[SubgraphDecl]:
+    """All subgraphs of a model, in execution order: embed, layer_00.., head, [vproj_00..]."""
+    dt = DType(dtype).value
+    D, Hkv, hd, V = spec.d_model, spec.n_kv_heads, spec.head_dim, spec.vocab_size
+    rows = TensorDecl("h_rows", dt, ("B", "k", D))
+    kv_rows = lambda n: TensorDecl(n, dt, ("B", "k", Hkv, hd))  # noqa: E731
+    out = [SubgraphDecl("embed", Kind.EMBED, None, (TensorDecl("ids", "int32", ("B", "k")),),
+                        (TensorDecl("h", dt, ("B", "k", D)),))]
+    for i in range(spec.n_layers):
+        out.append(SubgraphDecl(
+            layer_name(i), Kind.LAYER, i,
+            (rows, TensorDecl("pos", "int32", ("B", "k")),
+             TensorDecl("k_cache", dt, ("B", "N", Hkv, hd)), TensorDecl("v_cache", dt, ("B", "N", Hkv, hd))),
+            (kv_rows("k_rows"), kv_rows("v_rows"),
+             TensorDecl("attn_rows", dt, ("B", "k", D)), TensorDecl("mlp_rows", dt, ("B", "k", D)))))
+    out.append(SubgraphDecl("head", Kind.HEAD, None, (rows,), (TensorDecl("logits", dt, ("B", "k", V)),)))
+    if with_vproj:
+        out += [SubgraphDecl(vproj_name(i), Kind.VPROJ, i, (rows,), (kv_rows("v_rows"),))
+                for i in range(spec.n_layers)]
+    return out
+
+
+# -- the PyTorch modules behind each subgraph (what gets exported, and the torch backend) --------
+
+class EmbedModule(nn.Module):
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids.long())                                   # [B, k, D]
+
+
+class LayerModule(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h_rows, pos, k_cache, v_cache):
+        return self.layer.forward_rows(h_rows, pos, k_cache, v_cache)
+
+
+class HeadModule(nn.Module):
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, h_rows: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h_rows))                          # [B, k, V]
+
+
+class VProjModule(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h_rows: torch.Tensor) -> torch.Tensor:
+        return self.layer.value_rows(h_rows)                            # [B, k, Hkv, hd]
+
+
+def build_module(decl: SubgraphDecl, source, dtype: DType | str) -> nn.Module:
+    """The PyTorch module of one subgraph.
+
+    ``source`` is a ``Checkpoint`` (loads only this subgraph's weights: bounded memory)
+    or a loaded ``DiffusionLM``.
+    """
+    tdt = DType(dtype).torch
+    from dllm.exporter.models.model import DiffusionLM
+
+    if isinstance(source, DiffusionLM):
+        model = source.to(tdt)
+        get_layer, embed, norm, head = (lambda i: model.layers[i]), model.embed, model.norm, model.lm_head
+        if decl.kind == Kind.EMBED:
+            return EmbedModule(embed).eval()
+        if decl.kind == Kind.HEAD:
+            return HeadModule(norm, head).eval()
+        layer = get_layer(decl.layer)
+    else:
+        if decl.kind == Kind.EMBED:
+            return EmbedModule(source.load_embed(tdt)).eval()
+        if decl.kind == Kind.HEAD:
+            return HeadModule(source.load_norm(tdt), source.load_head(tdt)).eval()
+        layer = source.load_layer(decl.layer, tdt)
+    return (LayerModule(layer) if decl.kind == Kind.LAYER else VProjModule(layer)).eval()
