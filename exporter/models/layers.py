@@ -90,6 +90,12 @@ class DecoderLayer(nn.Module):
         """Non-causal attention of q [B,k,H,hd] over keys/values [B,N,Hkv,hd]; softmax in fp32."""
         B, k, H, hd = q.shape
         group = H // self.n_kv_heads
+        if q.is_cuda and not torch.onnx.is_in_onnx_export():
+            # Fused attention on the GPU (fp32 accumulation inside); the explicit path below is
+            # what gets exported and what CPU runs, so CPU results match the ONNX graphs.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2),
+                                                 values.transpose(1, 2), enable_gqa=group > 1)
+            return self.o_proj(out.transpose(1, 2).reshape(B, k, H * hd))
         qh = q.transpose(1, 2).float()                                   # [B, H, k, hd]
         kh = keys.transpose(1, 2).float().repeat_interleave(group, dim=1)   # [B, H, N, hd]
         vh = values.transpose(1, 2).float().repeat_interleave(group, dim=1)
