@@ -42,8 +42,12 @@ class EngineSet:
 
 
 def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.device = "cpu",
-                     with_vproj: bool = True, tokenizer_dir: Path | None = None) -> EngineSet:
-    """Torch engines straight from a ``DiffusionLM`` or a ``Checkpoint`` (no engine directory needed)."""
+                     with_vproj: bool = True, tokenizer_dir: Path | None = None,
+                     cuda_graphs: bool = False) -> EngineSet:
+    """Torch engines straight from a ``DiffusionLM`` or a ``Checkpoint`` (no engine directory needed).
+
+    ``cuda_graphs`` (CUDA only) captures one graph per input shape; see TorchEngine.
+    """
     from dllm.engines.torch_backend import TorchEngine
 
     from dllm.exporter.models.model import DiffusionLM
@@ -53,7 +57,7 @@ def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.de
     engines = {}
     for decl in declare(spec, dtype, with_vproj=with_vproj):
         module = build_module(decl, source, dtype)
-        engines[decl.name] = TorchEngine(decl, module, device)
+        engines[decl.name] = TorchEngine(decl, module, device, cuda_graphs=cuda_graphs)
     if tokenizer_dir is None and not isinstance(source, DiffusionLM):
         tokenizer_dir = source.path
     return EngineSet(spec, dtype, Backend.TORCH, torch.device(device), engines, tokenizer_dir)
