@@ -1,0 +1,216 @@
+"""DecodeConfig: every decoding knob in one frozen dataclass (ALGORITHMS.md Part 1).
+
+One config drives the one decode loop: a cache policy (which rows each layer recomputes)
+and a commit policy (which masked tokens become real), plus their numbers. Values are
+checked in ``__post_init__``; strings are accepted for enum fields (``"dllm-cache"`` and
+``"dllm_cache"`` alike) and coerced, unknown keys raise (``DecodeConfig.from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+from dllm.errors import ConfigError
+
+
+class CachePolicyKind(str, enum.Enum):
+    FULL = "full"                    # every row of every layer: the reference
+    PREFIX = "prefix"                # Fast-dLLM prefix cache (C.2)
+    DUAL = "dual"                    # Fast-dLLM dual cache (C.2)
+    DLLM_CACHE = "dllm_cache"        # dLLM-Cache (C.3)
+    DCU = "dcu"                      # Dynamic Cache Update (A, Part 1)
+    DCU_REFERENCE = "dcu_reference"  # DCU as released: value proxy, uniform budget, intervals 5000/5000
+
+
+class CommitPolicyKind(str, enum.Enum):
+    SCHEDULE = "schedule"            # LLaDA fixed count per step (C.1)
+    THRESHOLD = "threshold"          # Fast-dLLM top-1 + conf >= theta (C.2)
+    FACTOR = "factor"                # Fast-dLLM n-th most confident >= 1 - f/(n+1) (C.2)
+    APD = "apd"                      # Adaptive Parallel Decoding (B)
+
+
+class Proxy(str, enum.Enum):
+    INPUT = "input"                  # cosine distance of the layer input rows vs the previous step
+    VALUE = "value"                  # cosine distance of V = W_V norm(h) vs the gen V cache (needs vproj)
+
+
+class Allocation(str, enum.Enum):
+    PROPORTIONAL = "proportional"    # B_total * s_l / sum(s)
+    SOFTMAX = "softmax"              # B_total * softmax(temp * s)_l
+    UNIFORM = "uniform"              # budget rows for every layer
+
+
+class ApdMode(str, enum.Enum):
+    GLOBAL = "global"                # one scalar threshold (mode 1)
+    PER_TOKEN = "per_token"          # one threshold per gen position (mode 2)
+
+
+class Remasking(str, enum.Enum):
+    LOW_CONFIDENCE = "low_confidence"
+    RANDOM = "random"
+
+
+class Alg(str, enum.Enum):
+    """Confidence used to rank masked positions (Dream's ``alg``; LLaDA's low_confidence = maskgit_plus)."""
+    MASKGIT_PLUS = "maskgit_plus"    # probability of the argmax token
+    TOPK_MARGIN = "topk_margin"      # p1 - p2
+    ENTROPY = "entropy"              # sum p log p (negative entropy: higher is more confident)
+
+
+_ENUMS = {"cache": CachePolicyKind, "commit": CommitPolicyKind, "proxy": Proxy, "allocation": Allocation,
+          "apd_mode": ApdMode, "remasking": Remasking, "alg": Alg}
+# field -> CLI flag, so errors name what the user typed
+_FLAGS = {"gen_length": "--gen-length", "block_length": "--block-length", "steps": "--steps",
+          "budget": "--budget", "window": "--window", "softmax_temp": "--softmax-temp",
+          "refresh_interval": "--refresh-interval", "prompt_interval": "--prompt-interval",
+          "gen_interval": "--gen-interval", "rho": "--rho", "threshold": "--threshold", "factor": "--factor",
+          "tau0": "--tau0", "alpha": "--alpha", "beta": "--beta", "tau_min": "--tau-min",
+          "tau_max": "--tau-max", "temperature": "--temperature", "seed": "--seed", "cache": "--cache",
+          "commit": "--commit", "proxy": "--proxy", "allocation": "--allocation", "apd_mode": "--apd-mode",
+          "remasking": "--remasking", "alg": "--alg", "apd_block_reset": "--apd-block-reset"}
+
+
+def _flag(name: str) -> str:
+    return f"{_FLAGS.get(name, name)} ({name})"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode: canvas sizes, cache policy, commit policy and their settings.
+
+    Defaults follow ALGORITHMS.md Part 1. Settings a policy does not use are ignored by it
+    (e.g. ``budget`` outside ``dcu``), never silently reinterpreted.
+    """
+    # canvas and schedule
+    gen_length: int = 256
+    block_length: int = 32
+    steps: int = 256                 # `schedule` only: steps over the whole generation (steps/num_blocks per block)
+    # policies
+    cache: CachePolicyKind = CachePolicyKind.FULL
+    commit: CommitPolicyKind = CommitPolicyKind.SCHEDULE
+    # dcu
+    budget: int = 32                 # rows per budgeted layer per step on average (total budget * (L-1))
+    window: int = 32                 # forced rows: 2*floor(W/2)+1 centred on the last committed token
+    proxy: Proxy = Proxy.INPUT
+    allocation: Allocation = Allocation.PROPORTIONAL
+    softmax_temp: float = 200.0      # `softmax` allocation temperature (A.4)
+    refresh_interval: int | None = None   # dcu full refresh every K steps; None = only the first step
+    # dllm-cache and dcu region refresh, on the global step counter: (t-1) % K == 0
+    prompt_interval: int = 5000
+    gen_interval: int = 5000
+    rho: float = 0.25                # dllm-cache: int(G*rho) rows partially updated
+    # threshold / factor
+    threshold: float = 0.9
+    factor: float = 1.0
+    # apd
+    apd_mode: ApdMode = ApdMode.PER_TOKEN
+    tau0: float = 0.9
+    alpha: float = 0.01
+    beta: float = 0.15
+    tau_min: float | None = None     # optional clamp, off by default
+    tau_max: float | None = None
+    apd_block_reset: bool = False    # optional reset of tau at each block start, off by default
+    # sampling
+    remasking: Remasking = Remasking.LOW_CONFIDENCE
+    alg: Alg = Alg.MASKGIT_PLUS
+    temperature: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, enum_cls in _ENUMS.items():
+            value = getattr(self, name)
+            if isinstance(value, str) and not isinstance(value, enum_cls):
+                value = value.strip().lower().replace("-", "_")
+            try:
+                object.__setattr__(self, name, enum_cls(value))
+            except ValueError:
+                choices = ", ".join(e.value for e in enum_cls)
+                raise ConfigError(f"{_flag(name)} got {getattr(self, name)!r}; expected one of {choices}") from None
+        self._check_ints()
+        self._check_floats()
+        G, bl = self.gen_length, self.block_length
+        if G % bl:
+            raise ConfigError(f"--gen-length {G} is not a multiple of --block-length {bl}; pick a block length "
+                              f"that divides it (e.g. {math.gcd(G, bl)}) or round the gen length up to "
+                              f"{-(-G // bl) * bl}")
+        blocks = G // bl
+        if self.commit == CommitPolicyKind.SCHEDULE and self.steps % blocks:
+            raise ConfigError(f"--steps {self.steps} is not a multiple of the number of blocks {blocks} "
+                              f"(gen length {G} / block length {bl}); use --steps {-(-self.steps // blocks) * blocks}")
+        if self.tau_min is not None and self.tau_max is not None and self.tau_min > self.tau_max:
+            raise ConfigError(f"--tau-min {self.tau_min} is above --tau-max {self.tau_max}; swap them")
+
+    def _check_ints(self):
+        positive = ("gen_length", "block_length", "steps", "prompt_interval", "gen_interval")
+        non_negative = ("budget", "window", "seed")
+        for name in positive + non_negative + ("refresh_interval",):
+            v = getattr(self, name)
+            if name == "refresh_interval" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{_flag(name)} must be an integer, got {v!r}")
+            low = 0 if name in non_negative else 1
+            if v < low:
+                what = "at least 0" if low == 0 else "at least 1"
+                raise ConfigError(f"{_flag(name)} must be {what}, got {v}")
+        if not isinstance(self.apd_block_reset, bool):
+            raise ConfigError(f"{_flag('apd_block_reset')} must be true or false, got {self.apd_block_reset!r}")
+
+    def _check_floats(self):
+        for name in ("softmax_temp", "rho", "threshold", "factor", "tau0", "alpha", "beta", "tau_min",
+                     "tau_max", "temperature"):
+            v = getattr(self, name)
+            if v is None and name in ("tau_min", "tau_max"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{_flag(name)} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        ranges = {"rho": (0.0, 1.0, "in (0, 1]"), "threshold": (0.0, 1.0, "in [0, 1]")}
+        if not 0.0 < self.rho <= 1.0:
+            raise ConfigError(f"{_flag('rho')} must be {ranges['rho'][2]}, got {self.rho}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"{_flag('threshold')} must be {ranges['threshold'][2]}, got {self.threshold}")
+        if self.softmax_temp <= 0:
+            raise ConfigError(f"{_flag('softmax_temp')} must be above 0, got {self.softmax_temp}")
+        if self.factor <= 0:
+            raise ConfigError(f"{_flag('factor')} must be above 0, got {self.factor}")
+        if self.temperature < 0:
+            raise ConfigError(f"{_flag('temperature')} must be at least 0 (0 = greedy), got {self.temperature}")
+        if self.alpha < 0 or self.beta < 0:
+            raise ConfigError(f"--alpha and --beta must be at least 0, got alpha={self.alpha} beta={self.beta}")
+
+    # -- derived ------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        """`schedule` steps per block; the adaptive commits run until the block is empty (at most block_length)."""
+        if self.commit == CommitPolicyKind.SCHEDULE:
+            return self.steps // self.num_blocks
+        return self.block_length
+
+    def replace(self, **changes) -> "DecodeConfig":
+        """A copy with ``changes`` applied (validated again; unknown keys raise ConfigError)."""
+        _check_keys(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecodeConfig":
+        """Build from plain values (e.g. JSON); unknown keys raise ConfigError."""
+        _check_keys(d)
+        return cls(**d)
+
+
+def _check_keys(d: dict) -> None:
+    known = {f.name for f in dataclasses.fields(DecodeConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown DecodeConfig keys {unknown}; expected a subset of {sorted(known)}")
