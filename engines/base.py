@@ -63,6 +63,36 @@ class Engine(abc.ABC):
                                        "of an earlier input")
         return sizes
 
+    def dim_sizes(self, feeds: dict[str, torch.Tensor]) -> dict[str, int]:
+        """The dynamic dim sizes of already-checked feeds (no validation; cheap enough per call)."""
+        sizes: dict[str, int] = {}
+        for t in self.decl.inputs:
+            for d, n in zip(t.dims, feeds[t.name].shape):
+                if isinstance(d, str):
+                    sizes[d] = n
+        return sizes
+
+    def check_outputs(self, out: dict[str, torch.Tensor], sizes: dict[str, int]) -> None:
+        """Validate preallocated output buffers: every declared name, shape, dtype, device, contiguous."""
+        for t in self.decl.outputs:
+            shape = t.shape(sizes)
+            if t.name not in out:
+                raise BackendError(f"{self.decl.name}: output buffers {sorted(out)} lack {t.name!r}; "
+                                   f"expected {sorted(o.name for o in self.decl.outputs)}")
+            x = out[t.name]
+            if tuple(x.shape) != shape:
+                raise BackendError(f"{self.decl.name}: output buffer {t.name!r} has shape {list(x.shape)}, "
+                                   f"expected {list(shape)}")
+            if x.dtype != t.torch_dtype:
+                raise BackendError(f"{self.decl.name}: output buffer {t.name!r} has dtype {x.dtype}, "
+                                   f"expected {t.torch_dtype}")
+            if x.device.type != self.device.type or (self.device.index is not None and x.device != self.device):
+                raise BackendError(f"{self.decl.name}: output buffer {t.name!r} is on {x.device}, "
+                                   f"the engine runs on {self.device}")
+            if not x.is_contiguous():
+                raise BackendError(f"{self.decl.name}: output buffer {t.name!r} is not contiguous; "
+                                   "backends write through its data pointer, pass a contiguous tensor")
+
     def output_shapes(self, sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
         return {t.name: t.shape(sizes) for t in self.decl.outputs}
 
@@ -73,13 +103,15 @@ class Engine(abc.ABC):
     def run(self, feeds: dict[str, torch.Tensor], out: dict[str, torch.Tensor] | None = None
             ) -> dict[str, torch.Tensor]:
         """Run the subgraph. ``out`` (optional) holds preallocated output tensors to write into."""
-        signature = tuple((k, v.dtype, tuple(v.shape)) for k, v in sorted(feeds.items()))
+        signature = tuple((k, v.dtype, tuple(v.shape), v.device) if isinstance(v, torch.Tensor) else (k, type(v))
+                          for k, v in sorted(feeds.items()))
+        if out is not None:
+            signature += tuple((k, v.dtype, tuple(v.shape), v.device, v.is_contiguous())
+                               for k, v in sorted(out.items()))
         if signature not in self._checked:
             sizes = self.check_feeds(feeds)
             if out is not None:
-                for name, shape in self.output_shapes(sizes).items():
-                    if name not in out or tuple(out[name].shape) != shape:
-                        raise BackendError(f"{self.decl.name}: output buffer {name!r} must have shape {list(shape)}")
+                self.check_outputs(out, sizes)
             self._checked.add(signature)
         return self._run(feeds, out)
 
