@@ -190,7 +190,10 @@ class Checkpoint:
     def _index_tensors(self) -> dict[str, TensorInfo]:
         index_path = self.path / "model.safetensors.index.json"
         if index_path.exists():
-            weight_map = _read_json(index_path, "the shard index")["weight_map"]
+            weight_map = _read_json(index_path, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path} has no 'weight_map' object (tensor name -> shard file); "
+                                      "rewrite the index or re-download it")
             files = sorted(set(weight_map.values()))
         elif (self.path / "model.safetensors").exists():
             files = ["model.safetensors"]
@@ -297,12 +300,19 @@ class Checkpoint:
     def tokenizer(self):
         """The checkpoint's tokenizer through transformers.AutoTokenizer (local files only)."""
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        # transformers warns "model of type llada to instantiate a model of type ..." because it reads
+        # config.json of a model class it does not know; harmless for a tokenizer, so hush it here only.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
             return AutoTokenizer.from_pretrained(str(self.path), local_files_only=True, trust_remote_code=False)
         except Exception as e:  # transformers raises many types here
             raise CheckpointError(f"{self.path}: could not load the tokenizer ({type(e).__name__}: {e}); "
                                   "the directory needs tokenizer.json and tokenizer_config.json") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[ModelSpec, DiffusionLM]:

@@ -81,6 +81,11 @@ def tiny_spec(arch: Arch | str, *, n_layers: int = 2, d_model: int = 64, n_heads
                      mask_id=mask, eos_ids=eos, logit_shift=arch == Arch.DREAM, bos_id=0)
 
 
+def _eos_value(spec: ModelSpec):
+    """One id as an int (the usual HF form), several as a list (also valid HF), so none is lost."""
+    return spec.eos_ids[0] if len(spec.eos_ids) == 1 else list(spec.eos_ids)
+
+
 def hf_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
     """config.json contents with each family's real keys."""
     dtype_name = str(dtype).removeprefix("torch.")
@@ -96,7 +101,7 @@ def hf_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
             "rope_full_precision": True, "rms_norm_eps": spec.norm_eps, "layer_norm_type": "rms",
             "include_bias": False, "include_qkv_bias": spec.qkv_bias, "weight_tying": False,
             "scale_logits": False, "input_emb_norm": False, "use_cache": False,
-            "mask_token_id": spec.mask_id, "eos_token_id": spec.eos_ids[0], "pad_token_id": spec.eos_ids[0],
+            "mask_token_id": spec.mask_id, "eos_token_id": _eos_value(spec), "pad_token_id": spec.eos_ids[0],
             "bos_token_id": spec.bos_id, "torch_dtype": dtype_name,
         }
     return {
@@ -106,7 +111,7 @@ def hf_config(spec: ModelSpec, dtype: torch.dtype) -> dict:
         "num_key_value_heads": spec.n_kv_heads, "vocab_size": spec.vocab_size,
         "max_position_embeddings": spec.max_seq_len, "rope_theta": spec.rope_theta,
         "rms_norm_eps": spec.norm_eps, "tie_word_embeddings": False, "use_cache": False,
-        "mask_token_id": spec.mask_id, "eos_token_id": spec.eos_ids[0], "pad_token_id": spec.eos_ids[0],
+        "mask_token_id": spec.mask_id, "eos_token_id": _eos_value(spec), "pad_token_id": spec.eos_ids[0],
         "bos_token_id": spec.bos_id, "torch_dtype": dtype_name,
     }
 
