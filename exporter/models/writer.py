@@ -50,7 +50,7 @@ def build_tokenizer(arch: Arch):
     specials = LLADA_SPECIALS if arch == Arch.LLADA else DREAM_SPECIALS
     vocab = {tok: i for i, tok in enumerate(specials + CHARS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char, newline too
     core.decoder = decoders.Fuse()
     core.add_special_tokens(specials)
     if arch == Arch.LLADA:
