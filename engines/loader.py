@@ -1,0 +1,235 @@
+"""Open an engine directory (DESIGN.md section 4) as an ``EngineSet`` on one backend.
+
+``open_engine_dir(path, backend, device, **options)``:
+
+- reads ``manifest.json`` (format and schema version checked by ``read_manifest``);
+- ``onnxruntime``: one ``OrtEngine`` per subgraph from ``onnx/<name>.onnx`` (files checked, hashes optionally);
+- ``tensorrt``: one ``TrtEngine`` per subgraph from ``plans/<device tag>/<name>.plan``, where the device tag
+  names this GPU and TensorRT version (``dllm.engines.trt_build.device_tag``);
+- ``torch``: the PyTorch subgraph modules rebuilt from the checkpoint the directory was exported from
+  (``manifest.source["checkpoint"]``, or ``checkpoint=``), for reference runs;
+- ``tokenizer_dir`` is ``path/tokenizer``.
+
+Backend modules are imported only when asked for, so a Jetson install without ONNX Runtime (or a CPU
+machine without TensorRT) can still use the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+from dllm.errors import BackendError, ConfigError, EngineDirError
+from dllm.engines.base import Backend
+from dllm.engines.engine_set import EngineSet
+from dllm.exporter.manifest import Manifest, read_manifest
+from dllm.exporter.subgraphs import DType
+
+TOKENIZER_DIR = "tokenizer"
+PLANS_DIR = "plans"
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here, and on which devices."""
+    backend: Backend
+    available: bool
+    module: str | None          # the module that would be used ("tensorrt_rtx_bindings", ...)
+    version: str | None
+    devices: tuple[str, ...]    # "cpu", "cuda"
+    detail: str                 # why not, or how to get more (install hint)
+
+
+def _backend(backend: Backend | str) -> Backend:
+    try:
+        return Backend(backend)
+    except ValueError:
+        raise ConfigError(f"backend {backend!r} is not one of {[b.value for b in Backend]}") from None
+
+
+def available_backends() -> dict[Backend, BackendStatus]:
+    """What is importable here: each backend with its module, version, devices and an install hint."""
+    from dllm.engines.ort_backend import ORT_INSTALL_CPU, ORT_INSTALL_GPU
+    from dllm.engines.trt_backend import NEED_GPU, TRT_INSTALL
+
+    cuda = torch.cuda.is_available()
+    out = {Backend.TORCH: BackendStatus(Backend.TORCH, True, "torch", torch.__version__,
+                                        ("cpu", "cuda") if cuda else ("cpu",),
+                                        "" if cuda else "this torch build sees no CUDA device")}
+    try:
+        ort = importlib.import_module("onnxruntime")
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        devices = ("cpu", "cuda") if has_cuda else ("cpu",)
+        detail = "" if has_cuda else f"CPU provider only; for NVIDIA GPUs: {ORT_INSTALL_GPU}"
+        out[Backend.ONNXRUNTIME] = BackendStatus(Backend.ONNXRUNTIME, True, "onnxruntime", ort.__version__,
+                                                 devices, detail)
+    except ImportError as e:
+        out[Backend.ONNXRUNTIME] = BackendStatus(Backend.ONNXRUNTIME, False, None, None, (),
+                                                 f"not importable ({e}); {ORT_INSTALL_CPU} or {ORT_INSTALL_GPU}")
+    for name in ("tensorrt", "tensorrt_rtx_bindings"):
+        try:
+            trt = importlib.import_module(name)
+        except ImportError:
+            continue
+        if not hasattr(trt, "Runtime"):
+            continue
+        out[Backend.TENSORRT] = BackendStatus(Backend.TENSORRT, cuda, name, getattr(trt, "__version__", None),
+                                              ("cuda",) if cuda else (),
+                                              "" if cuda else f"{NEED_GPU} (plans can still be built here)")
+        break
+    else:
+        out[Backend.TENSORRT] = BackendStatus(Backend.TENSORRT, False, None, None, (),
+                                              f"not importable; install with {TRT_INSTALL}")
+    return out
+
+
+def file_sha256(paths) -> str:
+    """sha256 over the bytes of ``paths`` in order (an ONNX file, then its external data)."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_onnx_files(root: Path, manifest: Manifest, verify_hashes: bool) -> dict[str, Path]:
+    paths = {}
+    missing = []
+    for entry in manifest.subgraphs:
+        path = root / entry.onnx
+        if not path.exists():
+            missing.append(entry.onnx)
+            continue
+        paths[entry.decl.name] = path
+        if verify_hashes:
+            data = path.with_name(path.name + ".data")
+            got = file_sha256([path] + ([data] if data.exists() else []))
+            if got != entry.sha256:
+                raise EngineDirError(f"{path} (with its .data file) has sha256 {got[:16]}..., the manifest recorded "
+                                     f"{entry.sha256[:16]}...; the file changed after export, re-run dllm-export")
+    if missing:
+        raise EngineDirError(f"{root} lacks ONNX files {missing} listed in {root / 'manifest.json'}; "
+                             "the directory is incomplete, re-run dllm-export")
+    return paths
+
+
+def _plan_files(root: Path, manifest: Manifest, tag: str) -> dict[str, Path]:
+    """{subgraph name: plan path} for ``tag``; a clear error listing the tags present when it is missing."""
+    present = sorted(set(manifest.plans) | ({p.name for p in (root / PLANS_DIR).iterdir() if p.is_dir()}
+                                            if (root / PLANS_DIR).is_dir() else set()))
+    if tag not in manifest.plans:
+        raise EngineDirError(
+            f"{root} has no TensorRT plans for this device (tag {tag!r}); it has plans for "
+            f"{present or 'no device'}. Build them here with: dllm-export CHECKPOINT -o {root} --backend tensorrt "
+            "(plans are specific to a GPU and TensorRT version), or use --backend onnxruntime")
+    entries = manifest.plans[tag]
+    paths = {}
+    for sub in manifest.subgraphs:
+        name = sub.decl.name
+        if name not in entries:
+            raise EngineDirError(f"{root}: plans for {tag!r} lack subgraph {name!r}; rebuild the plans")
+        path = root / entries[name]["file"]
+        if not path.exists():
+            raise EngineDirError(f"{root}: plan {path} listed in the manifest is missing; rebuild the plans")
+        paths[name] = path
+    return paths
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device} asked for, but torch sees no CUDA device "
+                           f"(torch {torch.__version__}); use device='cpu'")
+    return device
+
+
+def _options(cls, options: dict, backend: Backend):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - names
+    if unknown:
+        raise ConfigError(f"unknown {backend.value} options {sorted(unknown)}; expected a subset of {sorted(names)}")
+    return cls(**options)
+
+
+def _open_onnxruntime(root, manifest, device, verify_hashes, options):
+    from dllm.engines.ort_backend import OrtEngine, OrtOptions, import_onnxruntime
+
+    import_onnxruntime()   # the install hint before any file work
+    opts = _options(OrtOptions, options, Backend.ONNXRUNTIME)
+    paths = _check_onnx_files(root, manifest, verify_hashes)
+    return {s.decl.name: OrtEngine(s.decl, paths[s.decl.name], device, opts) for s in manifest.subgraphs}
+
+
+def _open_tensorrt(root, manifest, device, plan_tag, options):
+    from dllm.engines.trt_backend import DeviceScratch, TrtEngine, import_tensorrt, require_gpu
+
+    if options:
+        raise ConfigError(f"unknown tensorrt options {sorted(options)}; the tensorrt backend takes plan_tag only")
+    trt = import_tensorrt()
+    if plan_tag is None:
+        from dllm.engines.trt_build import device_tag
+        plan_tag = device_tag()
+    paths = _plan_files(root, manifest, plan_tag)
+    require_gpu(device)
+    scratch = DeviceScratch(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+    return {s.decl.name: TrtEngine(s.decl, paths[s.decl.name], device, manifest.profiles, scratch, trt)
+            for s in manifest.subgraphs}
+
+
+def _open_torch(root, manifest, device, checkpoint, options):
+    from dllm.engines.torch_backend import TorchEngine
+    from dllm.exporter.models.checkpoint import Checkpoint
+    from dllm.exporter.subgraphs import build_module
+
+    unknown = set(options) - {"cuda_graphs"}
+    if unknown:
+        raise ConfigError(f"unknown torch options {sorted(unknown)}; the torch backend takes checkpoint, cuda_graphs")
+    recorded = manifest.source.get("checkpoint")
+    path = Path(checkpoint) if checkpoint is not None else (Path(recorded) if recorded else None)
+    if path is None or not (path / "config.json").exists():
+        where = "none recorded" if path is None else f"{path}, which is gone"
+        raise EngineDirError(
+            f"the torch backend rebuilds the subgraph modules from the checkpoint {root} was exported from "
+            f"({where}); re-export from the checkpoint's new place, or pass checkpoint=PATH "
+            "(the original Hugging Face checkpoint directory)")
+    ckpt = Checkpoint(path)
+    if ckpt.spec != manifest.model:
+        raise EngineDirError(f"checkpoint {path} is a different model than {root} was exported from: "
+                             f"{ckpt.spec} vs {manifest.model}; pass the checkpoint it was exported from")
+    return {s.decl.name: TorchEngine(s.decl, build_module(s.decl, ckpt, manifest.dtype), device, **options)
+            for s in manifest.subgraphs}
+
+
+def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ONNXRUNTIME,
+                    device: torch.device | str = "cpu", *, verify_hashes: bool = False,
+                    plan_tag: str | None = None, checkpoint: str | os.PathLike | None = None,
+                    **options) -> EngineSet:
+    """Load every subgraph of an engine directory on ``backend`` and ``device``.
+
+    verify_hashes: check each ONNX file (and its external data) against the manifest's sha256 (onnxruntime).
+    plan_tag: tensorrt only; load ``plans/<plan_tag>/`` instead of this device's tag.
+    checkpoint: torch only; the checkpoint directory, when it moved since export.
+    options: backend settings: ``OrtOptions`` fields for onnxruntime (``intra_op_threads``,
+        ``optimized_model_dir``, ...), ``cuda_graphs`` for torch.
+    """
+    root = Path(path)
+    backend = _backend(backend)
+    manifest = read_manifest(root)
+    if backend == Backend.TENSORRT:   # checks the GPU itself, after telling which plans are missing
+        device = torch.device(device)
+        engines = _open_tensorrt(root, manifest, device, plan_tag, options)
+    elif backend == Backend.ONNXRUNTIME:
+        device = _resolve_device(device)
+        engines = _open_onnxruntime(root, manifest, device, verify_hashes, options)
+    else:
+        device = _resolve_device(device)
+        engines = _open_torch(root, manifest, device, checkpoint, options)
+    tokenizer = root / TOKENIZER_DIR
+    return EngineSet(manifest.model, DType(manifest.dtype), backend, device, engines,
+                     tokenizer if tokenizer.is_dir() else None)
