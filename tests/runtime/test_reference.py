@@ -1,0 +1,434 @@
+"""Reference decoders: LLaDA equals a literal transcription of its published algorithm; invariants of both.
+
+Tiny random models (2 layers, d_model 64). Random models can rank the mask token first; the published
+algorithms then "commit" a mask, which stays a mask. Invariant tests therefore use ``NoMaskToken``
+(mask logit at -inf, as for any trained model); the transcription test uses the raw model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dllm.errors import ConfigError
+from dllm.exporter.models import DiffusionLM, tiny_spec
+from dllm.exporter.models.writer import init_weights
+from dllm.runtime.reference import (DreamAlg, DreamConfig, LladaConfig, ReferenceResult, Remasking,
+                                    dream_generate, dream_transfer_count, generate, llada_generate,
+                                    transfer_counts)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return init_weights(DiffusionLM(tiny_spec("llada")), seed=3, std=0.5).eval()
+
+
+@pytest.fixture(scope="module")
+def dream():
+    return init_weights(DiffusionLM(tiny_spec("dream")), seed=4, std=0.5).eval()
+
+
+class NoMaskToken:
+    """The model with the mask token's logit at -inf; records every canvas it is called on."""
+
+    def __init__(self, model):
+        self.model, self.spec, self.inputs = model, model.spec, []
+
+    def __call__(self, ids):
+        self.inputs.append(ids.clone())
+        logits = self.model(ids)
+        logits[..., self.spec.mask_id] = -math.inf
+        return logits
+
+
+def prompt(spec, B=2, P=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(6, spec.vocab_size, (B, P), generator=g)   # ids >= 6: no special tokens
+
+
+# -- LLaDA: a literal transcription of the published `generate` (ALGORITHMS.md C.1) ---------------
+def published_llada_generate(model, prompt, steps, gen_length, block_length, temperature, cfg_scale,
+                             remasking, mask_id, gen):
+    def add_gumbel_noise(logits, temperature):
+        if temperature == 0:
+            return logits
+        logits = logits.to(torch.float64)
+        noise = torch.rand(logits.shape, dtype=torch.float64, generator=gen)
+        gumbel_noise = (-torch.log(noise)) ** temperature
+        return logits.exp() / gumbel_noise
+
+    def get_num_transfer_tokens(mask_index, steps):
+        mask_num = mask_index.sum(dim=1, keepdim=True)
+        base = mask_num // steps
+        remainder = mask_num % steps
+        num = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+        for i in range(mask_num.size(0)):
+            num[i, :remainder[i]] += 1
+        return num
+
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, :prompt.shape[1]] = prompt.clone()
+    prompt_index = x != mask_id
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    steps = steps // num_blocks
+    for num_block in range(num_blocks):
+        lo = prompt.shape[1] + num_block * block_length
+        block_mask_index = x[:, lo:lo + block_length] == mask_id
+        num_transfer_tokens = get_num_transfer_tokens(block_mask_index, steps)
+        for i in range(steps):
+            mask_index = x == mask_id
+            if cfg_scale > 0.0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                logits = model(torch.cat([x, un_x], dim=0))
+                logits, un_logits = torch.chunk(logits, 2, dim=0)
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = model(x)
+            logits_with_noise = add_gumbel_noise(logits, temperature)
+            x0 = torch.argmax(logits_with_noise, dim=-1)
+            if remasking == "low_confidence":
+                p = F.softmax(logits.to(torch.float64), dim=-1)
+                x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+            elif remasking == "random":
+                x0_p = torch.rand((x0.shape[0], x0.shape[1]), generator=gen)
+            x0_p[:, prompt.shape[1] + (num_block + 1) * block_length:] = -math.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -math.inf)
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, select_index = torch.topk(confidence[j], k=int(num_transfer_tokens[j, i]))
+                transfer_index[j, select_index] = True
+            x[transfer_index] = x0[transfer_index]
+    return x
+
+
+SHAPES = [  # gen_length, block_length, steps
+    (16, 16, 16),   # one block, one token per step
+    (16, 8, 6),     # 2 blocks x 3 steps: 8 -> 3, 3, 2 (remainder first)
+    (12, 4, 9),     # 3 blocks x 3 steps: 4 -> 2, 1, 1
+    (10, 5, 4),     # 2 blocks x 2 steps: 5 -> 3, 2
+    (8, 4, 10),     # 2 blocks x 5 steps: 4 -> 1, 1, 1, 1, 0 (more steps than tokens)
+]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("P", [1, 6])
+@pytest.mark.parametrize("gen_length,block_length,steps", SHAPES)
+@pytest.mark.parametrize("remasking", ["low_confidence", "random"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_llada_matches_published_algorithm(llada, P, gen_length, block_length, steps, remasking, temperature):
+    p = prompt(llada.spec, B=2, P=P, seed=P + steps)
+    cfg = LladaConfig(gen_length=gen_length, block_length=block_length, steps=steps, temperature=temperature,
+                      remasking=remasking, seed=11)
+    got = llada_generate(llada, p, cfg)
+    want = published_llada_generate(llada, p, steps, gen_length, block_length, temperature, 0.0, remasking,
+                                    llada.spec.mask_id, torch.Generator().manual_seed(11))
+    assert torch.equal(got.ids, want)
+    assert got.steps == got.nfe == steps
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("temperature,remasking", [(0.0, "low_confidence"), (0.5, "random")])
+def test_llada_cfg_matches_published_algorithm(llada, temperature, remasking):
+    p = prompt(llada.spec, B=2, P=4, seed=9)
+    cfg = LladaConfig(gen_length=12, block_length=6, steps=6, temperature=temperature, remasking=remasking,
+                      cfg_scale=1.5, seed=5)
+    got = llada_generate(llada, p, cfg)
+    want = published_llada_generate(llada, p, 6, 12, 6, temperature, 1.5, remasking, llada.spec.mask_id,
+                                    torch.Generator().manual_seed(5))
+    assert torch.equal(got.ids, want)
+    assert got.nfe == 6
+
+
+def test_transcription_is_sensitive_to_the_details(llada):
+    """Guard: the check above would notice a different split, seed or block rule."""
+    p = prompt(llada.spec, P=3)
+    base = published_llada_generate(llada, p, 8, 16, 8, 0.8, 0.0, "low_confidence", llada.spec.mask_id,
+                                    torch.Generator().manual_seed(1))
+    other_seed = published_llada_generate(llada, p, 8, 16, 8, 0.8, 0.0, "low_confidence", llada.spec.mask_id,
+                                          torch.Generator().manual_seed(2))
+    one_block = published_llada_generate(llada, p, 8, 16, 16, 0.8, 0.0, "low_confidence", llada.spec.mask_id,
+                                         torch.Generator().manual_seed(1))
+    assert not torch.equal(base, other_seed) and not torch.equal(base, one_block)
+
+
+# -- LLaDA invariants ---------------------------------------------------------------------------------
+def test_transfer_counts_remainder_first():
+    assert transfer_counts(torch.tensor([10, 8, 3, 0]), 4).tolist() == [
+        [3, 3, 2, 2], [2, 2, 2, 2], [1, 1, 1, 0], [0, 0, 0, 0]]
+
+
+def _check_invariants(result: ReferenceResult, inputs: list[torch.Tensor], p: torch.Tensor, mask_id: int):
+    ids = result.ids
+    P = p.shape[1]
+    assert torch.equal(ids[:, :P], p), "prompt changed"
+    assert not (ids == mask_id).any(), "masks left at the end"
+    assert result.gen_ids.shape == (p.shape[0], ids.shape[1] - P)
+    assert len(inputs) == result.nfe == result.steps == len(result.history)
+    canvases = inputs + [ids]
+    for t in range(result.steps):
+        before, after = canvases[t], canvases[t + 1]
+        decided = before != mask_id
+        assert torch.equal(after[decided], before[decided]), f"step {t} changed a committed token"
+        new = decided.logical_not() & (after != mask_id)
+        assert torch.equal(new.nonzero(), result.history[t]), f"step {t} history disagrees with the canvas"
+    steps_of = result.commit_step
+    assert (steps_of[:, :P] == -1).all() and (steps_of[:, P:] >= 0).all()
+
+
+@pytest.mark.parametrize("remasking", list(Remasking))
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_llada_invariants(llada, remasking, temperature):
+    model = NoMaskToken(llada)
+    p = prompt(llada.spec, B=3, P=4)
+    cfg = LladaConfig(gen_length=20, block_length=10, steps=8, temperature=temperature, remasking=remasking)
+    r = llada_generate(model, p, cfg)
+    _check_invariants(r, model.inputs, p, llada.spec.mask_id)
+    per_step = [[int((h[:, 0] == b).sum()) for b in range(3)] for h in r.history]
+    assert per_step == [[3] * 3, [3] * 3, [2] * 3, [2] * 3] * 2       # 10 over 4 steps: 3, 3, 2, 2
+    for t, h in enumerate(r.history):                                  # commits stay inside the block
+        block = t // cfg.steps_per_block
+        assert ((h[:, 1] >= 4 + 10 * block) & (h[:, 1] < 4 + 10 * (block + 1))).all()
+
+
+def test_llada_low_confidence_commits_the_most_probable(llada):
+    model = NoMaskToken(llada)
+    p = prompt(llada.spec, B=1, P=3)
+    r = llada_generate(model, p, LladaConfig(gen_length=8, block_length=8, steps=4))
+    logits = model.model(model.inputs[0])[0].double()
+    logits[:, llada.spec.mask_id] = -math.inf
+    conf = logits.softmax(-1).max(-1).values[3:]                      # gen rows only
+    assert set(r.history[0][:, 1].tolist()) == set((conf.topk(2).indices + 3).tolist())
+    assert torch.equal(r.ids[0, r.history[0][:, 1]], logits.argmax(-1)[r.history[0][:, 1]])
+
+
+def test_llada_commits_mask_token_like_the_published_code(llada):
+    """Published behaviour, kept on purpose: if the argmax is the mask id it is 'committed' and stays a mask."""
+    class AlwaysMask:
+        spec = llada.spec
+
+        def __call__(self, ids):
+            out = torch.zeros(*ids.shape, llada.spec.vocab_size)
+            out[..., llada.spec.mask_id] = 1.0
+            return out
+    r = llada_generate(AlwaysMask(), prompt(llada.spec, P=2), LladaConfig(gen_length=4, steps=4))
+    assert (r.gen_ids == llada.spec.mask_id).all() and r.steps == 4
+
+
+def test_llada_seeded_reproducibility(llada):
+    p = prompt(llada.spec, P=4)
+    cfg = LladaConfig(gen_length=16, block_length=8, steps=8, temperature=1.0, remasking="random", seed=7)
+    a, b = llada_generate(llada, p, cfg), llada_generate(llada, p, cfg)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.commit_step, b.commit_step)
+    c = llada_generate(llada, p, LladaConfig(gen_length=16, block_length=8, steps=8, temperature=1.0,
+                                             remasking="random", seed=8))
+    assert not torch.equal(a.commit_step, c.commit_step)
+    assert torch.equal(generate(llada, p, cfg).ids, a.ids)
+
+
+# -- Dream --------------------------------------------------------------------------------------------
+def expected_dream_counts(G: int, steps: int, eps: float) -> list[int]:
+    ts = torch.linspace(1, eps, steps + 1)
+    left, out = G, []
+    for i in range(steps):
+        k = left if i == steps - 1 else int(torch.tensor(float(left)) * (1 - ts[i + 1] / ts[i]))
+        out.append(k)
+        left -= k
+    return out
+
+
+def test_dream_transfer_count():
+    ts = torch.linspace(1, 1e-3, 5)
+    assert dream_transfer_count(16, 0, ts) == int(16 * (1 - ts[1] / ts[0]))
+    assert dream_transfer_count(5, 3, ts) == 5                                 # last step: everything left
+    assert expected_dream_counts(16, 4, 1e-3) == [3, 4, 4, 5]              # eps: 16 * 0.2498 -> 3
+    assert sum(expected_dream_counts(37, 7, 1e-3)) == 37
+
+
+@pytest.mark.parametrize("alg", [DreamAlg.MASKGIT_PLUS, DreamAlg.TOPK_MARGIN, DreamAlg.ENTROPY])
+@pytest.mark.parametrize("steps", [5, 16])
+def test_dream_counts_and_invariants(dream, alg, steps):
+    model = NoMaskToken(dream)
+    p = prompt(dream.spec, B=2, P=6)
+    r = dream_generate(model, p, DreamConfig(gen_length=16, steps=steps, alg=alg))
+    _check_invariants(r, model.inputs, p, dream.spec.mask_id)
+    counts = [[int((h[:, 0] == b).sum()) for b in range(2)] for h in r.history]
+    assert counts == [[k, k] for k in expected_dream_counts(16, steps, 1e-3)]
+
+
+def _alg_confidence(alg: DreamAlg, logits: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(-1)
+    if alg == DreamAlg.MASKGIT_PLUS:
+        return probs.max(-1).values
+    if alg == DreamAlg.TOPK_MARGIN:
+        top = probs.topk(2, -1).values
+        return top[..., 0] - top[..., 1]
+    return (probs * torch.log(probs + 1e-10)).sum(-1)      # negative entropy: peaked = higher
+
+
+@pytest.mark.parametrize("alg", [DreamAlg.MASKGIT_PLUS, DreamAlg.TOPK_MARGIN, DreamAlg.ENTROPY])
+def test_dream_alg_ranks_masks_as_described(dream, alg):
+    """Every step (temperature 0) commits argmax tokens at the top-k masked positions by the alg's confidence."""
+    model = NoMaskToken(dream)
+    p = prompt(dream.spec, B=1, P=4)
+    r = dream_generate(model, p, DreamConfig(gen_length=12, steps=4, alg=alg))
+    for t, h in enumerate(r.history):
+        x = model.inputs[t][0]
+        logits = model.model(model.inputs[t])[0]
+        logits[:, dream.spec.mask_id] = -math.inf
+        masked = (x == dream.spec.mask_id).nonzero().squeeze(-1)
+        conf = _alg_confidence(alg, logits[masked])
+        want = masked[conf.topk(h.shape[0]).indices]
+        assert set(h[:, 1].tolist()) == set(want.tolist())
+        assert torch.equal(r.ids[0, h[:, 1]], logits[h[:, 1]].argmax(-1))
+
+
+def test_dream_algs_differ(dream):
+    p = prompt(dream.spec, B=1, P=4)
+    orders = {alg: dream_generate(dream, p, DreamConfig(gen_length=16, steps=16, alg=alg)).commit_step
+              for alg in (DreamAlg.MASKGIT_PLUS, DreamAlg.TOPK_MARGIN, DreamAlg.ENTROPY)}
+    assert len({tuple(o.flatten().tolist()) for o in orders.values()}) > 1
+
+
+def test_dream_origin(dream):
+    model = NoMaskToken(dream)
+    p = prompt(dream.spec, B=2, P=3)
+    cfg = DreamConfig(gen_length=24, steps=6, alg="origin", seed=3)
+    r = dream_generate(model, p, cfg)
+    _check_invariants(r, model.inputs, p, dream.spec.mask_id)
+    per_step = [[int((h[:, 0] == b).sum()) for b in range(2)] for h in r.history]
+    assert sum(map(sum, per_step)) == 48
+    assert torch.equal(dream_generate(dream, p, cfg).ids, dream_generate(dream, p, cfg).ids)
+    # temperature 0: every committed token is the argmax of its step
+    for t, h in enumerate(r.history):
+        logits = model.model(model.inputs[t])
+        logits[..., dream.spec.mask_id] = -math.inf
+        assert torch.equal(r.ids[h[:, 0], h[:, 1]], logits.argmax(-1)[h[:, 0], h[:, 1]])
+
+
+def test_dream_origin_transfer_probability(dream):
+    """Each mask moves with probability 1 - s/t: over many rows the first step moves about that share."""
+    p = prompt(dream.spec, B=16, P=2)
+    r = dream_generate(NoMaskToken(dream), p, DreamConfig(gen_length=32, steps=4, alg="origin", seed=0))
+    ts = torch.linspace(1, 1e-3, 5)
+    share = r.history[0].shape[0] / (16 * 32)
+    assert abs(share - float(1 - ts[1] / ts[0])) < 0.06
+
+
+@pytest.mark.parametrize("alg", list(DreamAlg))
+def test_dream_blockwise(dream, alg):
+    model = NoMaskToken(dream)
+    p = prompt(dream.spec, B=2, P=5)
+    cfg = DreamConfig(gen_length=16, block_length=4, steps=12, alg=alg, temperature=0.5, seed=1)
+    r = dream_generate(model, p, cfg)
+    _check_invariants(r, model.inputs, p, dream.spec.mask_id)
+    for t, h in enumerate(r.history):
+        block = t // 3
+        assert ((h[:, 1] >= 5 + 4 * block) & (h[:, 1] < 5 + 4 * (block + 1))).all()
+    for b in range(3):   # a block has no masks left once its steps are done
+        assert not (model.inputs[3 * (b + 1)][:, 5 + 4 * b:9 + 4 * b] == dream.spec.mask_id).any()
+    if alg != DreamAlg.ORIGIN:
+        counts = [[int((h[:, 0] == j).sum()) for j in range(2)] for h in r.history]
+        assert counts == [[k, k] for k in expected_dream_counts(4, 3, 1e-3)] * 4
+
+
+def test_dream_one_block_equals_original_loop(dream):
+    p = prompt(dream.spec, P=3)
+    a = dream_generate(dream, p, DreamConfig(gen_length=12, steps=6, temperature=0.7, top_p=0.9, seed=2))
+    b = dream_generate(dream, p, DreamConfig(gen_length=12, block_length=12, steps=6, temperature=0.7, top_p=0.9,
+                                             seed=2))
+    assert torch.equal(a.ids, b.ids)
+
+
+def test_dream_sampling_options(dream):
+    p = prompt(dream.spec, B=1, P=4)
+    # top_k = 1 and a tiny top_p leave only the argmax token: same tokens as greedy, whatever the temperature
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        model = NoMaskToken(dream)
+        r = dream_generate(model, p, DreamConfig(gen_length=12, steps=12, temperature=1.5, seed=4, **kw))
+        for t, h in enumerate(r.history):
+            logits = model.model(model.inputs[t])
+            logits[..., dream.spec.mask_id] = -math.inf
+            assert torch.equal(r.ids[h[:, 0], h[:, 1]], logits.argmax(-1)[h[:, 0], h[:, 1]])
+    sampled = [dream_generate(NoMaskToken(dream), p, DreamConfig(gen_length=12, steps=12, temperature=2.0, seed=s))
+               for s in (0, 0, 1)]
+    assert torch.equal(sampled[0].ids, sampled[1].ids)
+    assert not torch.equal(sampled[0].ids, sampled[2].ids)
+    # alg_temp > 0 samples the positions: same counts, reproducible, usually another order
+    model = NoMaskToken(dream)
+    at = dream_generate(model, p, DreamConfig(gen_length=12, steps=4, alg_temp=0.5, seed=3))
+    _check_invariants(at, model.inputs, p, dream.spec.mask_id)
+    assert [h.shape[0] for h in at.history] == expected_dream_counts(12, 4, 1e-3)
+    assert torch.equal(at.ids, dream_generate(dream, p, DreamConfig(gen_length=12, steps=4, alg_temp=0.5, seed=3)).ids)
+
+
+# -- config and input errors --------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,match", [
+    (dict(gen_length=0), "gen_length must be positive"),
+    (dict(gen_length=10, block_length=4), "not a multiple of block_length 4"),
+    (dict(gen_length=16, block_length=4, steps=6), "not a multiple of the number of blocks 4"),
+    (dict(steps=0), "steps must be positive"),
+    (dict(block_length=-2), "block_length must be positive"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(remasking="lowest"), "remasking 'lowest' is unknown"),
+    (dict(cfg_scale=-1.0), "cfg_scale"),
+])
+def test_llada_config_errors(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        LladaConfig(**kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(alg="greedy"), "alg 'greedy' is unknown"),
+    (dict(eps=0.0), "eps"),
+    (dict(eps=1.0), "eps"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(alg_temp=-1.0), "alg_temp"),
+    (dict(gen_length=12, block_length=5), "not a multiple of block_length"),
+])
+def test_dream_config_errors(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        DreamConfig(**kw)
+
+
+def test_configs_are_frozen_and_normalised():
+    c = LladaConfig(gen_length=32, steps=32, remasking="random")
+    assert c.remasking is Remasking.RANDOM and c.block_length == 32 and c.num_blocks == 1
+    d = DreamConfig(gen_length=32, block_length=8, steps=8, alg="entropy")
+    assert d.alg is DreamAlg.ENTROPY and d.steps_per_block == 2
+    with pytest.raises(Exception):
+        c.steps = 4   # frozen
+
+
+def test_input_errors(llada, dream):
+    p = prompt(llada.spec)
+    with pytest.raises(ConfigError, match="needs a LladaConfig"):
+        llada_generate(llada, p, DreamConfig())
+    with pytest.raises(ConfigError, match="needs a DreamConfig"):
+        dream_generate(dream, p, LladaConfig())
+    with pytest.raises(ConfigError, match="LongTensor"):
+        llada_generate(llada, p[0], LladaConfig(gen_length=4, steps=4))
+    with pytest.raises(ConfigError, match="LongTensor"):
+        llada_generate(llada, p.float(), LladaConfig(gen_length=4, steps=4))
+    bad = p.clone()
+    bad[0, 1] = llada.spec.mask_id
+    with pytest.raises(ConfigError, match="mask id"):
+        llada_generate(llada, bad, LladaConfig(gen_length=4, steps=4))
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        dream_generate(dream, p + 1000, DreamConfig(gen_length=4, steps=4))
+    with pytest.raises(ConfigError, match="mask_id is unknown"):
+        llada_generate(lambda ids: llada(ids), p, LladaConfig(gen_length=4, steps=4))
+    # a bare callable works with an explicit mask id
+    r = llada_generate(lambda ids: llada(ids), p, LladaConfig(gen_length=4, steps=4), mask_id=llada.spec.mask_id)
+    assert torch.equal(r.ids, llada_generate(llada, p, LladaConfig(gen_length=4, steps=4)).ids)
