@@ -229,9 +229,12 @@ def llada_generate(model: Model, prompt_ids: torch.Tensor, cfg: LladaConfig, *,
                    mask_id: int | None = None) -> ReferenceResult:
     """LLaDA's published semi-autoregressive decoding (ALGORITHMS.md C.1), full recompute every step.
 
-    Random draws per step, in order: Gumbel noise [B', N, V] float64 (only when temperature > 0),
-    then U(0,1) [B, N] float32 (only for ``random`` remasking). ``mask_id`` defaults to
-    ``model.spec.mask_id``.
+    Random draws per step, in order: Gumbel noise [B, N, V] float64 (only when temperature > 0),
+    then U(0,1) [B, N] float32 (only for ``random`` remasking). At temperature 0 no noise is drawn
+    and x0 is the plain argmax (the latest published code computes ``exp(logits)`` with noise^0 = 1
+    instead: the same tokens, only its global RNG advances). If the model ranks the mask token
+    first, it is "committed" and stays a mask, exactly as published; trained models never do.
+    ``mask_id`` defaults to ``model.spec.mask_id``.
     """
     if not isinstance(cfg, LladaConfig):
         raise ConfigError(f"llada_generate needs a LladaConfig, got {type(cfg).__name__}")
@@ -328,8 +331,7 @@ def _sample_tokens(logits: torch.Tensor, cfg: DreamConfig, gen: torch.Generator,
     else:
         conf, x0 = probs.max(dim=-1)
     if confidence == DreamAlg.TOPK_MARGIN:
-        top2 = torch.topk(probs, 2, dim=-1).values if probs.shape[-1] > 1 else torch.cat(
-            [probs, torch.zeros_like(probs)], -1)
+        top2 = torch.topk(probs, 2, dim=-1).values                                 # [M, 2]
         conf = top2[:, 0] - top2[:, 1]
     elif confidence == DreamAlg.ENTROPY:
         conf = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
