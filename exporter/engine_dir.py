@@ -52,6 +52,12 @@ def prepare_output(out: Path) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise ExportError(f"output {out} exists, is not empty and is not an engine directory (no {MANIFEST}); "
                           "refusing to replace it: choose another -o or remove it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"cannot write the output {out}: {parent} is a file, not a directory; "
+                                  "choose a writable -o directory")
+            break
     tmp = partial_dir(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
