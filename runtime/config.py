@@ -69,7 +69,7 @@ _FLAGS = {"gen_length": "--gen-length", "block_length": "--block-length", "steps
           "tau0": "--tau0", "alpha": "--alpha", "beta": "--beta", "tau_min": "--tau-min",
           "tau_max": "--tau-max", "temperature": "--temperature", "seed": "--seed", "cache": "--cache",
           "commit": "--commit", "proxy": "--proxy", "allocation": "--allocation", "apd_mode": "--apd-mode",
-          "remasking": "--remasking", "alg": "--alg", "apd_block_reset": "--apd-block-reset"}
+          "remasking": "--remasking", "alg": "--alg", "eps": "--eps", "apd_block_reset": "--apd-block-reset"}
 
 
 def _flag(name: str) -> str:
@@ -114,7 +114,8 @@ class DecodeConfig:
     apd_block_reset: bool = False    # optional reset of tau at each block start, off by default
     # sampling
     remasking: Remasking = Remasking.LOW_CONFIDENCE
-    alg: Alg = Alg.MASKGIT_PLUS
+    alg: Alg = Alg.MASKGIT_PLUS      # Dream `schedule` only: how masked positions are ranked
+    eps: float = 1e-3                # Dream `schedule` only: last timestep of linspace(1, eps, steps+1)
     temperature: float = 0.0
     seed: int = 0
 
@@ -159,7 +160,7 @@ class DecodeConfig:
             raise ConfigError(f"{_flag('apd_block_reset')} must be true or false, got {self.apd_block_reset!r}")
 
     def _check_floats(self):
-        for name in ("softmax_temp", "rho", "threshold", "factor", "tau0", "alpha", "beta", "tau_min",
+        for name in ("eps", "softmax_temp", "rho", "threshold", "factor", "tau0", "alpha", "beta", "tau_min",
                      "tau_max", "temperature"):
             v = getattr(self, name)
             if v is None and name in ("tau_min", "tau_max"):
@@ -172,6 +173,8 @@ class DecodeConfig:
             raise ConfigError(f"{_flag('rho')} must be {ranges['rho'][2]}, got {self.rho}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"{_flag('threshold')} must be {ranges['threshold'][2]}, got {self.threshold}")
+        if not 0.0 < self.eps < 1.0:
+            raise ConfigError(f"{_flag('eps')} must be in (0, 1) (Dream's last timestep), got {self.eps}")
         if self.softmax_temp <= 0:
             raise ConfigError(f"{_flag('softmax_temp')} must be above 0, got {self.softmax_temp}")
         if self.factor <= 0:

@@ -1,0 +1,238 @@
+"""Cache policies: which canvas rows each layer recomputes this step.
+
+Pure logic (no engines). Per step the loop calls ``begin_step(view)``; then for every layer the
+executor asks ``rows(layer, scores)``, having first computed the change scores ``d [B, G]`` of
+that layer's gen rows when ``wants_scores(layer)`` and the policy has a ``proxy``. ``rows``
+returns None (every row) or a sorted int64 tensor of absolute positions on the device.
+Rows not recomputed still get ``h + attn_cache + mlp_cache`` (cached residual deltas, A.1).
+Every policy fully recomputes step 1, so the executor's caches never need zeroing.
+
+| policy       | rows of layer l at step t                                                  | source |
+|--------------|----------------------------------------------------------------------------|--------|
+| `full`       | all                                                                        | C.1 |
+| `prefix`     | block's first step: all; later: [block_start, N)                           | C.2 |
+| `dual`       | block's first step: all; later: [block_start, block_end)                   | C.2 |
+| `dllm_cache` | l=0 or both refreshes: all; else prompt if refresh_prompt, gen if refresh_gen, | C.3 |
+|              | otherwise the int(G*rho) gen rows whose V moved most                        |     |
+| `dcu`        | l=0 or refresh: all; else sort(window ∪ topk(d outside window, k_l))         | A, Part 1 |
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from dllm.spec import ModelSpec
+from dllm.runtime.config import Allocation, CachePolicyKind, DecodeConfig, Proxy
+from dllm.runtime.view import StepView
+
+
+def region_refresh(step: int, interval: int) -> bool:
+    """dLLM-Cache / DCU refresh condition on the global 1-based step counter: (t-1) mod K == 0."""
+    return (step - 1) % interval == 0
+
+
+class CachePolicy(abc.ABC):
+    proxy: Proxy | None = None           # change score the executor computes when wants_scores()
+
+    def reset(self, n_layers: int, prompt_len: int, gen_len: int, device: torch.device) -> None:
+        """Start a new generation."""
+        self.L, self.P, self.G, self.N, self.device = n_layers, prompt_len, gen_len, prompt_len + gen_len, device
+
+    def begin_step(self, view: StepView) -> None:
+        self.view = view
+
+    def wants_scores(self, layer: int) -> bool:
+        return False
+
+    def end_step(self) -> None:
+        """Called after the last layer of every step."""
+
+    @abc.abstractmethod
+    def rows(self, layer: int, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """Rows layer ``layer`` recomputes: None = all, else sorted int64 positions [k] on the device."""
+
+    def _range(self, lo: int, hi: int) -> torch.Tensor:
+        return torch.arange(lo, hi, device=self.device)
+
+
+class FullPolicy(CachePolicy):
+    """Every row, every layer: the reference."""
+
+    def rows(self, layer, scores):
+        return None
+
+
+class PrefixPolicy(CachePolicy):
+    """Fast-dLLM prefix cache: after the block's first (full) step, recompute [block_start, N)."""
+
+    def begin_step(self, view):
+        super().begin_step(view)
+        self._rows = None if view.step_in_block == 0 else self._range(view.start, view.canvas_len)
+
+    def rows(self, layer, scores):
+        return self._rows
+
+
+class DualPolicy(CachePolicy):
+    """Fast-dLLM dual cache: after the block's first (full) step, recompute only the block."""
+
+    def begin_step(self, view):
+        super().begin_step(view)
+        self._rows = None if view.step_in_block == 0 else self._range(view.start, view.end)
+
+    def rows(self, layer, scores):
+        return self._rows
+
+
+class DllmCachePolicy(CachePolicy):
+    """dLLM-Cache (C.3): prompt/gen refresh every K_p/K_r steps, otherwise a value-similarity
+    partial update of int(G*rho) gen rows (the V cache is refreshed by the executor). Layer 0 is full."""
+
+    proxy = Proxy.VALUE
+
+    def __init__(self, cfg: DecodeConfig):
+        self.cfg = cfg
+
+    def begin_step(self, view):
+        super().begin_step(view)
+        self.refresh_prompt = region_refresh(view.step, self.cfg.prompt_interval)
+        self.refresh_gen = region_refresh(view.step, self.cfg.gen_interval)
+        self.k = max(0, min(self.G, int(self.G * self.cfg.rho)))
+        self._prompt = self._range(0, self.P) if self.refresh_prompt else None
+        self._gen = self._range(self.P, self.N) if self.refresh_gen else None
+
+    def wants_scores(self, layer):
+        return layer > 0 and not self.refresh_gen
+
+    def rows(self, layer, scores):
+        if layer == 0 or (self.refresh_prompt and self.refresh_gen):
+            return None
+        if self.refresh_gen:
+            gen = self._gen
+        else:
+            d = scores.mean(0)                                                # [G]
+            gen = torch.topk(d, self.k).indices.sort().values + self.P        # most-changed V
+        return gen if self._prompt is None else torch.cat([self._prompt, gen])
+
+
+class DcuPolicy(CachePolicy):
+    """Dynamic Cache Update (ALGORITHMS.md A and Part 1).
+
+    Layer 0 is always full; so is every layer at step 1 and every ``refresh_interval`` steps.
+    Prompt rows are recomputed when (t-1) % prompt_interval == 0, all gen rows when
+    (t-1) % gen_interval == 0. Otherwise layer l recomputes
+    ``sort(window ∪ topk(d outside window, k_l))``: the window has 2*floor(W/2)+1 gen rows centred on
+    the rightmost token committed by the previous step (shifted to stay inside the gen region),
+    d is the proxy's per-row change score and k_l the layer's budget:
+    - ``uniform``: k_l = budget;
+    - ``proportional``: k_l = floor(B_total * s_l / sum(s)), clamped to [0, G];
+    - ``softmax``: k_l = floor(B_total * softmax(temp * s)_l), clamped to [0, G];
+    with s_l = mean_i d_i of the previous step (one step of lag: every layer's budget is needed
+    before any layer runs), B_total = budget * (L - 1) over the budgeted layers 1..L-1
+    (layer 0 is full anyway), and the budget spread uniformly while no scores exist yet.
+    k_l is capped at G - |window| so no row is selected twice.
+    """
+
+    def __init__(self, cfg: DecodeConfig, proxy: Proxy, allocation: Allocation, refresh_interval: int | None,
+                 prompt_interval: int, gen_interval: int):
+        self.cfg, self.proxy, self.allocation = cfg, proxy, allocation
+        self.refresh_interval, self.prompt_interval, self.gen_interval = refresh_interval, prompt_interval, gen_interval
+
+    def reset(self, n_layers, prompt_len, gen_len, device):
+        super().reset(n_layers, prompt_len, gen_len, device)
+        self.scores = torch.zeros(n_layers, dtype=torch.float32, device=device)   # s_l of the last scored step
+        self.has_scores = False
+        r = self.cfg.window // 2
+        self.win_size = min(2 * r + 1, gen_len)
+        self._win_base = torch.arange(self.win_size, device=device)
+
+    # -- per step -----------------------------------------------------------
+    def begin_step(self, view):
+        super().begin_step(view)
+        t = view.step
+        self.full_step = t == 1 or (self.refresh_interval is not None and region_refresh(t, self.refresh_interval))
+        self.refresh_prompt = region_refresh(t, self.prompt_interval)
+        self.refresh_gen = region_refresh(t, self.gen_interval)
+        if self.refresh_prompt and self.refresh_gen:
+            self.full_step = True
+        self.budgets = self.allocate()
+        self.window = self.window_rows(view.key_pos)
+        self._prompt = self._range(0, self.P) if self.refresh_prompt else None
+        self._gen = self._range(self.P, self.N) if self.refresh_gen else None
+        # this step's layer scores start empty; the previous step's feed allocate() next step
+        self._new_scores = torch.zeros_like(self.scores)
+        self._scored_this_step = False
+
+    def end_step(self) -> None:
+        """Keep this step's layer scores for the next step's allocation (if any layer was scored)."""
+        if self._scored_this_step:
+            self.scores, self.has_scores = self._new_scores, True
+
+    def window_rows(self, key_pos: int) -> torch.Tensor:
+        """Gen-relative window [win_size] centred on key_pos - P, shifted to stay inside [0, G) (A.5)."""
+        c = key_pos - self.P
+        start = c - self.cfg.window // 2
+        start = max(0, min(start, self.G - self.win_size))
+        return self._win_base + start
+
+    def allocate(self) -> list[int]:
+        """k_l per layer (index 0 unused: layer 0 is full). One host sync per step at most."""
+        L, G, budget = self.L, self.G, self.cfg.budget
+        cap = max(0, G - self.win_size)
+        if self.allocation == Allocation.UNIFORM or not self.has_scores or L < 2:
+            return [min(budget, cap)] * L
+        s = self.scores[1:].double()                                          # [L-1]
+        total = budget * (L - 1)
+        if self.allocation == Allocation.PROPORTIONAL:
+            denom = s.sum()
+            w = torch.where(denom > 0, s / denom.clamp(min=1e-30), torch.full_like(s, 1.0 / (L - 1)))
+        else:
+            w = torch.softmax(self.cfg.softmax_temp * s, dim=0)
+        k = torch.floor(total * w).clamp(0, G).long().tolist()
+        return [min(budget, cap)] + [min(x, cap) for x in k]
+
+    # -- per layer ----------------------------------------------------------
+    def wants_scores(self, layer):
+        if layer == 0:
+            return False
+        # input scores are cheap, so take them at full steps too (they feed the next allocation);
+        # value scores would cost an extra projection, so only when selecting
+        return not self.full_step or (self.proxy == Proxy.INPUT and self.allocation != Allocation.UNIFORM)
+
+    def rows(self, layer, scores):
+        if scores is not None:
+            self._new_scores[layer] = scores.mean()
+            self._scored_this_step = True
+        if layer == 0 or self.full_step:
+            return None
+        if self.refresh_gen:
+            gen = self._gen
+        else:
+            d = scores.mean(0)                                                # [G]
+            k = self.budgets[layer]
+            if k > 0:
+                vote = d.index_fill(0, self.window, float("-inf"))           # window rows are forced anyway
+                top = torch.topk(vote, k).indices
+                gen = torch.cat([self.window, top]).sort().values + self.P
+            else:
+                gen = self.window + self.P
+        return gen if self._prompt is None else torch.cat([self._prompt, gen])
+
+
+def make_cache_policy(cfg: DecodeConfig, spec: ModelSpec | None = None) -> CachePolicy:
+    """The cache policy ``cfg.cache``; ``dcu_reference`` fixes the released code's settings (A.2-A.7)."""
+    kind = cfg.cache
+    if kind == CachePolicyKind.FULL:
+        return FullPolicy()
+    if kind == CachePolicyKind.PREFIX:
+        return PrefixPolicy()
+    if kind == CachePolicyKind.DUAL:
+        return DualPolicy()
+    if kind == CachePolicyKind.DLLM_CACHE:
+        return DllmCachePolicy(cfg)
+    if kind == CachePolicyKind.DCU:
+        return DcuPolicy(cfg, cfg.proxy, cfg.allocation, cfg.refresh_interval, cfg.prompt_interval,
+                         cfg.gen_interval)
+    return DcuPolicy(cfg, Proxy.VALUE, Allocation.UNIFORM, None, 5000, 5000)
