@@ -1,0 +1,55 @@
+"""dllm-export: flags to ExportConfig, summary, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dllm.exporter.cli import main
+from dllm.exporter.manifest import read_manifest
+from dllm.exporter.models import write_tiny_checkpoint
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("dream") / "ckpt", "dream")
+
+
+def test_export_prints_a_summary(ckpt, tmp_path, capsys):
+    out = tmp_path / "engines"
+    rc = main([str(ckpt), "-o", str(out), "--dtype", "fp16", "--max-seq-len", "48", "--opt-rows", "8"])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert f"wrote {out}" in stdout and "onnx/: 6 subgraphs" in stdout
+    assert "validation (ort-cpu): 6/6 subgraphs passed" in stdout
+    m = read_manifest(out)
+    assert m.dtype == "fp16" and m.max_seq_len == 48 and m.profiles[0].opt["k"] == 8
+    rc = main([str(ckpt), "-o", str(out), "--no-validate", "--no-vproj", "--max-seq-len", "48"])
+    assert rc == 0 and "validation: skipped" in capsys.readouterr().out
+    assert [s.decl.name for s in read_manifest(out).subgraphs] == ["embed", "layer_00", "layer_01", "head"]
+    assert not (out / "onnx" / "vproj_00.onnx").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nothing"], "is not a directory"),
+    (["{ckpt}", "--max-seq-len", "100000"], "beyond the model's limit"),
+    (["{ckpt}", "--opt-rows", "0"], "opt_rows must be at least 1"),
+])
+def test_errors_are_one_line_with_exit_code_2(ckpt, tmp_path, capsys, args, message):
+    argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args] + ["-o", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.startswith("dllm-export: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_entry_point_installed(ckpt, tmp_path):
+    proc = subprocess.run(["dllm-export", str(tmp_path / "nope"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    if proc.returncode == 127:
+        proc = subprocess.run([sys.executable, "-m", "dllm.exporter.cli", str(tmp_path / "nope"), "-o",
+                               str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
