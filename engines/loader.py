@@ -17,7 +17,6 @@ machine without TensorRT) can still use the others.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import os
 from pathlib import Path
@@ -88,16 +87,6 @@ def available_backends() -> dict[Backend, BackendStatus]:
     return out
 
 
-def file_sha256(paths) -> str:
-    """sha256 over the bytes of ``paths`` in order (an ONNX file, then its external data)."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_onnx_files(root: Path, manifest: Manifest, verify_hashes: bool) -> dict[str, Path]:
     paths = {}
     missing = []
@@ -108,8 +97,10 @@ def _check_onnx_files(root: Path, manifest: Manifest, verify_hashes: bool) -> di
             continue
         paths[entry.decl.name] = path
         if verify_hashes:
-            data = path.with_name(path.name + ".data")
-            got = file_sha256([path] + ([data] if data.exists() else []))
+            from dllm.exporter.engine_dir import files_sha256
+
+            data = path.with_name(path.name + ".data")      # the exporter's external-data file
+            got = files_sha256([path] + ([data] if data.exists() else []))
             if got != entry.sha256:
                 raise EngineDirError(f"{path} (with its .data file) has sha256 {got[:16]}..., the manifest recorded "
                                      f"{entry.sha256[:16]}...; the file changed after export, re-run dllm-export")

@@ -67,7 +67,8 @@ class OrtOptions:
         loaded from there (with optimizations off) afterwards; keyed by provider, ORT version and level,
         invalidated when the source ONNX file is newer.
     cuda_provider_options: extra CUDA provider options (e.g. {"arena_extend_strategy": "kSameAsRequested"}).
-    use_torch_stream: CUDA only; run on torch's current stream without a host sync per call.
+    use_torch_stream: CUDA only; run on torch's current stream without a host sync per call. When off,
+        ORT uses its own stream and each call synchronizes (torch's stream before, ORT's after): slow but simple.
     """
     intra_op_threads: int = 0
     inter_op_threads: int = 1
@@ -114,6 +115,9 @@ def _providers(ort, device: torch.device, options: OrtOptions) -> list:
         raise BackendError(f"device {device} needs ONNX Runtime's CUDA provider, but this onnxruntime "
                            f"({ort.__version__}) only has {ort.get_available_providers()}; install it with "
                            f"`{ORT_INSTALL_GPU}`, or use device='cpu'")
+    if not torch.cuda.is_available():
+        raise BackendError(f"device {device} needs a CUDA build of torch (the engine's tensors live in torch); "
+                           f"this torch {torch.__version__} sees no CUDA device")
     cuda_opts = {"device_id": str(device.index or 0), **dict(options.cuda_provider_options)}
     if options.use_torch_stream:
         # ORT enqueues on this stream; handle 0 is the legacy default stream, which is what torch uses too.
@@ -147,7 +151,7 @@ class OrtEngine(Engine):
     def __init__(self, decl: SubgraphDecl, onnx_path: str | os.PathLike, device: torch.device | str = "cpu",
                  options: OrtOptions | None = None):
         super().__init__(decl, device)
-        if self.device.type == "cuda" and self.device.index is None:
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.onnx_path = Path(onnx_path)
         self.options = options or OrtOptions()
@@ -227,7 +231,10 @@ class OrtEngine(Engine):
         for t in self.decl.outputs:
             self._bind(binding.bind_output, t.name, out[t.name])
         if self._stream is None:
-            self.session.run_with_iobinding(binding, self._run_options)
+            if self._device_type == "cuda":
+                # ORT runs on its own stream here: the feeds' pending writes on torch's stream must land first.
+                torch.cuda.current_stream(self.device).synchronize()
+            self.session.run_with_iobinding(binding, self._run_options)   # returns after ORT synced its stream
             return out
         current = torch.cuda.current_stream(self.device)
         if current == self._stream:

@@ -79,6 +79,12 @@ def fits(profile: Profile, sizes: dict[str, int]) -> bool:
     return all(profile.min[d] <= n <= profile.max[d] for d, n in sizes.items() if d in profile.min)
 
 
+def choose_profile(profiles: tuple[Profile, ...], sizes: dict[str, int]) -> int | None:
+    """Index of the tightest profile (smallest max k, then N, then B) containing ``sizes``; None if none does."""
+    order = sorted(range(len(profiles)), key=lambda i: tuple(profiles[i].max.get(d, 0) for d in ("k", "N", "B")))
+    return next((i for i in order if fits(profiles[i], sizes)), None)
+
+
 def describe(profiles: tuple[Profile, ...]) -> str:
     return "; ".join(f"{p.name}: " + ", ".join(f"{d} {p.min[d]}..{p.max[d]}" for d in p.min) for p in profiles)
 
@@ -116,8 +122,6 @@ class TrtEngine(Engine):
             raise EngineDirError(f"{decl.name}: plan {self.plan_path} has {n} optimization profiles, the manifest "
                                  f"lists {len(profiles)} ({[p.name for p in profiles]}); rebuild the plans")
         self.profiles = tuple(profiles)
-        # Tightest range first: small-k calls land in "cached", k = N calls in "refresh".
-        self._order = sorted(range(n), key=lambda i: tuple(self.profiles[i].max.get(d, 0) for d in ("k", "N", "B")))
         self._scratch = scratch or DeviceScratch(self.device)
         self._contexts: dict[int, object] = {}
         self._choice: dict[tuple, int] = {}
@@ -141,14 +145,13 @@ class TrtEngine(Engine):
         key = tuple(sorted(sizes.items()))
         idx = self._choice.get(key)
         if idx is None:
-            for i in self._order:
-                if fits(self.profiles[i], sizes):
-                    idx = self._choice[key] = i
-                    break
-            else:
+            # Tightest range first: small-k calls land in "cached", k = N calls beyond it in "refresh".
+            idx = choose_profile(self.profiles, sizes)
+            if idx is None:
                 raise BackendError(f"{self.decl.name}: sizes {sizes} are outside every optimization profile of "
                                    f"{self.plan_path.name} ({describe(self.profiles)}); re-export with a larger "
                                    "--max-seq-len or --max-rows")
+            self._choice[key] = idx
         return idx
 
     def _context(self, idx: int, stream: int):

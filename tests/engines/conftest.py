@@ -50,3 +50,28 @@ def onnx_subgraphs(tiny_checkpoints, tmp_path_factory):
         return cache[(arch, dtype)]
 
     return get
+
+
+def trt_module_importable() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx_bindings"))
+
+
+@pytest.fixture(scope="session")
+def engine_dirs(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """{arch: engine dir} written by the real exporter (fp32; validation is the exporter tests' job).
+
+    The LLaDA directory also holds TensorRT plans where a TensorRT module is importable
+    (TensorRT-RTX builds them without a GPU).
+    """
+    from dllm.exporter.config import ExportConfig
+    from dllm.exporter.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("engines")
+    dirs = {}
+    for arch, ckpt in tiny_checkpoints.items():
+        backend = "tensorrt" if arch == "llada" and trt_module_importable() else "onnx"
+        dirs[arch] = export_checkpoint(ExportConfig(ckpt, root / arch, dtype="fp32", max_seq_len=64,
+                                                    validate=False, backend=backend))
+    return dirs
