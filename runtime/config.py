@@ -134,7 +134,7 @@ class DecodeConfig:
         G, bl = self.gen_length, self.block_length
         if G % bl:
             raise ConfigError(f"--gen-length {G} is not a multiple of --block-length {bl}; pick a block length "
-                              f"that divides it (e.g. {math.gcd(G, bl)}) or round the gen length up to "
+                              f"that divides it (e.g. {max(d for d in range(1, bl + 1) if G % d == 0)}) or round the gen length up to "
                               f"{-(-G // bl) * bl}")
         blocks = G // bl
         if self.commit == CommitPolicyKind.SCHEDULE and self.steps % blocks:

@@ -99,12 +99,28 @@ def check_prompt(prompt: torch.Tensor, engines: EngineSet, cfg: DecodeConfig, ma
 
 def decode(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor: Executor | None = None,
            on_step: StepCallback | None = None, max_seq_len: int | None = None) -> DecodeResult:
-    """Decode ``gen_length`` tokens after ``prompt_ids`` with ``cfg``'s cache and commit policies.
+    """Decode ``cfg.gen_length`` tokens after ``prompt_ids`` with ``cfg``'s cache and commit policies.
 
-    ``executor`` may be passed to reuse its buffers across calls. ``on_step(canvas, view, committed)``
-    is called after every step with the device canvas [1, N], the step view and the absolute
-    positions committed in that step.
+    prompt_ids: a list of ints, a 1-D tensor or a [1, P] tensor.
+    executor: pass one to reuse its buffers across calls (``Pipeline`` does).
+    on_step(canvas, view, committed): called after every step with the device canvas [1, N], the
+        step view and the absolute positions committed in that step.
+    max_seq_len: the canvas limit (an engine directory's export limit); default the model's.
     """
+    steps = decode_steps(engines, prompt_ids, cfg, executor=executor, max_seq_len=max_seq_len)
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if on_step is not None:
+            on_step(*event)
+
+
+def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor: Executor | None = None,
+                 max_seq_len: int | None = None):
+    """``decode`` as a generator: yields ``(canvas, view, committed)`` after every step and returns
+    the DecodeResult (``StopIteration.value``). Used for streaming."""
     if not isinstance(cfg, DecodeConfig):
         raise ConfigError(f"decode needs a DecodeConfig, got {type(cfg).__name__}")
     spec, device = engines.spec, torch.device(engines.device)
@@ -151,8 +167,7 @@ def decode(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor: Execu
             rows_per_step.append(stats.rows)
             tokens_per_step.append(len(committed))
             engine_s += stats.engine_s
-            if on_step is not None:
-                on_step(canvas, view, committed)
+            yield canvas, view, committed
     final = canvas.cpu()
     wall = time.perf_counter() - t_start
     return DecodeResult(ids=final[0, P:].tolist(), canvas=final, prompt_length=P, steps=view.step, nfe=view.step,
