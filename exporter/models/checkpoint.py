@@ -88,10 +88,16 @@ def _first(cfg: dict, *keys, default=None):
     return default
 
 
-def _eos_list(value, default: tuple[int, ...]) -> tuple[int, ...]:
-    if value is None:
-        return default
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+def _eos_list(value, default: tuple[int, ...], vocab: int) -> tuple[int, ...]:
+    """EOS ids from config.json, plus the family's known end-of-turn ids that fit the vocabulary.
+
+    Real LLaDA configs name only <|endoftext|> (126081), yet Instruct answers end with
+    <|eot_id|> (126348); Dream's name 151643 but turns end with <|im_end|> (151645).
+    """
+    ids = list(default) if value is None else (list(value) if isinstance(value, (list, tuple)) else [int(value)])
+    if value is not None and int(ids[0]) in default:
+        ids += [e for e in default if e not in ids and e < vocab]
+    return tuple(int(e) for e in ids)
 
 
 def spec_from_config(cfg: dict, config_path: Path) -> tuple[ModelSpec, HFNames]:
@@ -113,7 +119,7 @@ def spec_from_config(cfg: dict, config_path: Path) -> tuple[ModelSpec, HFNames]:
                 norm_eps=float(_first(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-5)),
                 qkv_bias=bool(_first(cfg, "include_qkv_bias", default=False) or cfg.get("include_bias", False)),
                 mask_id=int(_first(cfg, "mask_token_id", default=LLADA_MASK_ID)),
-                eos_ids=_eos_list(cfg.get("eos_token_id"), LLADA_EOS_IDS),
+                eos_ids=_eos_list(cfg.get("eos_token_id"), LLADA_EOS_IDS, vocab),
                 logit_shift=False, bos_id=cfg.get("bos_token_id"),
             )
             names = HFNames("model.transformer.wte.weight", "model.transformer.blocks.{i}.", _LLADA_LAYER,
@@ -131,7 +137,7 @@ def spec_from_config(cfg: dict, config_path: Path) -> tuple[ModelSpec, HFNames]:
                 rope_theta=float(_first(cfg, "rope_theta", default=10000.0)),
                 norm_eps=float(_first(cfg, "rms_norm_eps", default=1e-6)), qkv_bias=True,
                 mask_id=int(_first(cfg, "mask_token_id", default=DREAM_MASK_ID)),
-                eos_ids=_eos_list(cfg.get("eos_token_id"), DREAM_EOS_IDS),
+                eos_ids=_eos_list(cfg.get("eos_token_id"), DREAM_EOS_IDS, int(cfg["vocab_size"])),
                 logit_shift=True, bos_id=cfg.get("bos_token_id"),
             )
             names = HFNames("model.embed_tokens.weight", "model.layers.{i}.", _DREAM_LAYER,
@@ -258,7 +264,12 @@ class Checkpoint:
             for ours, theirs in names.items():
                 p = module.get_parameter(ours)
                 p.copy_(self.tensor(theirs, tuple(p.shape), dtype))
+        self.close()   # unmap the files: mapped pages would otherwise pile up to the whole checkpoint's size
         return module.eval().requires_grad_(False)
+
+    def close(self) -> None:
+        """Drop the open safetensors handles (they are reopened on the next load)."""
+        self._handles.clear()
 
     def load_layer(self, i: int, dtype: torch.dtype = torch.float32) -> DecoderLayer:
         if not 0 <= i < self.spec.n_layers:
