@@ -1,0 +1,183 @@
+"""Commit policies as pure logic: counts, thresholds, the factor quirk, APD threshold dynamics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dllm.runtime import reference as R
+from dllm.runtime.commit import (ApdCommit, DreamSchedule, FactorCommit, LladaSchedule, ThresholdCommit,
+                                 dream_count, even_split, factor_transfer, make_commit_policy)
+from dllm.runtime.config import DecodeConfig
+from dllm.runtime.view import StepView
+
+MASK = 2
+
+
+def _policy(cls, P=4, G=8, V=10, **cfg):
+    cfg.setdefault("gen_length", G)
+    cfg.setdefault("block_length", G)
+    cfg.setdefault("steps", G)
+    p = cls(DecodeConfig(**cfg), MASK)
+    p.reset(1, P, G, V, torch.device("cpu"), torch.Generator().manual_seed(0))
+    return p
+
+
+def _view(P=4, G=8, start=None, end=None, step=1, i=0, masks=None):
+    start = P if start is None else start
+    end = P + G if end is None else end
+    return StepView(prompt_len=P, canvas_len=P + G, step=step, step_in_block=i, start=start, end=end,
+                    block_masks=end - start if masks is None else masks)
+
+
+def _logits_with_probs(probs):
+    """Logits [1, R, V] whose softmax puts probs[r] on token 5 and spreads the rest evenly."""
+    V = 10
+    rows = []
+    for p in probs:
+        rest = (1 - p) / (V - 1)
+        row = torch.full((V,), math.log(rest), dtype=torch.float64)
+        row[5] = math.log(p)
+        rows.append(row)
+    return torch.stack(rows)[None]
+
+
+def test_even_split_and_dream_count_match_the_reference():
+    for n, steps in [(10, 4), (8, 8), (3, 5), (32, 7)]:
+        assert even_split(n, steps) == R.transfer_counts(torch.tensor([n]), steps)[0].tolist()
+        ts = torch.linspace(1, 1e-3, steps + 1)
+        for i in range(steps):
+            assert dream_count(float(n), i, steps, 1e-3) == R.dream_transfer_count(float(n), i, ts)
+
+
+def test_schedule_commits_its_count_by_confidence_inside_the_block():
+    p = _policy(LladaSchedule, G=8, steps=4, block_length=8)
+    view = _view()
+    p.begin_block(view)
+    assert p.counts == [2, 2, 2, 2]
+    logits = _logits_with_probs([0.3, 0.9, 0.2, 0.8, 0.5, 0.1, 0.95, 0.4])
+    ids = torch.full((1, 8), MASK)
+    ids[0, 6] = 7                                                     # already decoded: not a candidate
+    transfer, x0 = p.select(logits.float(), ids, view)
+    assert transfer[0].nonzero().flatten().tolist() == [1, 3]
+    assert (x0[transfer] == 5).all()
+
+
+def test_candidates_are_only_masks_of_the_current_block():
+    p = _policy(ThresholdCommit, G=8, block_length=4, threshold=0.0)
+    view = _view(start=8, end=12)                                     # second block
+    ids = torch.full((1, 8), MASK)
+    cand = p.candidates(ids, 4, view)
+    assert cand[0].tolist() == [False] * 4 + [True] * 4
+
+
+def test_threshold_commits_top1_plus_confident_ones():
+    p = _policy(ThresholdCommit, threshold=0.85)
+    ids = torch.full((1, 8), MASK)
+    t, _ = p.select(_logits_with_probs([0.3, 0.9, 0.2, 0.86, 0.5, 0.1, 0.95, 0.4]), ids, _view())
+    assert t[0].nonzero().flatten().tolist() == [1, 3, 6]
+    t, _ = p.select(_logits_with_probs([0.3, 0.5, 0.2, 0.4, 0.5, 0.1, 0.6, 0.4]), ids, _view())
+    assert t[0].nonzero().flatten().tolist() == [6]                  # nobody passes: still the top-1
+
+
+@pytest.mark.parametrize("confs, expected", [
+    ([0.9, 0.7, 0.5, 0.4], 2),       # 0.7 >= 1-1/3, 0.5 < 1-1/4: break at 2
+    ([0.9, 0.5, 0.4], 1),            # break at 1
+    ([0.9, 0.8, 0.76, 0.1], 4),      # quirk: break at the last index commits all, the failing one too
+    ([0.99, 0.99, 0.99, 0.99], 4),   # scan runs through
+    ([0.2], 1),                      # a single candidate always goes
+])
+def test_factor_rule_and_its_quirk(confs, expected):
+    conf = torch.tensor([confs + [-math.inf]], dtype=torch.float64)
+    cand = torch.tensor([[True] * len(confs) + [False]])
+    t = factor_transfer(conf, cand, 1.0)
+    assert int(t.sum()) == expected
+    assert not t[0, -1]
+    order = sorted(range(len(confs)), key=lambda i: -confs[i])[:expected]
+    assert sorted(t[0].nonzero().flatten().tolist()) == sorted(order)
+
+
+def test_factor_policy_uses_the_rule():
+    p = _policy(FactorCommit, factor=1.0, G=4, block_length=4, steps=4)
+    t, _ = p.select(_logits_with_probs([0.9, 0.7, 0.5, 0.4]), torch.full((1, 4), MASK), _view(G=4))
+    assert t[0].tolist() == [True, True, False, False]
+
+
+def _probs(logits):
+    return F.softmax(logits.double(), -1)
+
+
+def _c_and_H(p, prev):
+    c = 1 - torch.topk(p, 2, dim=-1).values[..., 1]
+    H = 1 - (p * prev).sum(-1) / (p.norm(dim=-1) * prev.norm(dim=-1))
+    return c, H
+
+
+def test_apd_per_token_thresholds_move_as_specified():
+    G, P = 8, 4
+    p = _policy(ApdCommit, P=P, G=G, block_length=4, apd_mode="per_token", tau0=0.9, alpha=0.01, beta=0.15)
+    view = _view(P=P, G=G, start=P, end=P + 4)
+    p.begin_block(view)
+    assert p.logit_range(view) == (P, P + G)                          # per token: every position from the block on
+    ids = torch.full((1, G), MASK)
+    g = torch.Generator().manual_seed(1)
+    l1, l2 = torch.randn(1, G, 10, generator=g), torch.randn(1, G, 10, generator=g)
+    p.select(l1, ids, view)
+    assert torch.equal(p.tau, torch.full((1, G), 0.9, dtype=torch.float64))   # no update at step 1
+    view.step = 2
+    p.select(l2, ids, view)
+    c, H = _c_and_H(_probs(l2), _probs(l1))
+    assert torch.allclose(p.tau, 0.9 - 0.01 * c + 0.15 * H)          # every position, future block included
+    assert (c >= 0.5 - 1e-12).all()
+
+
+def test_apd_global_uses_means_over_block_masks():
+    G, P = 8, 4
+    p = _policy(ApdCommit, P=P, G=G, block_length=4, apd_mode="global", tau0=0.9)
+    view = _view(P=P, G=G, start=P, end=P + 4)
+    assert p.logit_range(view) == (P, P + 8)                          # block + next block
+    ids = torch.full((1, G), MASK)
+    ids[0, 0] = 7                                                     # decoded: outside M_t
+    g = torch.Generator().manual_seed(2)
+    l1, l2 = torch.randn(1, G, 10, generator=g), torch.randn(1, G, 10, generator=g)
+    p.select(l1, ids, view)
+    view.step = 2
+    p.select(l2, ids, view)
+    c, H = _c_and_H(_probs(l2), _probs(l1))
+    m = slice(1, 4)
+    expected = 0.9 - 0.01 * c[0, m].mean() + 0.15 * H[0, m].mean()
+    assert p.tau.dim() == 0 and torch.allclose(p.tau, expected)
+
+
+def test_apd_commits_at_least_one_token_and_all_above_tau():
+    p = _policy(ApdCommit, G=8, tau0=1.0)
+    ids = torch.full((1, 8), MASK)
+    t, _ = p.select(_logits_with_probs([0.3, 0.9, 0.2, 0.99, 0.5, 0.1, 0.95, 0.4]), ids, _view())
+    assert t[0].nonzero().flatten().tolist() == [3]
+    p = _policy(ApdCommit, G=8, tau0=0.9)
+    t, _ = p.select(_logits_with_probs([0.3, 0.91, 0.2, 0.99, 0.5, 0.1, 0.95, 0.4]), ids, _view())
+    assert t[0].nonzero().flatten().tolist() == [1, 3, 6]
+
+
+def test_apd_clamp_and_block_reset_are_optional():
+    p = _policy(ApdCommit, G=8, block_length=4, tau0=0.9, beta=10.0, tau_max=0.95, apd_block_reset=True)
+    view = _view(start=4, end=8)
+    ids = torch.full((1, 8), MASK)
+    g = torch.Generator().manual_seed(3)
+    p.select(torch.randn(1, 8, 10, generator=g), ids, view)
+    view.step = 2
+    p.select(torch.randn(1, 8, 10, generator=g), ids, view)
+    assert (p.tau <= 0.95).all() and (p.tau > 0.9).any()              # moved up, clamped
+    p.begin_block(_view(start=8, end=12))
+    assert (p.tau == 0.9).all()                                       # reset at the block start
+
+
+def test_dream_schedule_and_factory():
+    assert isinstance(make_commit_policy(DecodeConfig(), "dream", MASK), DreamSchedule)
+    assert isinstance(make_commit_policy(DecodeConfig(), "llada", MASK), LladaSchedule)
+    assert isinstance(make_commit_policy(DecodeConfig(commit="apd"), "dream", MASK), ApdCommit)
+    p = _policy(DreamSchedule, G=8, steps=4, block_length=8)
+    logits = _logits_with_probs([0.3, 0.9, 0.2, 0.8, 0.5, 0.1, 0.95, 0.4]).float()
+    t, x0 = p.select(logits, torch.full((1, 8), MASK), _view(masks=8))
+    assert int(t.sum()) == dream_count(8.0, 0, 4, 1e-3)
