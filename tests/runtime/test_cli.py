@@ -1,0 +1,65 @@
+"""dllm-run: flags -> DecodeConfig -> Pipeline; --json output; clean errors with exit code 2."""
+
+import json
+
+import pytest
+
+from dllm.runtime import DecodeConfig
+from dllm.runtime.cli import build_parser, config_from_args, main
+
+SMALL = ["--gen-length", "16", "--block-length", "8", "--steps", "16"]
+
+
+def test_flags_map_onto_the_config():
+    args = build_parser().parse_args(["d", "--prompt-ids", "1,2", "--cache", "dcu-reference", "--commit", "apd",
+                                      "--apd-mode", "per-token", "--budget", "7", "--window", "5", "--tau0", "0.8",
+                                      "--prompt-interval", "3", "--apd-block-reset"])
+    cfg = config_from_args(args)
+    assert cfg == DecodeConfig(cache="dcu_reference", commit="apd", apd_mode="per_token", budget=7, window=5,
+                               tau0=0.8, prompt_interval=3, apd_block_reset=True)
+
+
+def test_json_output(engine_dirs, capsys):
+    rc = main([str(engine_dirs["llada"]), "--prompt-ids", "6,7,8", "--json", *SMALL, "--cache", "dcu",
+               "--commit", "apd"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["ids"]) == 16 and out["steps"] == out["nfe"] >= 2
+    assert len(out["rows_per_layer"]) == 2 and out["tokens_per_second"] > 0
+    assert isinstance(out["text"], str)
+
+
+def test_text_prompt_and_stream(engine_dirs, capsys):
+    assert main([str(engine_dirs["dream"]), "--prompt", "Hello", *SMALL, "--stream"]) == 0
+    captured = capsys.readouterr()
+    assert "steps" in captured.err and "NFE" in captured.err
+
+
+def test_checkpoint_with_torch_backend(tiny_checkpoints, capsys):
+    assert main([str(tiny_checkpoints["llada"]), "--backend", "torch", "--prompt-ids", "6,7", *SMALL,
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["ids"]) == 16
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--prompt-ids", "6,7", "--gen-length", "30"], "--block-length"),
+    (["--prompt-ids", "6,7", "--budget", "-1"], "--budget"),
+    (["--prompt-ids", ",".join(["6"] * 120), *SMALL], "max_seq_len"),
+    (["--prompt-ids", "6,x"], "--prompt-ids"),
+    (["--prompt-ids", "6,7", "--cache", "nope"], "--cache"),
+])
+def test_errors_are_one_clean_line(engine_dirs, capsys, argv, needle):
+    assert main([str(engine_dirs["llada"]), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dllm-run: error:") and needle in err and "\n" not in err
+
+
+def test_checkpoint_needs_export_or_torch(tiny_checkpoints, capsys):
+    assert main([str(tiny_checkpoints["llada"]), "--prompt-ids", "6,7", *SMALL]) == 2
+    assert "dllm-export" in capsys.readouterr().err
+
+
+def test_tensorrt_without_plans_is_a_clean_error(engine_dirs, capsys):
+    rc = main([str(engine_dirs["llada"]), "--backend", "tensorrt", "--prompt-ids", "6,7", *SMALL])
+    assert rc == 2
+    assert "dllm-run: error:" in capsys.readouterr().err

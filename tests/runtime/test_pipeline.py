@@ -1,0 +1,79 @@
+"""Pipeline: ids, text and chat prompts; text cut at EOS; streaming; engine directories."""
+
+import pytest
+import torch
+
+from dllm.errors import ConfigError
+from dllm.runtime import DecodeConfig, Pipeline, method_config
+from dllm.runtime import reference as R
+
+CFG = DecodeConfig(gen_length=32, block_length=8, steps=32)
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_checkpoints):
+    return {arch: Pipeline.from_checkpoint(path) for arch, path in tiny_checkpoints.items()}
+
+
+def test_generate_from_ids_matches_the_reference(pipes, tiny_models):
+    res = pipes["llada"].generate([6, 7, 8, 9], CFG)
+    ref = R.llada_generate(tiny_models["llada"], torch.tensor([[6, 7, 8, 9]]),
+                           R.LladaConfig(gen_length=32, block_length=8, steps=32))
+    assert res.ids == ref.gen_ids[0].tolist()
+    assert res.prompt_ids == [6, 7, 8, 9]
+    assert res.steps == res.nfe == 32 and sum(res.tokens_per_step) == 32
+    assert len(res.rows_per_layer) == 2 and res.rows_per_layer == [36.0, 36.0]
+    assert res.wall_s > 0 and res.tokens_per_second > 0
+    assert isinstance(res.text, str)
+
+
+def test_text_is_cut_at_the_first_eos(pipes):
+    pipe = pipes["llada"]
+    eos = pipe.spec.eos_ids[0]
+    ids = pipe.encode("ab") + [eos] + pipe.encode("cd")
+    assert pipe.decode_text(ids) == "ab"
+
+
+def test_text_and_chat_prompts_go_through_the_tokenizer(pipes):
+    pipe = pipes["dream"]
+    assert pipe.encode("hi") == pipe.tokenizer("hi")["input_ids"]
+    msgs = [{"role": "user", "content": "hi"}]
+    ids = pipe.encode(msgs)
+    text = pipe.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\nhi") and text.endswith("<|im_start|>assistant\n")
+    res = pipe.generate(msgs, CFG)
+    assert res.prompt_ids == ids
+    with pytest.raises(ConfigError, match="role"):
+        pipe.encode([{"text": "hi"}])
+    with pytest.raises(ConfigError, match="prompt"):
+        pipe.encode(3.5)
+
+
+@pytest.mark.parametrize("method", ["full", "dcu+apd"])
+def test_stream_yields_the_final_text(pipes, method):
+    pipe = pipes["llada"]
+    cfg = method_config(method, CFG)
+    parts = list(pipe.stream("Hello", cfg))
+    assert "".join(parts) == pipe.last_result.text
+    assert pipe.generate("Hello", cfg).ids == pipe.last_result.ids
+
+
+def test_ids_only_without_a_tokenizer(torch_engines):
+    pipe = Pipeline(torch_engines["llada"])
+    res = pipe.generate(torch.tensor([6, 7, 8]), CFG)
+    assert res.text is None and len(res.ids) == 32
+    with pytest.raises(ConfigError, match="tokenizer"):
+        pipe.generate("text needs a tokenizer", CFG)
+
+
+def test_prompt_longer_than_the_canvas(pipes):
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        pipes["llada"].generate(list(range(6, 100)) * 2, CFG)
+
+
+def test_from_dir_onnxruntime_matches_torch(engine_dirs, pipes):
+    pipe = Pipeline.from_dir(engine_dirs["dream"], backend="onnxruntime", device="cpu")
+    a = pipe.generate("Hi", CFG)
+    b = pipes["dream"].generate("Hi", CFG)
+    assert a.ids == b.ids and a.text == b.text
+    assert pipe.max_seq_len <= 128
