@@ -1,0 +1,374 @@
+"""dllm-bench: every decoding method on the same prompts in one run, side by side.
+
+    dllm-bench ENGINE_DIR --methods full,dual+threshold,dcu,dcu+apd --gen-length 64 --json out.json --plot out.png
+    dllm-bench --random-weights llada-8b --dtype bf16 --backend torch --device cuda \
+        --prompt-len 1024 --gen-length 256 --methods full,dcu,dcu+apd --json gpu.json
+
+How it measures (``run_bench``):
+
+1. warm-up: every method decodes every prompt ``warmup`` times (sessions, allocators, CUDA graphs);
+2. ``repeat`` rounds; each round runs every method over every prompt, the method order reversed on odd
+   rounds so that drift on a shared machine hits all methods alike;
+3. per step, a hook on the decode loop takes the time between steps (synchronizing CUDA first, which
+   costs nothing extra: the loop already syncs once per step to read the committed positions);
+4. ``full`` (the reference ``full`` + ``schedule``) is always measured, and every method is compared
+   against it: speedup of tokens/s, agreement of the generated tokens, and, for task prompts,
+   exact-match accuracy of the answers.
+
+Tokens/s counts every generated position (gen_length per prompt, EOS tail included) over wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+
+from dllm.errors import ConfigError, DllmError
+from dllm.runtime import CachePolicyKind, DecodeConfig, Pipeline, Proxy, decode, method_config
+from dllm.tools.bench_report import (PeakMemory, command_line, format_table, machine_info, median, percentile, plot,
+                                     weight_read_floor)
+from dllm.tools.bench_sources import (EngineSource, PromptKind, Prompts, make_prompts, open_engine_dir_source,
+                                      open_random_source, weight_bytes_per_step)
+
+REFERENCE = "full"
+DEFAULT_METHODS = ("full", "dual+threshold", "dcu", "dcu+apd")
+SCHEMA = "dllm-bench/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What one benchmark run measures; ``decode`` is the base every method name is applied to."""
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    decode: DecodeConfig = DecodeConfig(gen_length=64, block_length=32, steps=64)
+    num_prompts: int = 4
+    prompt_len: int | None = None        # None: task prompts at natural length, random prompts of 64
+    repeat: int = 3
+    warmup: int = 1
+    seed: int = 0
+    step_times: bool = True              # per-step timing hook (else step latency = wall / steps)
+    tasks: tuple[str, ...] = ("arithmetic", "sorting")
+
+    def __post_init__(self):
+        methods = tuple(m.strip() for m in self.methods if m.strip())
+        if not methods:
+            raise ConfigError("--methods is empty; pass e.g. --methods full,dcu,dcu+apd")
+        normal = [m.lower().replace("_", "-") for m in methods]
+        if len(set(normal)) != len(normal):
+            raise ConfigError(f"--methods lists a method twice: {list(methods)}")
+        for m in methods:
+            method_config(m, self.decode)          # raises ConfigError naming the bad part
+        if REFERENCE not in normal:
+            methods = (REFERENCE,) + methods       # the reference every ratio is taken against
+        object.__setattr__(self, "methods", methods)
+        for name in ("num_prompts", "repeat"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be at least 0, got {self.warmup}")
+        if self.prompt_len is not None and self.prompt_len < 1:
+            raise ConfigError(f"--prompt-len must be at least 1, got {self.prompt_len}")
+
+    def method_configs(self) -> dict[str, DecodeConfig]:
+        return {m: method_config(m, self.decode) for m in self.methods}
+
+    def needs_vproj(self) -> bool:
+        """Whether any method reads the value-proxy probes (the engines must include them)."""
+        return any(c.proxy == Proxy.VALUE and c.cache in (CachePolicyKind.DCU, CachePolicyKind.DCU_REFERENCE)
+                   or c.cache in (CachePolicyKind.DLLM_CACHE, CachePolicyKind.DCU_REFERENCE)
+                   for c in self.method_configs().values())
+
+
+@dataclasses.dataclass
+class Run:
+    """One timed generation."""
+    repeat: int
+    prompt: int
+    ids: list[int]
+    wall_s: float
+    engine_s: float
+    steps: int
+    nfe: int
+    step_s: list[float]
+    rows_per_step: list[list[int]]
+    canvas_len: int
+
+
+# -- measuring --------------------------------------------------------------------------------------
+def decode_once(pipe: Pipeline, prompt: tuple[int, ...], cfg: DecodeConfig, step_times: bool,
+                max_seq_len: int | None) -> tuple:
+    """One generation; returns (DecodeResult, seconds of each step)."""
+    cuda = pipe.engines.device.type == "cuda"
+    stamps: list[float] = []
+
+    def on_step(canvas, view, committed):
+        if cuda:
+            torch.cuda.synchronize(pipe.engines.device)
+        stamps.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    res = decode(pipe.engines, list(prompt), cfg, executor=pipe.executor,
+                 on_step=on_step if step_times else None, max_seq_len=max_seq_len)
+    step_s = [b - a for a, b in zip([t0] + stamps[:-1], stamps)] if step_times else []
+    return res, step_s
+
+
+@dataclasses.dataclass
+class Measured:
+    runs: dict[str, list[Run]]       # method -> its timed generations
+    peaks: dict[str, dict]           # method -> peak memory over its spans
+
+
+def run_bench(pipe: Pipeline, prompts: Prompts, cfg: BenchConfig, max_seq_len: int | None = None,
+              log=print) -> Measured:
+    """Warm up, then ``cfg.repeat`` rounds of every method over every prompt (order reversed on odd rounds)."""
+    configs = cfg.method_configs()
+    memory = PeakMemory(pipe.engines.device)
+    for w in range(cfg.warmup):
+        for m, c in configs.items():
+            for p in prompts.ids:
+                decode_once(pipe, p, c, False, max_seq_len)
+        log(f"[bench] warm-up {w + 1}/{cfg.warmup} done")
+    runs: dict[str, list[Run]] = {m: [] for m in configs}
+    peaks: dict[str, dict] = {}
+    for r in range(cfg.repeat):
+        order = list(configs) if r % 2 == 0 else list(reversed(configs))
+        for m in order:
+            memory.reset()
+            for i, p in enumerate(prompts.ids):
+                res, step_s = decode_once(pipe, p, configs[m], cfg.step_times, max_seq_len)
+                runs[m].append(Run(r, i, res.ids, res.wall_s, res.engine_s, res.steps, res.nfe, step_s,
+                                   res.rows_per_step, res.prompt_length + len(res.ids)))
+            peak = memory.read()
+            peaks[m] = {k: max(v, peaks[m][k]) if m in peaks and isinstance(v, float) else v
+                        for k, v in peak.items()}
+        walls = ", ".join(f"{m} {sum(x.wall_s for x in runs[m] if x.repeat == r):.2f}s" for m in configs)
+        log(f"[bench] round {r + 1}/{cfg.repeat}: {walls}")
+    return Measured(runs, peaks)
+
+
+def summarize(measured: Measured, prompts: Prompts, cfg: BenchConfig, pipe: Pipeline,
+              floor_ms: float | None = None) -> dict:
+    """Per-method statistics from the runs (see the module docstring for definitions)."""
+    runs, peaks = measured.runs, measured.peaks
+    ref_runs = runs[REFERENCE]
+    ref_ids = {x.prompt: x.ids for x in ref_runs if x.repeat == cfg.repeat - 1}
+    ref_wall = {r: sum(x.wall_s for x in ref_runs if x.repeat == r) for r in range(cfg.repeat)}
+    out = {}
+    for m in cfg.methods:
+        rs = runs[m]
+        G = cfg.decode.gen_length
+        wall, engine = sum(x.wall_s for x in rs), sum(x.engine_s for x in rs)
+        steps = sum(x.steps for x in rs)
+        step_s = [s for x in rs for s in x.step_s] or [x.wall_s / x.steps for x in rs for _ in range(x.steps)]
+        all_rows = [row for x in rs for row in x.rows_per_step]
+        n_layers = len(all_rows[0]) if all_rows else 0
+        per_layer = [sum(row[l] for row in all_rows) / len(all_rows) for l in range(n_layers)]
+        canvas = sum(x.canvas_len for x in rs) / len(rs)
+        last = {x.prompt: x.ids for x in rs if x.repeat == cfg.repeat - 1}
+        agree = [sum(a == b for a, b in zip(last[i], ref_ids[i])) / G for i in last]
+        walls = {r: sum(x.wall_s for x in rs if x.repeat == r) for r in range(cfg.repeat)}
+        stats = {
+            "config": cfg.method_configs()[m].to_dict(),
+            "generations": len(rs),
+            "tokens_per_s": len(rs) * G / wall,
+            "wall_ms_per_generation": wall / len(rs) * 1e3,
+            "steps_mean": steps / len(rs),
+            "nfe_mean": sum(x.nfe for x in rs) / len(rs),
+            "tokens_per_step": len(rs) * G / steps,
+            "step_ms_mean": sum(step_s) / len(step_s) * 1e3,
+            "step_ms_p50": percentile(step_s, 50) * 1e3,
+            "step_ms_p90": percentile(step_s, 90) * 1e3,
+            "step_timing": "per-step hook" if cfg.step_times else "wall / steps",
+            "engine_ms_per_step": engine / steps * 1e3,
+            "orchestration_ms_per_step": (wall - engine) / steps * 1e3,
+            "engine_share": engine / wall,
+            "rows_per_layer": [round(v, 2) for v in per_layer],
+            "rows_per_layer_mean": sum(per_layer) / max(1, n_layers),
+            "rows_fraction": sum(per_layer) / max(1, n_layers) / canvas,
+            "canvas_len_mean": canvas,
+            "token_agreement": sum(agree) / len(agree),
+            "deterministic": all(x.ids == last[x.prompt] for x in rs),
+            "speedup_median_per_round": median([ref_wall[r] / walls[r] for r in range(cfg.repeat)]),
+            **peaks.get(m, {}),
+        }
+        if floor_ms is not None:
+            stats["step_over_floor"] = stats["step_ms_mean"] / floor_ms
+        if prompts.kind == PromptKind.TASK:
+            from dllm.tools.tasks import is_correct
+
+            texts = {i: pipe.decode_text(ids) for i, ids in last.items()}
+            stats["exact_match"] = sum(is_correct(prompts.problems[i].task, t, prompts.problems[i].answer)
+                                       for i, t in texts.items()) / len(texts)
+            stats["answers"] = [texts[i] for i in sorted(texts)]
+        out[m] = stats
+    ref_tps = out[REFERENCE]["tokens_per_s"]
+    for stats in out.values():
+        stats["speedup"] = stats["tokens_per_s"] / ref_tps
+    return out
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+def _decode_fields() -> list[tuple[str, type, tuple | None]]:
+    """(field, type, choices) of every DecodeConfig knob a method does not set itself."""
+    hints = typing.get_type_hints(DecodeConfig)
+    out = []
+    for f in dataclasses.fields(DecodeConfig):
+        if f.name in ("cache", "commit"):
+            continue
+        t = hints[f.name]
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        t = args[0] if args else t
+        choices = tuple(e.value for e in t) if isinstance(t, type) and issubclass(t, str) and t is not str else None
+        out.append((f.name, str if choices else t, choices))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dllm-bench", description="Benchmark decoding methods side by side "
+                                "(speed, steps, rows recomputed, accuracy against full).")
+    p.add_argument("engine_dir", nargs="?", help="engine directory from dllm-export (omit with --random-weights)")
+    p.add_argument("--random-weights", metavar="SHAPE", help="llada-8b | dream-7b | SPEC.json: random weights")
+    p.add_argument("--layers", type=int, help="random weights: override the number of layers")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="random weights: dtype "
+                   "(default bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime and torch (default: backend default)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: no CUDA graph capture")
+    p.add_argument("--share-layer-onnx", action="store_true", default=None,
+                   help="random weights on onnxruntime: export one layer and load its file for every layer "
+                        "(default: only when the layers exceed 1 GiB)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated CACHE[+COMMIT] names (default {','.join(DEFAULT_METHODS)}); "
+                        "full is always added")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (task prompts: pad/cut; default natural; "
+                                                  "random prompts: default 64)")
+    p.add_argument("--num-prompts", type=int, default=4, help="prompts per method per round (default 4)")
+    p.add_argument("--tasks", default="arithmetic,sorting", help="task families for task prompts")
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
+    p.add_argument("--no-step-times", action="store_true", help="no per-step hook: step latency = wall / steps")
+    g = p.add_argument_group("decoding (DecodeConfig fields; methods set --cache/--commit)")
+    defaults = {"gen_length": 64, "block_length": 32}
+    for name, typ, choices in _decode_fields():
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            g.add_argument(flag, action="store_true", default=None)
+        else:
+            g.add_argument(flag, type=typ, choices=choices, default=None,
+                           help=f"default {defaults.get(name, getattr(DecodeConfig, name, None))}"
+                           + (" (schedule: default gen-length, one token per step)" if name == "steps" else ""))
+    p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="draw tokens/s, accuracy and rows per layer (matplotlib)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    values = {name: getattr(args, name) for name, _, _ in _decode_fields() if getattr(args, name) is not None}
+    values.setdefault("gen_length", 64)
+    values.setdefault("block_length", 32)
+    values.setdefault("steps", values["gen_length"])
+    decode_cfg = DecodeConfig(**values)
+    return BenchConfig(methods=tuple(args.methods.split(",")), decode=decode_cfg, num_prompts=args.num_prompts,
+                       prompt_len=args.prompt_len, repeat=args.repeat, warmup=args.warmup, seed=decode_cfg.seed,
+                       step_times=not args.no_step_times,
+                       tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()))
+
+
+def open_source(args: argparse.Namespace, cfg: BenchConfig) -> EngineSource:
+    if (args.engine_dir is None) == (args.random_weights is None):
+        raise ConfigError("pass either ENGINE_DIR or --random-weights SHAPE (exactly one)")
+    cuda_graphs = not args.no_cuda_graphs and args.device.startswith("cuda")
+    if args.random_weights is not None:
+        dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+        return open_random_source(args.random_weights, args.layers, dtype, args.backend, args.device,
+                                  args.threads, cuda_graphs, cfg.needs_vproj(), share_layers=args.share_layer_onnx,
+                                  seed=cfg.seed)
+    if args.layers is not None or args.dtype is not None:
+        raise ConfigError("--layers and --dtype apply to --random-weights only; an engine directory has its "
+                          "own (re-export with dllm-export --dtype to change it)")
+    return open_engine_dir_source(args.engine_dir, args.backend, args.device, args.threads, cuda_graphs)
+
+
+def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
+    """Run the benchmark the parsed flags describe and return the report (also written/plotted if asked)."""
+    cfg = config_from_args(args)
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    source = open_source(args, cfg)
+    try:
+        engines = source.engines
+        pipe = Pipeline(engines, max_seq_len=source.max_seq_len)
+        tokenizer = pipe.tokenizer if engines.tokenizer_dir is not None else None
+        prompts = make_prompts(engines, tokenizer, cfg.num_prompts, cfg.prompt_len, cfg.seed, cfg.tasks)
+        log(f"[bench] {len(cfg.methods)} methods x {len(prompts.ids)} prompts ({prompts.note}), "
+            f"gen {cfg.decode.gen_length}, {cfg.warmup} warm-up + {cfg.repeat} timed rounds")
+        floor = None
+        if engines.device.type == "cuda":
+            floor = weight_read_floor(weight_bytes_per_step(engines.spec, engines.dtype), engines.device)
+        runs = run_bench(pipe, prompts, cfg, source.max_seq_len, log=log)
+        methods = summarize(runs, prompts, cfg, pipe, floor["floor_ms"] if floor else None)
+        notes = list(source.notes)
+        if engines.device.type == "cuda":
+            notes.append("engine_ms_per_step is host time inside engine calls; on CUDA that is launch time only "
+                         "(the device runs asynchronously), so compare step_ms instead")
+            graphs = sum(getattr(e, "graphs_captured", 0) for e in engines.engines.values())
+            if graphs:
+                notes.append(f"{graphs} CUDA graphs captured over the run (one per engine and input shape)")
+        report = {
+            "schema": SCHEMA,
+            "command": command_line(argv),
+            "machine": machine_info(engines.device),
+            "engine": source.description,
+            "settings": {"backend": engines.backend.value, "device": str(engines.device),
+                         "threads": args.threads,
+                         "cuda_graphs": engines.backend.value == "torch" and engines.device.type == "cuda"
+                         and not args.no_cuda_graphs,
+                         "methods": list(cfg.methods), "num_prompts": len(prompts.ids), "repeat": cfg.repeat,
+                         "warmup": cfg.warmup, "prompts": prompts.note, "prompt_kind": prompts.kind.value,
+                         "prompt_lengths": prompts.lengths, "decode": cfg.decode.to_dict(),
+                         "order": "method order reversed on odd rounds"},
+            "methods": methods,
+            "notes": notes,
+        }
+        if floor is not None:
+            report["weight_read_floor"] = floor
+        return report
+    finally:
+        source.close()
+
+
+def write_outputs(report: dict, args: argparse.Namespace, log=print) -> None:
+    """The JSON report and the plot, where the flags ask for them."""
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"[bench] wrote {args.json}")
+    if args.plot:
+        log(f"[bench] wrote {plot(report, args.plot)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
+    try:
+        report = bench(args, argv, log=log)
+        for note in report["notes"]:
+            log(f"[bench] note: {note}")
+        print(format_table(report["methods"]))
+        write_outputs(report, args, log=log)
+    except DllmError as e:
+        print(f"dllm-bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

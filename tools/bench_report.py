@@ -1,0 +1,224 @@
+"""``dllm-bench`` reporting: machine facts, memory probes, the GPU weight-read floor, the table and the plot.
+
+Nothing here decodes; ``dllm.tools.bench`` measures and hands plain dicts to these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+
+# -- machine ----------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU, cores, load, GPU and library versions: enough to tell two reports' machines apart."""
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    try:
+        info["load_avg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        info["onnxruntime"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, gpu_capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def command_line(argv: list[str] | None) -> str:
+    import shlex
+
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(shlex.quote(a) for a in ["dllm-bench", *args])
+
+
+# -- memory -------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory over a span: process RSS (Linux: VmHWM, reset through clear_refs) and, on CUDA,
+    torch's peak allocated bytes. Elsewhere the RSS figure is the process lifetime peak (ru_maxrss)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rss_resettable = None
+
+    def reset(self) -> None:
+        if self.rss_resettable is not False:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")   # "5": reset the peak RSS (Linux >= 4.0)
+                self.rss_resettable = True
+            except OSError:
+                self.rss_resettable = False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> dict:
+        out = {"peak_rss_mb": round(self._peak_rss_bytes() / 2**20, 1),
+               "peak_rss_scope": "span" if self.rss_resettable else "process"}
+        if self.device.type == "cuda":
+            out["gpu_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return out
+
+    def _peak_rss_bytes(self) -> int:
+        if self.rss_resettable:
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb if sys.platform == "darwin" else kb * 1024
+
+
+# -- GPU floor ----------------------------------------------------------------------------------------
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10) -> float:
+    """Device copy bandwidth in bytes/s (read + write bytes over time) of a ``nbytes`` device-to-device copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)                                           # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(iters):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1e3
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes * iters / seconds
+
+
+def weight_read_floor(weight_bytes: int, device: torch.device) -> dict:
+    """Time to read every weight once at the measured copy bandwidth: a lower bound for one full step."""
+    bw = copy_bandwidth(device)
+    return {"weight_bytes_per_step": weight_bytes, "copy_bandwidth_gb_s": round(bw / 1e9, 1),
+            "floor_ms": round(weight_bytes / bw * 1e3, 3),
+            "how": "weights of every layer + final norm + LM head (embedding gather left out) / "
+                   "device-to-device copy bandwidth of a 1 GiB torch copy (read + write bytes)"}
+
+
+# -- numbers ------------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# -- table --------------------------------------------------------------------------------------------
+_COLUMNS = [("method", "{}", "method"), ("tok/s", "{:.1f}", "tokens_per_s"), ("speedup", "{:.2f}x", "speedup"),
+            ("steps", "{:.1f}", "steps_mean"), ("NFE", "{:.1f}", "nfe_mean"),
+            ("step ms", "{:.2f}", "step_ms_mean"), ("p50", "{:.2f}", "step_ms_p50"), ("p90", "{:.2f}", "step_ms_p90"),
+            ("engine ms/step", "{:.2f}", "engine_ms_per_step"), ("rows/layer", "{:.1f}", "rows_per_layer_mean"),
+            ("agree", "{:.3f}", "token_agreement"), ("exact", "{:.3f}", "exact_match"),
+            ("peak MB", "{:.0f}", "peak_mb")]
+
+
+def format_table(methods: dict[str, dict]) -> str:
+    """A plain-text table of the per-method results (markdown-compatible)."""
+    rows = []
+    for name, m in methods.items():
+        row = []
+        for _, fmt, key in _COLUMNS:
+            v = name if key == "method" else m.get(key)
+            if key == "peak_mb":
+                v = m.get("gpu_max_allocated_mb", m.get("peak_rss_mb"))
+            row.append("-" if v is None else fmt.format(v))
+        rows.append(row)
+    head = [c[0] for c in _COLUMNS]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"   # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+# -- plot ---------------------------------------------------------------------------------------------
+def plot(report: dict, path: str | os.PathLike) -> Path:
+    """Tokens/s and accuracy per method, and the per-layer rows-recomputed profile, in one small PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = report["methods"]
+    names = list(methods)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=80)
+    colors = [f"C{i}" for i in range(len(names))]
+
+    ax = axes[0]
+    tps = [methods[n]["tokens_per_s"] for n in names]
+    bars = ax.bar(names, tps, color=colors)
+    for b, n in zip(bars, names):
+        ax.annotate(f"{methods[n]['speedup']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("tokens/s")
+    ax.set_title("speed (x = speedup over full)", fontsize=10)
+
+    ax = axes[1]
+    keys = [("token_agreement", "tokens = full")]
+    if any(methods[n].get("exact_match") is not None for n in names):
+        keys.append(("exact_match", "exact match"))
+    width = 0.8 / len(keys)
+    for j, (key, label) in enumerate(keys):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [methods[n].get(key) or 0.0 for n in names], width, label=label,
+               color=colors if j == 0 else "none", edgecolor=colors, hatch=None if j == 0 else "//")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("accuracy", fontsize=10)
+
+    ax = axes[2]
+    for n, c in zip(names, colors):
+        prof = methods[n]["rows_per_layer"]
+        ax.plot(range(len(prof)), prof, marker="o", ms=3, label=n, color=c)
+    ax.set_xlabel("layer")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("rows recomputed / step")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.set_title("rows recomputed per layer", fontsize=10)
+
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    src = report["engine"].get("engine_dir") or f"random {report['engine'].get('random_weights')}"
+    fig.suptitle(f"{Path(str(src)).name} | {report['settings']['backend']} {report['settings']['device']} | "
+                 f"gen {report['settings']['decode']['gen_length']}", fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
