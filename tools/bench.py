@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default bf16 on cuda, fp32 on cpu)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime and torch (default: backend default)")
+    p.add_argument("--threads", type=int, help="CPU threads of the backend (ONNX Runtime intra-op, or torch with "
+                   "--backend torch); default: the backend's (every core). Torch's own ops between engine calls "
+                   "always run on one thread with other backends on the CPU")
     p.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: no CUDA graph capture")
     p.add_argument("--share-layer-onnx", action="store_true", default=None,
                    help="random weights on onnxruntime: export one layer and load its file for every layer "
@@ -300,8 +302,12 @@ def open_source(args: argparse.Namespace, cfg: BenchConfig) -> EngineSource:
 def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
     """Run the benchmark the parsed flags describe and return the report (also written/plotted if asked)."""
     cfg = config_from_args(args)
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+    if args.backend != "torch" and not args.device.startswith("cuda"):
+        # torch only orchestrates between engine calls (small ops): its thread pool costs more than it saves
+        # and competes with the backend's own threads
+        torch.set_num_threads(1)
+    elif args.threads:
+        torch.set_num_threads(args.threads)
     source = open_source(args, cfg)
     try:
         engines = source.engines
