@@ -42,6 +42,46 @@ DEFAULT_METHODS = ("full", "dual+threshold", "dcu", "dcu+apd")
 SCHEMA = "dllm-bench/1"
 
 
+def split_methods(text: str) -> tuple[str, ...]:
+    """``"full,dcu+apd@budget=8,window=8"`` -> ``("full", "dcu+apd@budget=8,window=8")``: an item with ``=``
+    and no ``@`` continues the previous method's overrides (method names never contain ``=``)."""
+    out: list[str] = []
+    for item in (x.strip() for x in text.split(",")):
+        if "=" in item and "@" not in item and out and "@" in out[-1]:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return tuple(out)
+
+
+def parse_method(spec: str, base: DecodeConfig) -> DecodeConfig:
+    """``CACHE[+COMMIT][@field=value,...]`` -> DecodeConfig: a method name (``method_config``) with optional
+    per-method overrides of DecodeConfig fields, e.g. ``dcu+apd@budget=8,window=8``."""
+    name, _, overrides = spec.partition("@")
+    cfg = method_config(name, base)
+    if not overrides:
+        return cfg
+    types = {f: t for f, t, _ in _decode_fields() if f != "gen_length"}   # every method fills the same canvas
+    changes = {}
+    for item in overrides.split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in types:
+            raise ConfigError(f"method {spec!r}: override {item!r} is not FIELD=VALUE with FIELD one of "
+                              f"{sorted(types)} (e.g. dcu+apd@budget=8,window=8)")
+        value = value.strip()
+        try:
+            if types[key] is bool:
+                changes[key] = value.lower() in ("1", "true", "yes", "on")
+            elif value.lower() == "none":
+                changes[key] = None
+            else:
+                changes[key] = types[key](value)
+        except ValueError:
+            raise ConfigError(f"method {spec!r}: {key}={value!r} is not a valid {types[key].__name__}") from None
+    return cfg.replace(**changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """What one benchmark run measures; ``decode`` is the base every method name is applied to."""
@@ -63,7 +103,7 @@ class BenchConfig:
         if len(set(normal)) != len(normal):
             raise ConfigError(f"--methods lists a method twice: {list(methods)}")
         for m in methods:
-            method_config(m, self.decode)          # raises ConfigError naming the bad part
+            parse_method(m, self.decode)           # raises ConfigError naming the bad part
         if REFERENCE not in normal:
             methods = (REFERENCE,) + methods       # the reference every ratio is taken against
         object.__setattr__(self, "methods", methods)
@@ -76,7 +116,7 @@ class BenchConfig:
             raise ConfigError(f"--prompt-len must be at least 1, got {self.prompt_len}")
 
     def method_configs(self) -> dict[str, DecodeConfig]:
-        return {m: method_config(m, self.decode) for m in self.methods}
+        return {m: parse_method(m, self.decode) for m in self.methods}
 
     def needs_vproj(self) -> bool:
         """Whether any method reads the value-proxy probes (the engines must include them)."""
@@ -248,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights on onnxruntime: export one layer and load its file for every layer "
                         "(default: only when the layers exceed 1 GiB)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated CACHE[+COMMIT] names (default {','.join(DEFAULT_METHODS)}); "
-                        "full is always added")
+                   help=f"comma-separated CACHE[+COMMIT][@field=value,...] names (default "
+                        f"{','.join(DEFAULT_METHODS)}); full is always added; per-method DecodeConfig "
+                        "overrides e.g. full,dcu+apd,dcu+apd@budget=8,window=8")
     p.add_argument("--prompt-len", type=int, help="prompt tokens (task prompts: pad/cut; default natural; "
                                                   "random prompts: default 64)")
     p.add_argument("--num-prompts", type=int, default=4, help="prompts per method per round (default 4)")
@@ -278,7 +319,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     values.setdefault("block_length", 32)
     values.setdefault("steps", values["gen_length"])
     decode_cfg = DecodeConfig(**values)
-    return BenchConfig(methods=tuple(args.methods.split(",")), decode=decode_cfg, num_prompts=args.num_prompts,
+    return BenchConfig(methods=split_methods(args.methods), decode=decode_cfg, num_prompts=args.num_prompts,
                        prompt_len=args.prompt_len, repeat=args.repeat, warmup=args.warmup, seed=decode_cfg.seed,
                        step_times=not args.no_step_times,
                        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()))

@@ -129,6 +129,19 @@ def test_weight_bytes_match_the_model(spec_json):
     assert weight_bytes_per_step(random_spec("llada-8b"), DType.BF16) == pytest.approx(15.0e9, rel=0.01)
 
 
+def test_method_overrides():
+    base = bench.BenchConfig().decode
+    assert bench.split_methods("full, dcu+apd@budget=8,window=8 ,dual+threshold") == \
+        ("full", "dcu+apd@budget=8,window=8", "dual+threshold")
+    cfg = bench.parse_method("dcu+apd@budget=8,window=8,proxy=value,tau_min=none", base)
+    assert (cfg.cache.value, cfg.commit.value, cfg.budget, cfg.window, cfg.proxy.value, cfg.tau_min) == \
+        ("dcu", "apd", 8, 8, "value", None)
+    for bad in ("dcu@budget", "dcu@gen_length=32", "dcu@budget=x"):
+        with pytest.raises(bench.ConfigError):
+            bench.parse_method(bad, base)
+    assert bench.BenchConfig(methods=("dcu", "dcu@budget=4")).methods == ("full", "dcu", "dcu@budget=4")
+
+
 def test_percentile_and_table():
     assert percentile([3.0], 90) == 3.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
