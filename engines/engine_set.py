@@ -20,6 +20,9 @@ class EngineSet:
     device: torch.device
     engines: dict[str, Engine]
     tokenizer_dir: Path | None = None
+    # torch on CUDA: the executor captures each layer's step (selection, engine, scatters) as a
+    # CUDA graph per row-count shape and replays it (see runtime/executor.py)
+    cuda_graphs: bool = False
 
     @property
     def embed(self) -> Engine:
@@ -46,7 +49,7 @@ def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.de
                      cuda_graphs: bool = False) -> EngineSet:
     """Torch engines straight from a ``DiffusionLM`` or a ``Checkpoint`` (no engine directory needed).
 
-    ``cuda_graphs`` (CUDA only) captures one graph per input shape; see TorchEngine.
+    ``cuda_graphs`` (CUDA only): the executor replays per-layer CUDA graphs; see EngineSet.
     """
     from dllm.engines.torch_backend import TorchEngine
 
@@ -57,7 +60,9 @@ def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.de
     engines = {}
     for decl in declare(spec, dtype, with_vproj=with_vproj):
         module = build_module(decl, source, dtype)
-        engines[decl.name] = TorchEngine(decl, module, device, cuda_graphs=cuda_graphs)
+        engines[decl.name] = TorchEngine(decl, module, device)
     if tokenizer_dir is None and not isinstance(source, DiffusionLM):
         tokenizer_dir = source.path
-    return EngineSet(spec, dtype, Backend.TORCH, torch.device(device), engines, tokenizer_dir)
+    dev = torch.device(device)
+    return EngineSet(spec, dtype, Backend.TORCH, dev, engines, tokenizer_dir,
+                     cuda_graphs=cuda_graphs and dev.type == "cuda")

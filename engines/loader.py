@@ -193,7 +193,7 @@ def _open_torch(root, manifest, device, checkpoint, options):
     if ckpt.spec != manifest.model:
         raise EngineDirError(f"checkpoint {path} is a different model than {root} was exported from: "
                              f"{ckpt.spec} vs {manifest.model}; pass the checkpoint it was exported from")
-    return {s.decl.name: TorchEngine(s.decl, build_module(s.decl, ckpt, manifest.dtype), device, **options)
+    return {s.decl.name: TorchEngine(s.decl, build_module(s.decl, ckpt, manifest.dtype), device)
             for s in manifest.subgraphs}
 
 
@@ -222,5 +222,6 @@ def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ON
         device = _resolve_device(device)
         engines = _open_torch(root, manifest, device, checkpoint, options)
     tokenizer = root / TOKENIZER_DIR
+    cuda_graphs = backend == Backend.TORCH and bool(options.get("cuda_graphs")) and device.type == "cuda"
     return EngineSet(manifest.model, DType(manifest.dtype), backend, device, engines,
-                     tokenizer if tokenizer.is_dir() else None)
+                     tokenizer if tokenizer.is_dir() else None, cuda_graphs=cuda_graphs)

@@ -38,7 +38,13 @@ class CachePolicy(abc.ABC):
 
     def reset(self, n_layers: int, prompt_len: int, gen_len: int, device: torch.device) -> None:
         """Start a new generation."""
+        dims = (n_layers, prompt_len, gen_len, torch.device(device))
         self.L, self.P, self.G, self.N, self.device = n_layers, prompt_len, gen_len, prompt_len + gen_len, device
+        # device tensors survive a reset to the same dims, so captured graphs stay valid across calls
+        self.same_dims = dims == getattr(self, "_dims", None)
+        if not self.same_dims:
+            self._dims = dims
+            self._ranges: dict[tuple[int, int], torch.Tensor] = {}
 
     def begin_step(self, view: StepView) -> None:
         self.view = view
@@ -53,8 +59,21 @@ class CachePolicy(abc.ABC):
     def rows(self, layer: int, scores: torch.Tensor | None) -> torch.Tensor | None:
         """Rows layer ``layer`` recomputes: None = all, else sorted int64 positions [k] on the device."""
 
+    def layer_key(self, layer: int, scored: bool) -> tuple | None:
+        """What fixes this step's work in ``layer`` apart from device tensors (row counts, flags).
+
+        Layers whose key repeats can be captured once as a CUDA graph and replayed: ``rows`` must then
+        read only persistent device buffers and host values that the key covers. ``scored``: the
+        executor computes change scores for this layer. None: never capture.
+        """
+        return None
+
     def _range(self, lo: int, hi: int) -> torch.Tensor:
-        return torch.arange(lo, hi, device=self.device)
+        # memoized: a captured graph keeps reading the same tensor on every replay
+        r = self._ranges.get((lo, hi))
+        if r is None:
+            r = self._ranges[(lo, hi)] = torch.arange(lo, hi, device=self.device)
+        return r
 
 
 class FullPolicy(CachePolicy):
@@ -63,16 +82,23 @@ class FullPolicy(CachePolicy):
     def rows(self, layer, scores):
         return None
 
+    def layer_key(self, layer, scored):
+        return ("all",)
+
 
 class PrefixPolicy(CachePolicy):
     """Fast-dLLM prefix cache: after the block's first (full) step, recompute [block_start, N)."""
 
     def begin_step(self, view):
         super().begin_step(view)
-        self._rows = None if view.step_in_block == 0 else self._range(view.start, view.canvas_len)
+        self._span = (view.start, view.canvas_len)
+        self._rows = None if view.step_in_block == 0 else self._range(*self._span)
 
     def rows(self, layer, scores):
         return self._rows
+
+    def layer_key(self, layer, scored):
+        return ("all",) if self._rows is None else ("rows", self._span)
 
 
 class DualPolicy(CachePolicy):
@@ -80,10 +106,14 @@ class DualPolicy(CachePolicy):
 
     def begin_step(self, view):
         super().begin_step(view)
-        self._rows = None if view.step_in_block == 0 else self._range(view.start, view.end)
+        self._span = (view.start, view.end)
+        self._rows = None if view.step_in_block == 0 else self._range(*self._span)
 
     def rows(self, layer, scores):
         return self._rows
+
+    def layer_key(self, layer, scored):
+        return ("all",) if self._rows is None else ("rows", self._span)
 
 
 class DllmCachePolicy(CachePolicy):
@@ -105,6 +135,9 @@ class DllmCachePolicy(CachePolicy):
 
     def wants_scores(self, layer):
         return layer > 0 and not self.refresh_gen
+
+    def layer_key(self, layer, scored):
+        return (layer == 0, self.refresh_prompt, self.refresh_gen, self.k, scored)
 
     def rows(self, layer, scores):
         if layer == 0 or (self.refresh_prompt and self.refresh_gen):
@@ -142,11 +175,16 @@ class DcuPolicy(CachePolicy):
 
     def reset(self, n_layers, prompt_len, gen_len, device):
         super().reset(n_layers, prompt_len, gen_len, device)
-        self.scores = torch.zeros(n_layers, dtype=torch.float32, device=device)   # s_l of the last scored step
         self.has_scores = False
         r = self.cfg.window // 2
         self.win_size = min(2 * r + 1, gen_len)
-        self._win_base = torch.arange(self.win_size, device=device)
+        if not self.same_dims:
+            # persistent buffers: captured layer graphs read them on every replay
+            self.scores = torch.zeros(n_layers, dtype=torch.float32, device=device)   # s_l of the last scored step
+            self._win_base = torch.arange(self.win_size, device=device)
+            self.window = torch.empty_like(self._win_base)
+            self._new_scores = torch.zeros_like(self.scores)
+        self.scores.zero_()
 
     # -- per step -----------------------------------------------------------
     def begin_step(self, view):
@@ -158,17 +196,20 @@ class DcuPolicy(CachePolicy):
         if self.refresh_prompt and self.refresh_gen:
             self.full_step = True
         self.budgets = self.allocate()
-        self.window = self.window_rows(view.key_pos)
+        self.window.copy_(self.window_rows(view.key_pos))
         self._prompt = self._range(0, self.P) if self.refresh_prompt else None
         self._gen = self._range(self.P, self.N) if self.refresh_gen else None
-        # this step's layer scores start empty; the previous step's feed allocate() next step
-        self._new_scores = torch.zeros_like(self.scores)
-        self._scored_this_step = False
+        # this step's layer scores start empty; the previous step's feed allocate() next step.
+        # Whether any layer gets scored is known now (the executor scores exactly the layers > 0
+        # that want scores, from step 2 on), so rows() has no host-side effects to replay.
+        self._new_scores.zero_()
+        self._scored_this_step = t > 1 and any(self.wants_scores(l) for l in range(1, self.L))
 
     def end_step(self) -> None:
         """Keep this step's layer scores for the next step's allocation (if any layer was scored)."""
         if self._scored_this_step:
-            self.scores, self.has_scores = self._new_scores, True
+            self.scores.copy_(self._new_scores)
+            self.has_scores = True
 
     def window_rows(self, key_pos: int) -> torch.Tensor:
         """Gen-relative window [win_size] centred on key_pos - P, shifted to stay inside [0, G) (A.5)."""
@@ -201,10 +242,13 @@ class DcuPolicy(CachePolicy):
         # value scores would cost an extra projection, so only when selecting
         return not self.full_step or (self.proxy == Proxy.INPUT and self.allocation != Allocation.UNIFORM)
 
+    def layer_key(self, layer, scored):
+        full = layer == 0 or self.full_step
+        return (full, self.refresh_prompt, self.refresh_gen, None if full else self.budgets[layer], scored)
+
     def rows(self, layer, scores):
         if scores is not None:
             self._new_scores[layer] = scores.mean()
-            self._scored_this_step = True
         if layer == 0 or self.full_step:
             return None
         if self.refresh_gen:

@@ -15,6 +15,13 @@ policy for rows, run the layer on ``h[rows]`` at ``pos = rows``, scatter its out
 then ``h = (h + attn_cache) + mlp_cache`` for every row, which is bit for bit the full layer's
 ``y = h + attn; y + mlp(y)``. Finally the head runs only on the rows whose logits the commit
 policy needs (Dream: position i reads hidden row i-1). No host syncs inside the layer loop.
+
+CUDA graphs (``EngineSet.cuda_graphs``, torch backend on CUDA): each layer's work for one step
+(change scores, row selection, engine, scatters, residual update) is captured as a graph the second
+time its ``policy.layer_key`` repeats, and replayed from then on, so a step costs one replay per
+layer instead of dozens of kernel launches. Row counts are part of the key, so the few shapes a
+run uses are captured once each (uniform DCU budgets: two graphs per layer). Everything a graph
+touches lives in persistent buffers; full layers write straight into the caches.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 
 from dllm.engines.engine_set import EngineSet
 from dllm.errors import BackendError
-from dllm.runtime.cache_policy import CachePolicy
+from dllm.runtime.cache_policy import CachePolicy, make_cache_policy
 from dllm.runtime.config import Proxy
 from dllm.runtime.view import StepView
 
@@ -41,8 +48,19 @@ class StepStats:
 class Executor:
     """Engines plus per-layer caches; ``step(canvas, policy, view, lo, hi) -> logits [B, hi-lo, V]``."""
 
+    # capture a layer's graph the second time its key is seen (a key seen once costs no capture)
+    CAPTURE_AFTER = 2
+
     def __init__(self, engines: EngineSet):
         self.engines = engines
+        self.cuda_graphs = bool(getattr(engines, "cuda_graphs", False))
+        if self.cuda_graphs and (engines.backend.value != "torch" or torch.device(engines.device).type != "cuda"):
+            raise BackendError("cuda_graphs needs the torch backend on a CUDA device; "
+                               f"got {engines.backend.value} on {engines.device}")
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, int]] = {}
+        self._seen: dict[tuple, int] = {}
+        self._pool = None
+        self._policies: dict = {}
         self.spec = engines.spec
         self.device = torch.device(engines.device)
         self.dtype = engines.dtype.torch
@@ -71,14 +89,20 @@ class Executor:
             self.row_attn, self.row_mlp = e((B, N, s.d_model)), e((B, N, s.d_model))
             self.h = e((B, N, s.d_model))
             self.pos_all = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N).contiguous()
+            self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
             self._shape = (B, N)
+            self._graphs.clear()
             self._prev_in_shape = None
+        if (B, N, P) != getattr(self, "_graph_shape", None):
+            self._graphs.clear()      # graphs bake P (the gen slice) and buffer addresses
+            self._seen.clear()
+            self._graph_shape = (B, N, P)
         self.B, self.N, self.P, self.G = B, N, P, G
         self.proxy = policy.proxy
         if self.proxy == Proxy.INPUT and self._prev_in_shape != (B, G):
             self.prev_in = [torch.empty((B, G, s.d_model), dtype=dt, device=dev) for _ in range(L)]
             self._prev_in_shape = (B, G)
-        if self.proxy == Proxy.VALUE:
+        if self.proxy == Proxy.VALUE and (getattr(self, "vbuf", None) is None or self.vbuf.shape[:2] != (B, G)):
             self.vbuf = torch.empty((B, G, s.n_kv_heads, s.head_dim), dtype=dt, device=dev)
         self.logit_buf: torch.Tensor | None = None
 
@@ -91,29 +115,26 @@ class Executor:
         h = self.h                                                             # [B, N, D]
         clock, eng = time.perf_counter, 0.0
         t0 = clock()
-        self.engines.embed.run({"ids": canvas.to(torch.int32)}, {"h": h})
+        self.canvas_i32.copy_(canvas)
+        self.engines.embed.run({"ids": self.canvas_i32}, {"h": h})
         eng += clock() - t0
         proxy_ready = view.step > 1                                            # step 1 wrote every cache
         rows_per_layer = []
-        for l, engine in enumerate(self._layers):
-            scores = None
-            if self.proxy is not None and l > 0:
-                if proxy_ready and policy.wants_scores(l):
-                    t0 = clock()
-                    scores = self._scores(l, h)                                # [B, G]
-                    eng += clock() - t0
-                if self.proxy == Proxy.INPUT:
-                    self.prev_in[l].copy_(h[:, P:])
-            rows = policy.rows(l, scores)
+        for l in range(len(self._layers)):
+            scored = self.proxy is not None and l > 0 and proxy_ready and policy.wants_scores(l)
             t0 = clock()
-            if rows is None or rows.numel() == N:
-                self._run_full(l, engine, h)
-                rows_per_layer.append(N)
+            key = policy.layer_key(l, scored) if self.cuda_graphs else None
+            if key is not None:
+                key = (id(policy), l) + key       # a graph reads its own policy's buffers
+            graph = self._graphs.get(key) if key is not None else None
+            if graph is not None:
+                graph[0].replay()
+                rows_per_layer.append(graph[1])
             else:
-                self._run_rows(l, engine, h, rows)
-                rows_per_layer.append(rows.numel())
+                rows_per_layer.append(self._layer(l, policy, scored))
+                if key is not None:
+                    self._maybe_capture(l, key, policy, scored)
             eng += clock() - t0
-            h.add_(self.attn_cache[l]).add_(self.mlp_cache[l])                 # (h + attn) + mlp, every row
         policy.end_step()
         # Dream: logits of position i come from hidden row i-1 (lo >= P >= 1, so the slice stays inside)
         shift = 1 if self.spec.logit_shift else 0
@@ -124,6 +145,64 @@ class Executor:
         logits = self._head(h_rows)
         eng += clock() - t0
         return logits, StepStats(rows_per_layer, eng)
+
+    def _layer(self, l: int, policy: CachePolicy, scored: bool) -> int:
+        """One layer's work this step; returns the number of rows recomputed."""
+        h, P, N = self.h, self.P, self.N
+        scores = self._scores(l, h) if scored else None                        # [B, G]
+        if self.proxy == Proxy.INPUT and l > 0:
+            self.prev_in[l].copy_(h[:, P:])
+        rows = policy.rows(l, scores)
+        engine = self._layers[l]
+        if rows is None or rows.numel() == N:
+            if self.cuda_graphs:
+                self._run_full_in_place(l, engine, h)
+            else:
+                self._run_full(l, engine, h)
+            n = N
+        else:
+            self._run_rows(l, engine, h, rows)
+            n = rows.numel()
+        h.add_(self.attn_cache[l]).add_(self.mlp_cache[l])                     # (h + attn) + mlp, every row
+        return n
+
+    def _maybe_capture(self, l: int, key: tuple, policy: CachePolicy, scored: bool) -> None:
+        """Record layer l's work as a CUDA graph once its key has been seen CAPTURE_AFTER times.
+
+        The eager run just did this step's work; capturing only records kernels (nothing runs),
+        so the caches are not touched twice.
+        """
+        seen = self._seen.get(key, 0) + 1
+        self._seen[key] = seen
+        if seen < self.CAPTURE_AFTER:
+            return
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # every tensor a graph outputs is copied into persistent buffers inside it, so graphs can
+        # share one memory pool: they replay one at a time on one stream
+        with torch.cuda.graph(graph, pool=self._pool):
+            n = self._layer(l, policy, scored)
+        self._graphs[key] = (graph, n)
+
+    @property
+    def graphs_captured(self) -> int:
+        return len(self._graphs)
+
+    def cache_policy(self, cfg, spec) -> CachePolicy:
+        """The cache policy for ``cfg``, kept per config so its buffers (and the graphs that read
+        them) are reused by later generations with the same config."""
+        policy = self._policies.get(cfg)
+        if policy is None:
+            policy = self._policies[cfg] = make_cache_policy(cfg, spec)
+        return policy
+
+    def _run_full_in_place(self, l: int, engine, h: torch.Tensor) -> None:
+        # graph mode: buffers must not trade places (a graph bakes addresses); the torch engine
+        # computes every output before copying it into the cache, so writing in place is safe
+        engine.run({"h_rows": h, "pos": self.pos_all, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]},
+                   {"k_rows": self.k_cache[l], "v_rows": self.v_cache[l],
+                    "attn_rows": self.attn_cache[l], "mlp_rows": self.mlp_cache[l]})
 
     def _run_full(self, l: int, engine, h: torch.Tensor) -> None:
         # every row is rewritten, so the stale cache fed in does not matter; outputs go to the swap

@@ -23,7 +23,6 @@ import torch
 
 from dllm.engines.engine_set import EngineSet
 from dllm.errors import ConfigError
-from dllm.runtime.cache_policy import make_cache_policy
 from dllm.runtime.commit import make_commit_policy
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
@@ -134,7 +133,7 @@ def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor:
     canvas = torch.full((B, N), spec.mask_id, dtype=torch.long, device=device)      # [1, N]
     canvas[:, :P] = prompt
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    cache = make_cache_policy(cfg, spec)
+    cache = executor.cache_policy(cfg, spec)
     commit = make_commit_policy(cfg, spec.arch, spec.mask_id)
     cache.reset(spec.n_layers, P, G, device)
     executor.reset(B, P, N, cache)
