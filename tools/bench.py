@@ -97,6 +97,7 @@ class BenchConfig:
 
     def __post_init__(self):
         methods = tuple(m.strip() for m in self.methods if m.strip())
+        methods = tuple(REFERENCE if m.lower() == REFERENCE else m for m in methods)
         if not methods:
             raise ConfigError("--methods is empty; pass e.g. --methods full,dcu,dcu+apd")
         normal = [m.lower().replace("_", "-") for m in methods]

@@ -140,6 +140,7 @@ def test_method_overrides():
         with pytest.raises(bench.ConfigError):
             bench.parse_method(bad, base)
     assert bench.BenchConfig(methods=("dcu", "dcu@budget=4")).methods == ("full", "dcu", "dcu@budget=4")
+    assert bench.BenchConfig(methods=("dcu", "FULL")).methods == ("dcu", "full")
 
 
 def test_percentile_and_table():
