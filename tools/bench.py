@@ -367,9 +367,10 @@ def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
         if engines.device.type == "cuda":
             notes.append("engine_ms_per_step is host time inside engine calls; on CUDA that is launch time only "
                          "(the device runs asynchronously), so compare step_ms instead")
-            graphs = sum(getattr(e, "graphs_captured", 0) for e in engines.engines.values())
+            graphs = getattr(pipe.executor, "graphs_captured", 0) + \
+                sum(getattr(e, "graphs_captured", 0) for e in engines.engines.values())
             if graphs:
-                notes.append(f"{graphs} CUDA graphs captured over the run (one per engine and input shape)")
+                notes.append(f"{graphs} CUDA graphs captured over the run")
         report = {
             "schema": SCHEMA,
             "command": command_line(argv),
