@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dllm.errors import DllmError
 
-DEFAULT_PROMPT = "What is 123+456?"
+DEFAULT_PROMPT = "What is 47+38?"            # inside every trained operand range (the answer is 85)
 FAST, REFERENCE = "dcu+apd", "full"
 
 
