@@ -1,0 +1,332 @@
+"""``dllm-train-tiny``: train a small LLaDA-layout masked-diffusion model on generated tasks.
+
+The objective is LLaDA's SFT loss. Each sequence is the chat-template prompt followed by the answer,
+``<|eot_id|>`` and ``<|endoftext|>`` padding up to a response canvas of 16-64 tokens (varied per batch,
+so the model learns to fill any tail with EOS). The prompt is never masked; for each sequence a mask
+ratio t ~ U(eps, 1) masks response tokens independently, and the loss is the cross-entropy on masked
+positions weighted 1/t, divided by the response length, averaged over the batch.
+
+Everything is seeded (weights, data, masks), so the same flags give the same checkpoint. The output
+is a Hugging Face-layout LLaDA checkpoint (``save_checkpoint``) with the character tokenizer of
+``build_tokenizer`` and its chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dllm.errors import ConfigError
+from dllm.spec import Arch, ModelSpec
+from dllm.exporter.models.model import DiffusionLM
+from dllm.exporter.models.writer import build_tokenizer, init_weights, save_checkpoint, tiny_spec
+from dllm.tools.tasks import GenConfig, Problem, Split, Task, generate, is_correct, sample_problem
+
+EPS_MASK = 1e-3        # lower bound of the mask ratio t, as in LLaDA
+
+
+class LossKind(str, enum.Enum):
+    LLADA = "llada"   # sum of masked CE / t / response length (LLaDA's SFT objective, unbiased ELBO)
+    TOKEN = "token"   # mean masked CE (no 1/t weight): lower variance, faster on tiny models
+
+
+class Device(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines the trained checkpoint."""
+    out: Path
+    steps: int = 3000
+    seed: int = 0
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_mult: int = 3
+    batch: int = 128
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    min_canvas: int = 16      # response canvas (answer + eot + EOS padding), drawn per batch
+    max_canvas: int = 64
+    loss: LossKind = LossKind.TOKEN
+    tight_frac: float = 0.7   # share of batches whose canvas is just the answer + 1-4 EOS (denser signal)
+    gen: GenConfig = GenConfig()
+    device: Device = Device.CPU
+    time_limit: float = 0.0   # seconds; 0 = none. Stops early (and says so) but still saves.
+    eval_every: int = 500
+    eval_problems: int = 32   # per task, test split, at each periodic evaluation
+    threads: int = 2
+    save_dtype: str = "float32"
+    tasks: tuple[Task, ...] = (Task.ARITHMETIC, Task.SORTING)
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "device", Device(self.device))
+        object.__setattr__(self, "loss", LossKind(self.loss))
+        object.__setattr__(self, "tasks", tuple(Task(t) for t in self.tasks))
+        if Task.GSM8K in self.tasks:
+            raise ConfigError("dllm-train-tiny trains on generated tasks only (arithmetic, sorting), got gsm8k")
+        for name in ("steps", "d_model", "layers", "heads", "mlp_mult", "batch", "min_canvas", "threads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        if self.max_canvas < self.min_canvas:
+            raise ConfigError(f"max_canvas ({self.max_canvas}) < min_canvas ({self.min_canvas})")
+        if not 0.0 <= self.tight_frac <= 1.0:
+            raise ConfigError(f"tight_frac must be in [0, 1], got {self.tight_frac}")
+        if self.save_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
+        if self.device == Device.CUDA and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+
+    def spec(self) -> ModelSpec:
+        return tiny_spec(Arch.LLADA, n_layers=self.layers, d_model=self.d_model, n_heads=self.heads,
+                         mlp_hidden=self.mlp_mult * self.d_model, max_seq_len=512)
+
+
+# -- data -------------------------------------------------------------------------------------------
+def prompt_ids(tokenizer, problem: Problem) -> list[int]:
+    """Chat-template ids of the problem's messages, ending with the assistant header."""
+    ids = tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def response_ids(tokenizer, answer: str, spec: ModelSpec) -> list[int]:
+    """Answer ids followed by <|eot_id|> (the chat turn end), before EOS padding."""
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    return tokenizer.encode(answer, add_special_tokens=False) + [eot]
+
+
+def make_batch(problems: list[Problem], tokenizer, spec: ModelSpec, canvas: int, extra: int = 0):
+    """Ids [B, N] and prompt lengths [B]: prompt + response + <|endoftext|> padding.
+
+    All rows share N = longest prompt + max(``canvas``, longest response + ``extra``); shorter
+    prompts get a longer EOS tail, exactly the layout a padded SFT batch has.
+    """
+    pad = spec.eos_ids[0]
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    responses = [response_ids(tokenizer, p.answer, spec) for p in problems]
+    n = max(len(p) for p in prompts) + max(canvas, max(len(r) for r in responses) + extra)
+    rows = [p + r + [pad] * (n - len(p) - len(r)) for p, r in zip(prompts, responses)]
+    return torch.tensor(rows), torch.tensor([len(p) for p in prompts])
+
+
+def masked_diffusion_loss(model: DiffusionLM, ids: torch.Tensor, prompt_len: torch.Tensor,
+                          gen: torch.Generator, kind: LossKind = LossKind.LLADA) -> torch.Tensor:
+    """CE on masked response tokens of a noised batch.
+
+    ``llada``: weighted 1/t, divided by the response length, batch mean (LLaDA's SFT loss).
+    ``token``: plain mean over the masked tokens of the batch.
+    """
+    B, N = ids.shape
+    pos = torch.arange(N, device=ids.device)[None, :]                         # [1, N]
+    response = pos >= prompt_len.to(ids.device)[:, None]                       # [B, N]
+    t = EPS_MASK + (1 - EPS_MASK) * torch.rand(B, generator=gen).to(ids.device)   # [B]
+    draw = torch.rand(B, N, generator=gen).to(ids.device)                      # [B, N]
+    masked = response & (draw < t[:, None])                                    # [B, N]
+    noisy = torch.where(masked, torch.full_like(ids, model.spec.mask_id), ids)
+    logits = model(noisy)                                                      # [B, N, V]
+    ce = F.cross_entropy(logits[masked], ids[masked], reduction="none")        # [M]
+    if kind == LossKind.TOKEN:
+        return ce.mean()
+    weight = 1.0 / (t[:, None].expand(B, N)[masked] * response.sum(1)[:, None].expand(B, N)[masked])
+    return (ce * weight).sum() / B
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine from lr to lr * min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+# -- quick decoding (progress only; the trusted decoder is runtime/reference.py) -------------------
+@torch.no_grad()
+def quick_decode(model: DiffusionLM, prompts: list[list[int]], gen_length: int = 32,
+                 block_length: int = 32, steps: int = 32) -> list[list[int]]:
+    """Greedy low-confidence semi-AR decoding (LLaDA's schedule at temperature 0), batched by prompt length."""
+    spec = model.spec
+    device = model.embed.weight.device
+    out: dict[int, list[int]] = {}
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    n_blocks = gen_length // block_length
+    per_block = steps // n_blocks
+    for plen, idx in by_len.items():
+        x = torch.full((len(idx), plen + gen_length), spec.mask_id, dtype=torch.long, device=device)
+        x[:, :plen] = torch.tensor([prompts[i] for i in idx], device=device)
+        for b in range(n_blocks):
+            lo, hi = plen + b * block_length, plen + (b + 1) * block_length
+            counts = [block_length // per_block + (s < block_length % per_block) for s in range(per_block)]
+            for k in counts:
+                probs = torch.softmax(model(x).double(), dim=-1)                # [b, N, V]
+                conf, x0 = probs.max(-1)                                        # [b, N]
+                mask = x == spec.mask_id
+                mask[:, hi:] = False
+                conf = torch.where(mask, conf, torch.full_like(conf, -math.inf))
+                top = conf.topk(k, dim=-1).indices                              # [b, k]
+                x.scatter_(1, top, x0.gather(1, top))
+        for row, i in enumerate(idx):
+            out[i] = x[row, plen:].tolist()
+    return [out[i] for i in range(len(prompts))]
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """Response text up to the first end token (<|eot_id|> or <|endoftext|>)."""
+    stops = {tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.eos_token_id}
+    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+
+def quick_accuracy(model: DiffusionLM, tokenizer, problems: list[Problem], **decode_kw) -> float:
+    was_training = model.training
+    model.eval()
+    texts = [answer_text(tokenizer, ids) for ids in
+             quick_decode(model, [prompt_ids(tokenizer, p) for p in problems], **decode_kw)]
+    model.train(was_training)
+    return sum(is_correct(p.task, t, p.answer) for p, t in zip(problems, texts)) / max(1, len(problems))
+
+
+# -- training ---------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Train per ``cfg`` and write the checkpoint to ``cfg.out``; returns the directory."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device.value)
+    spec = cfg.spec()
+    tokenizer = build_tokenizer(Arch.LLADA)
+    model = init_weights(DiffusionLM(spec), cfg.seed).to(device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    data_rng = random.Random(f"train:{cfg.seed}")
+    mask_gen = torch.Generator().manual_seed(cfg.seed)
+    gen_cfg = cfg.gen
+    evalset = [p for t in cfg.tasks
+               for p in generate(t, cfg.eval_problems, seed=10_000 + cfg.seed, split=Split.TEST, cfg=gen_cfg)]
+    log(f"[train] model {spec.n_layers}x{spec.d_model} heads {spec.n_heads} mlp {spec.mlp_hidden}: "
+        f"{spec.n_params() / 1e6:.2f}M params; steps {cfg.steps} batch {cfg.batch} lr {cfg.lr} seed {cfg.seed} "
+        f"device {cfg.device.value} threads {cfg.threads}")
+    start = last = time.time()
+    ema = None
+    step = 0
+    for step in range(cfg.steps):
+        if cfg.time_limit and time.time() - start > cfg.time_limit:
+            log(f"[train] time limit {cfg.time_limit:.0f}s reached at step {step}/{cfg.steps}: "
+                "stopping early, the LR schedule was cut short")
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        problems = [sample_problem(data_rng.choice(cfg.tasks), data_rng, Split.TRAIN, gen_cfg)
+                    for _ in range(cfg.batch)]
+        if data_rng.random() < cfg.tight_frac:
+            ids, plen = make_batch(problems, tokenizer, spec, 0, extra=data_rng.randint(1, 4))
+        else:
+            ids, plen = make_batch(problems, tokenizer, spec, data_rng.randint(cfg.min_canvas, cfg.max_canvas))
+        loss = masked_diffusion_loss(model, ids.to(device), plen, mask_gen, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if (step + 1) % 25 == 0 or step == 0:
+            now = time.time()
+            rate = (25 if step else 1) / max(1e-9, now - last)
+            last = now
+            log(f"[train] step {step + 1:5d}/{cfg.steps} loss {loss.item():.4f} (ema {ema:.4f}) "
+                f"lr {lr_at(step, cfg):.2e} {rate:.2f} steps/s elapsed {now - start:.0f}s")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            accs = {t.value: quick_accuracy(model, tokenizer, [p for p in evalset if p.task == t])
+                    for t in cfg.tasks}
+            log(f"[eval] step {step + 1}: quick accuracy (gen 32, test split) "
+                + " ".join(f"{k} {v:.0%}" for k, v in accs.items()))
+            sys.stdout.flush()
+    else:
+        step = cfg.steps
+    out = save_checkpoint(model.cpu().eval(), cfg.out, tokenizer=tokenizer, dtype=getattr(torch, cfg.save_dtype))
+    (out / "train_config.json").write_text(json.dumps(config_record(cfg, step, time.time() - start), indent=2))
+    log(f"[train] {step} steps in {time.time() - start:.0f}s; checkpoint written to {out}")
+    return out
+
+
+def config_record(cfg: TrainConfig, steps_done: int, seconds: float) -> dict:
+    """What produced a checkpoint: every TrainConfig field plus steps done and wall time."""
+    rec = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    rec.update(out=str(cfg.out), device=cfg.device.value, loss=cfg.loss.value, tasks=[t.value for t in cfg.tasks],
+               gen=dataclasses.asdict(cfg.gen), steps_done=steps_done, seconds=round(seconds, 1),
+               torch=torch.__version__)
+    return rec
+
+
+def parse_args(argv=None) -> TrainConfig:
+    d = TrainConfig(out=Path("."))
+    ap = argparse.ArgumentParser(prog="dllm-train-tiny", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="checkpoint directory to write")
+    ap.add_argument("--steps", type=int, default=d.steps)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--d-model", type=int, default=d.d_model)
+    ap.add_argument("--layers", type=int, default=d.layers)
+    ap.add_argument("--heads", type=int, default=d.heads)
+    ap.add_argument("--mlp-mult", type=int, default=d.mlp_mult)
+    ap.add_argument("--batch", type=int, default=d.batch)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--warmup", type=int, default=d.warmup)
+    ap.add_argument("--min-canvas", type=int, default=d.min_canvas)
+    ap.add_argument("--max-canvas", type=int, default=d.max_canvas)
+    ap.add_argument("--loss", choices=[k.value for k in LossKind], default=d.loss.value,
+                    help="llada: 1/t-weighted (LLaDA SFT); token: mean masked CE")
+    ap.add_argument("--tight-frac", type=float, default=d.tight_frac,
+                    help="share of batches with a tight canvas (answer + 1-4 EOS)")
+    ap.add_argument("--max-operand", type=int, default=d.gen.max_operand, help="arithmetic operands in [0, N]")
+    ap.add_argument("--ops", default="".join(d.gen.ops), help="arithmetic operators, e.g. '+' or '+-'")
+    ap.add_argument("--sort-len", default=f"{d.gen.sort_min_len}-{d.gen.sort_max_len}", help="list length range, e.g. 3-5")
+    ap.add_argument("--sort-max-value", type=int, default=d.gen.sort_max_value)
+    ap.add_argument("--device", choices=[x.value for x in Device], default=d.device.value)
+    ap.add_argument("--time-limit", type=float, default=d.time_limit, help="seconds; 0 = no limit")
+    ap.add_argument("--eval-every", type=int, default=d.eval_every, help="0 disables periodic accuracy")
+    ap.add_argument("--threads", type=int, default=d.threads)
+    ap.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default=d.save_dtype)
+    a = ap.parse_args(argv)
+    return TrainConfig(out=Path(a.out), steps=a.steps, seed=a.seed, d_model=a.d_model, layers=a.layers,
+                       heads=a.heads, mlp_mult=a.mlp_mult, batch=a.batch, lr=a.lr, warmup=a.warmup,
+                       min_canvas=a.min_canvas, max_canvas=a.max_canvas, tight_frac=a.tight_frac, loss=a.loss,
+                       gen=GenConfig(max_operand=a.max_operand, ops=tuple(a.ops),
+                                     sort_min_len=int(a.sort_len.split("-")[0]),
+                                     sort_max_len=int(a.sort_len.split("-")[-1]),
+                                     sort_max_value=a.sort_max_value),
+                       device=a.device,
+                       time_limit=a.time_limit, eval_every=a.eval_every, threads=a.threads,
+                       save_dtype=a.save_dtype)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        train(cfg, log=lambda s: print(s, flush=True))
+    except ConfigError as e:
+        print(f"dllm-train-tiny: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
