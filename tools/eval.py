@@ -1,0 +1,279 @@
+"""``dllm-eval``: exact-match accuracy of decoding methods on the same prompts.
+
+    dllm-eval ENGINE_DIR --task arithmetic --limit 200 --methods full,dual+threshold,dcu,dcu+apd --json out.json
+    dllm-eval CHECKPOINT_DIR --task sorting --methods reference          # the reference decoder only
+    dllm-eval ENGINE_DIR --task arithmetic --reference CHECKPOINT_DIR   # methods plus the reference
+    dllm-eval ENGINE_DIR --task gsm8k --data gsm8k_test.jsonl --gen-length 256 --block-length 8 --steps 256
+
+Every method answers every problem; problems are the outer loop so the methods' timings interleave.
+Per method it reports accuracy, mean steps, mean NFE and tokens/s (generated positions over decode
+wall time), as a table and as JSON. Method names are those of ``dllm.runtime.method_config``
+(``CACHE`` or ``CACHE+COMMIT``), plus ``reference``: ``runtime/reference.py`` on the checkpoint
+weights in PyTorch, the decoder every fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dllm.errors import ConfigError, DllmError
+from dllm.tools.tasks import FEWSHOT_DEFAULT, Problem, Split, Task, extract_answer, generate, is_correct, load_gsm8k
+
+REFERENCE = "reference"
+DEFAULT_METHODS = ("full", "dual+threshold", "dcu", "dcu+apd")
+# decode settings per task when no flag says otherwise: the shipped model's canvas for the generated
+# tasks, the Dynamic-dLLM GSM8K protocol (ALGORITHMS.md E) for gsm8k
+TASK_DECODE = {Task.ARITHMETIC: dict(gen_length=32, block_length=32, steps=32),
+               Task.SORTING: dict(gen_length=32, block_length=32, steps=32),
+               Task.GSM8K: dict(gen_length=256, block_length=8, steps=256)}
+GSM8K_STOPS = ("Question:", "</s>", "<|im_end|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate: problems, methods, where the model lives, and the base decode settings."""
+    task: Task
+    methods: tuple[str, ...]
+    engine_dir: Path | None = None     # engine directory (or a checkpoint with backend torch)
+    reference_dir: Path | None = None  # checkpoint for the `reference` method
+    data: Path | None = None           # gsm8k JSONL
+    limit: int = 200
+    seed: int = 1234                   # which fresh test problems are drawn
+    fewshot: int = FEWSHOT_DEFAULT
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+
+    def __post_init__(self):
+        object.__setattr__(self, "task", Task(self.task))
+        object.__setattr__(self, "methods", tuple(m.strip() for m in self.methods if m.strip()))
+        if not self.methods:
+            raise ConfigError("--methods is empty; give e.g. full,dcu+apd or reference")
+        if self.limit <= 0:
+            raise ConfigError(f"--limit must be positive, got {self.limit}")
+        if self.task == Task.GSM8K and self.data is None:
+            raise ConfigError("--task gsm8k reads a local JSONL: pass --data FILE.jsonl "
+                              '(one {"question": ..., "answer": "... #### n"} per line)')
+        needs_engines = [m for m in self.methods if m != REFERENCE]
+        if needs_engines and self.engine_dir is None:
+            raise ConfigError(f"methods {needs_engines} need ENGINE_DIR")
+        if REFERENCE in self.methods and self.reference_dir is None:
+            raise ConfigError("method 'reference' needs a checkpoint: pass --reference CHECKPOINT_DIR, or give a "
+                              "checkpoint directory (config.json, no manifest.json) as ENGINE_DIR")
+
+
+# -- problems -----------------------------------------------------------------------------------
+def load_problems(cfg: EvalConfig) -> list[Problem]:
+    """The evaluation set: a fresh seeded test split for generated tasks, the JSONL for gsm8k."""
+    if cfg.task == Task.GSM8K:
+        return load_gsm8k(cfg.data, fewshot=cfg.fewshot)[:cfg.limit]
+    return generate(cfg.task, cfg.limit, seed=cfg.seed, split=Split.TEST)
+
+
+def cut_at_stops(task: Task, text: str) -> str:
+    """GSM8K answers stop at the harness' stop strings (ALGORITHMS.md E); others are the text."""
+    if task != Task.GSM8K:
+        return text
+    for s in GSM8K_STOPS:
+        text = text.split(s, 1)[0]
+    return text
+
+
+# -- runners: one per method, each maps a problem to (text, steps, nfe, seconds) -------------------
+class PipelineRunner:
+    """A runtime method through ``Pipeline.generate``."""
+
+    def __init__(self, pipe, config):
+        self.pipe, self.config = pipe, config
+
+    def __call__(self, problem: Problem):
+        res = self.pipe.generate(problem.messages(), self.config)
+        return res.text or "", res.steps, res.nfe, res.wall_s
+
+
+class ReferenceRunner:
+    """``runtime/reference.py`` on the checkpoint's PyTorch model, with the same canvas settings."""
+
+    def __init__(self, checkpoint_dir: Path, decode_config, device: str):
+        from dllm.exporter.models.checkpoint import Checkpoint
+        from dllm.runtime import reference
+        from dllm.spec import Arch
+
+        ckpt = Checkpoint(checkpoint_dir)
+        self.device = torch.device(device)
+        self.model = ckpt.load_model().to(self.device).eval()
+        self.tokenizer = ckpt.tokenizer()
+        self.spec = self.model.spec
+        c = decode_config
+        common = dict(gen_length=c.gen_length, block_length=c.block_length, steps=c.steps,
+                      temperature=c.temperature, seed=c.seed)
+        if self.spec.arch == Arch.LLADA:
+            self.ref_cfg = reference.LladaConfig(remasking=c.remasking.value, **common)
+        else:
+            self.ref_cfg = reference.DreamConfig(alg=c.alg.value, eps=c.eps, **common)
+        self.generate = reference.generate
+
+    def _prompt_ids(self, problem: Problem) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    @torch.no_grad()
+    def __call__(self, problem: Problem):
+        prompt = torch.tensor([self._prompt_ids(problem)], device=self.device)   # [1, P]
+        t0 = time.perf_counter()
+        res = self.generate(self.model, prompt, self.ref_cfg)
+        wall = time.perf_counter() - t0
+        gen = res.gen_ids[0].tolist()
+        cut = next((i for i, t in enumerate(gen) if t in set(self.spec.eos_ids)), len(gen))
+        return self.tokenizer.decode(gen[:cut], skip_special_tokens=True), res.steps, res.nfe, wall
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "manifest.json").is_file()
+
+
+def open_pipeline(cfg: EvalConfig):
+    from dllm.runtime import Pipeline
+
+    if is_checkpoint_dir(cfg.engine_dir):
+        if cfg.backend != "torch":
+            raise ConfigError(f"{cfg.engine_dir} is a checkpoint, not an engine directory: export it with "
+                              f"`dllm-export {cfg.engine_dir} -o OUT`, pass --backend torch, or evaluate "
+                              "only --methods reference")
+        return Pipeline.from_checkpoint(cfg.engine_dir, device=cfg.device)
+    return Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, device=cfg.device)
+
+
+def build_runners(cfg: EvalConfig, base) -> dict:
+    from dllm.runtime import method_config
+
+    runners, pipe = {}, None
+    for m in cfg.methods:
+        if m == REFERENCE:
+            runners[m] = ReferenceRunner(cfg.reference_dir, base, cfg.device)
+            continue
+        mcfg = method_config(m, base)       # validates the name before any engine opens
+        pipe = pipe or open_pipeline(cfg)
+        runners[m] = PipelineRunner(pipe, mcfg)
+    return runners
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def evaluate(cfg: EvalConfig, base, log=print) -> dict:
+    """Run every method on every problem; returns the JSON-ready report."""
+    problems = load_problems(cfg)
+    runners = build_runners(cfg, base)
+    rows = {m: [] for m in cfg.methods}
+    for i, p in enumerate(problems):
+        for m, run in runners.items():
+            text, steps, nfe, wall = run(p)
+            text = cut_at_stops(cfg.task, text)
+            rows[m].append({"text": text, "extracted": extract_answer(cfg.task, text),
+                            "correct": is_correct(cfg.task, text, p.answer),
+                            "steps": steps, "nfe": nfe, "wall_s": wall})
+        if (i + 1) % 25 == 0 or i + 1 == len(problems):
+            log(f"[eval] {i + 1}/{len(problems)} " + " ".join(
+                f"{m} {sum(r['correct'] for r in rows[m]) / (i + 1):.0%}" for m in cfg.methods))
+    methods = {}
+    for m, rs in rows.items():
+        n, wall = len(rs), sum(r["wall_s"] for r in rs)
+        methods[m] = {"accuracy": sum(r["correct"] for r in rs) / n, "correct": sum(r["correct"] for r in rs),
+                      "n": n, "mean_steps": sum(r["steps"] for r in rs) / n,
+                      "mean_nfe": sum(r["nfe"] for r in rs) / n,
+                      "tokens_per_second": base.gen_length * n / wall if wall > 0 else 0.0, "wall_s": wall}
+    return {
+        "task": cfg.task.value, "n_problems": len(problems), "seed": cfg.seed,
+        "engine_dir": str(cfg.engine_dir) if cfg.engine_dir else None,
+        "reference_dir": str(cfg.reference_dir) if cfg.reference_dir else None,
+        "backend": cfg.backend, "device": cfg.device, "decode": base.to_dict(), "methods": methods,
+        "problems": [{"prompt": p.prompt, "answer": p.answer,
+                      **{m: {k: rows[m][i][k] for k in ("text", "correct", "steps")} for m in cfg.methods}}
+                     for i, p in enumerate(problems)],
+    }
+
+
+def format_table(report: dict) -> str:
+    head = f"{'method':<20} {'accuracy':>9} {'correct':>9} {'steps':>7} {'NFE':>7} {'tokens/s':>9}"
+    lines = [f"task {report['task']}, {report['n_problems']} problems, backend {report['backend']}", head,
+             "-" * len(head)]
+    for m, r in report["methods"].items():
+        lines.append(f"{m:<20} {r['accuracy']:>9.1%} {r['correct']:>4}/{r['n']:<4} {r['mean_steps']:>7.1f} "
+                     f"{r['mean_nfe']:>7.1f} {r['tokens_per_second']:>9.1f}")
+    return "\n".join(lines)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from dllm.runtime.cli import _FIELDS   # the decode flags of dllm-run, spelled the same way
+
+    p = argparse.ArgumentParser(prog="dllm-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("engine_dir", nargs="?", type=Path, help="engine directory (or checkpoint with --backend torch)")
+    p.add_argument("--task", required=True, choices=[t.value for t in Task])
+    p.add_argument("--data", type=Path, help="gsm8k: local JSONL in the GSM8K format")
+    p.add_argument("--fewshot", type=int, default=FEWSHOT_DEFAULT, help="gsm8k: solved examples as chat turns")
+    p.add_argument("--limit", type=int, default=200, help="number of problems (default 200)")
+    p.add_argument("--seed-problems", type=int, default=1234, help="seed of the generated test problems")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated method names (CACHE or CACHE+COMMIT, or 'reference')")
+    p.add_argument("--reference", type=Path, metavar="CHECKPOINT_DIR",
+                   help="also evaluate the reference decoder on this checkpoint")
+    p.add_argument("--backend", default="onnxruntime", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the report here")
+    for flag, typ, help_ in _FIELDS:
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    return p
+
+
+def config_from_args(a: argparse.Namespace):
+    """(EvalConfig, base DecodeConfig) from parsed flags."""
+    from dllm.runtime import DecodeConfig
+    from dllm.runtime.cli import _FIELDS
+
+    task = Task(a.task)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    reference_dir = a.reference
+    if a.engine_dir is not None and is_checkpoint_dir(a.engine_dir) and reference_dir is None:
+        reference_dir = a.engine_dir
+    if a.reference is not None and REFERENCE not in methods:
+        methods.append(REFERENCE)
+    engine_dir = a.engine_dir
+    if engine_dir is None and methods == [REFERENCE] and reference_dir is not None:
+        engine_dir = None
+    if engine_dir is not None and not engine_dir.is_dir():
+        raise ConfigError(f"{engine_dir} is not a directory; pass an engine directory from dllm-export "
+                          "or a checkpoint directory")
+    fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS}
+    values = dict(TASK_DECODE[task])
+    values.update({f: getattr(a, f) for f in fields if getattr(a, f) is not None})
+    base = DecodeConfig(**values)
+    cfg = EvalConfig(task=task, methods=tuple(methods), engine_dir=engine_dir, reference_dir=reference_dir,
+                     data=a.data, limit=a.limit, seed=a.seed_problems, fewshot=a.fewshot, backend=a.backend,
+                     device=a.device)
+    return cfg, base
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg, base = config_from_args(args)
+        report = evaluate(cfg, base, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except DllmError as e:
+        print(f"dllm-eval: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"report written to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
