@@ -319,8 +319,8 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
     try:
+        cfg = parse_args(argv)
         train(cfg, log=lambda s: print(s, flush=True))
     except ConfigError as e:
         print(f"dllm-train-tiny: {e}", file=sys.stderr)
