@@ -212,7 +212,8 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
     ax.set_title("rows recomputed per layer", fontsize=10)
 
     for ax in axes[:2]:
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
     src = report["engine"].get("engine_dir") or f"random {report['engine'].get('random_weights')}"
     fig.suptitle(f"{Path(str(src)).name} | {report['settings']['backend']} {report['settings']['device']} | "
                  f"gen {report['settings']['decode']['gen_length']}", fontsize=10)
