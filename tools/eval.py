@@ -244,8 +244,6 @@ def config_from_args(a: argparse.Namespace):
     if a.reference is not None and REFERENCE not in methods:
         methods.append(REFERENCE)
     engine_dir = a.engine_dir
-    if engine_dir is None and methods == [REFERENCE] and reference_dir is not None:
-        engine_dir = None
     if engine_dir is not None and not engine_dir.is_dir():
         raise ConfigError(f"{engine_dir} is not a directory; pass an engine directory from dllm-export "
                           "or a checkpoint directory")

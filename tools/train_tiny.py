@@ -1,14 +1,16 @@
 """``dllm-train-tiny``: train a small LLaDA-layout masked-diffusion model on generated tasks.
 
-The objective is LLaDA's SFT loss. Each sequence is the chat-template prompt followed by the answer,
-``<|eot_id|>`` and ``<|endoftext|>`` padding up to a response canvas of 16-64 tokens (varied per batch,
-so the model learns to fill any tail with EOS). The prompt is never masked; for each sequence a mask
-ratio t ~ U(eps, 1) masks response tokens independently, and the loss is the cross-entropy on masked
-positions weighted 1/t, divided by the response length, averaged over the batch.
+The objective is LLaDA's SFT setup. Each sequence is the chat-template prompt followed by the answer,
+``<|eot_id|>`` and ``<|endoftext|>`` padding. Most batches (``tight_frac``) use a tight canvas (answer +
+1-4 EOS) for a dense signal; the rest pad the response to 16-64 positions, so the model learns to fill
+any tail with EOS. The prompt is never masked; for each sequence a mask ratio t ~ U(eps, 1) masks
+response tokens independently. Loss ``llada``: cross-entropy on masked positions weighted 1/t, divided
+by the response length, batch mean (LLaDA); ``token`` (default): the plain mean over masked tokens,
+which trains tiny models several times faster (tools/assets/tiny-llada/README.md).
 
-Everything is seeded (weights, data, masks), so the same flags give the same checkpoint. The output
-is a Hugging Face-layout LLaDA checkpoint (``save_checkpoint``) with the character tokenizer of
-``build_tokenizer`` and its chat template.
+Everything is seeded (weights, data, masks), so the same flags on the same device give the same
+checkpoint. The output is a Hugging Face-layout LLaDA checkpoint (``save_checkpoint``) with the
+character tokenizer of ``build_tokenizer`` and its chat template, plus ``train_config.json``.
 """
 
 from __future__ import annotations
