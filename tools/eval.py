@@ -191,7 +191,7 @@ def evaluate(cfg: EvalConfig, base, log=print) -> dict:
         "task": cfg.task.value, "n_problems": len(problems), "seed": cfg.seed,
         "engine_dir": str(cfg.engine_dir) if cfg.engine_dir else None,
         "reference_dir": str(cfg.reference_dir) if cfg.reference_dir else None,
-        "backend": cfg.backend, "device": cfg.device, "decode": base.to_dict(), "methods": methods,
+        "backend": cfg.backend if set(cfg.methods) - {REFERENCE} else "torch (reference only)", "device": cfg.device, "decode": base.to_dict(), "methods": methods,
         "problems": [{"prompt": p.prompt, "answer": p.answer,
                       **{m: {k: rows[m][i][k] for k in ("text", "correct", "steps")} for m in cfg.methods}}
                      for i, p in enumerate(problems)],
