@@ -103,6 +103,11 @@ def _pipeline(args):
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.backend != "torch" and not args.device.startswith("cuda"):
+        # torch only orchestrates between engine calls here (small ops); its thread pool would compete
+        # with the backend's own threads (4-5x slower generation measured on a busy 2-core machine)
+        import torch
+        torch.set_num_threads(1)
     prompt = _prompt(args)
     pipe = _pipeline(args)
     if args.stream and not args.json:
