@@ -65,6 +65,8 @@ class Executor:
         self.device = torch.device(engines.device)
         self.dtype = engines.dtype.torch
         self._shape: tuple | None = None
+        self._graph_shape: tuple | None = None
+        self.vbuf: torch.Tensor | None = None
         self._layers = [engines.layer(i) for i in range(self.spec.n_layers)]
 
     # -- state --------------------------------------------------------------
@@ -91,9 +93,8 @@ class Executor:
             self.pos_all = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N).contiguous()
             self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
             self._shape = (B, N)
-            self._graphs.clear()
             self._prev_in_shape = None
-        if (B, N, P) != getattr(self, "_graph_shape", None):
+        if (B, N, P) != self._graph_shape:
             self._graphs.clear()      # graphs bake P (the gen slice) and buffer addresses
             self._seen.clear()
             self._graph_shape = (B, N, P)
@@ -102,7 +103,7 @@ class Executor:
         if self.proxy == Proxy.INPUT and self._prev_in_shape != (B, G):
             self.prev_in = [torch.empty((B, G, s.d_model), dtype=dt, device=dev) for _ in range(L)]
             self._prev_in_shape = (B, G)
-        if self.proxy == Proxy.VALUE and (getattr(self, "vbuf", None) is None or self.vbuf.shape[:2] != (B, G)):
+        if self.proxy == Proxy.VALUE and (self.vbuf is None or self.vbuf.shape[:2] != (B, G)):
             self.vbuf = torch.empty((B, G, s.n_kv_heads, s.head_dim), dtype=dt, device=dev)
         self.logit_buf: torch.Tensor | None = None
 
