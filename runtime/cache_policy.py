@@ -86,34 +86,36 @@ class FullPolicy(CachePolicy):
         return ("all",)
 
 
-class PrefixPolicy(CachePolicy):
+class _BlockCachePolicy(CachePolicy):
+    """Fast-dLLM: the block's first step is full; later steps recompute the rows of ``span(view)``."""
+
+    def span(self, view) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def begin_step(self, view):
+        super().begin_step(view)
+        self._span = self.span(view)
+        self._rows = None if view.step_in_block == 0 else self._range(*self._span)
+
+    def rows(self, layer, scores):
+        return self._rows
+
+    def layer_key(self, layer, scored):
+        return ("all",) if self._rows is None else ("rows", self._span)
+
+
+class PrefixPolicy(_BlockCachePolicy):
     """Fast-dLLM prefix cache: after the block's first (full) step, recompute [block_start, N)."""
 
-    def begin_step(self, view):
-        super().begin_step(view)
-        self._span = (view.start, view.canvas_len)
-        self._rows = None if view.step_in_block == 0 else self._range(*self._span)
-
-    def rows(self, layer, scores):
-        return self._rows
-
-    def layer_key(self, layer, scored):
-        return ("all",) if self._rows is None else ("rows", self._span)
+    def span(self, view):
+        return view.start, view.canvas_len
 
 
-class DualPolicy(CachePolicy):
+class DualPolicy(_BlockCachePolicy):
     """Fast-dLLM dual cache: after the block's first (full) step, recompute only the block."""
 
-    def begin_step(self, view):
-        super().begin_step(view)
-        self._span = (view.start, view.end)
-        self._rows = None if view.step_in_block == 0 else self._range(*self._span)
-
-    def rows(self, layer, scores):
-        return self._rows
-
-    def layer_key(self, layer, scored):
-        return ("all",) if self._rows is None else ("rows", self._span)
+    def span(self, view):
+        return view.start, view.end
 
 
 class DllmCachePolicy(CachePolicy):
