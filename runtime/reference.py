@@ -203,6 +203,16 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def _start(model: Model, prompt_ids: torch.Tensor, cfg: ReferenceConfig, mask_id: int | None):
+    """Checked mask id, the canvas [prompt, mask * gen_length] and the seeded generator."""
+    mask_id = _mask_id(model, mask_id)
+    _check_prompt(prompt_ids, mask_id, model)
+    B, P = prompt_ids.shape
+    x = torch.full((B, P + cfg.gen_length), mask_id, dtype=torch.long, device=prompt_ids.device)
+    x[:, :P] = prompt_ids
+    return mask_id, x, _generator(prompt_ids.device, cfg.seed)
+
+
 def transfer_counts(mask_counts: torch.Tensor, steps: int) -> torch.Tensor:
     """LLaDA's schedule: split each row's mask count evenly over ``steps``, remainder to the first steps.
 
@@ -238,14 +248,9 @@ def llada_generate(model: Model, prompt_ids: torch.Tensor, cfg: LladaConfig, *,
     """
     if not isinstance(cfg, LladaConfig):
         raise ConfigError(f"llada_generate needs a LladaConfig, got {type(cfg).__name__}")
-    mask_id = _mask_id(model, mask_id)
-    _check_prompt(prompt_ids, mask_id, model)
+    mask_id, x, gen = _start(model, prompt_ids, cfg, mask_id)                           # x [B, N]
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    gen = _generator(device, cfg.seed)
-
-    x = torch.full((B, P + cfg.gen_length), mask_id, dtype=torch.long, device=device)   # [B, N]
-    x[:, :P] = prompt_ids
     prompt_index = x != mask_id                                                         # [B, N]
     commit_step = torch.full_like(x, -1)
     history: list[torch.Tensor] = []
@@ -362,14 +367,9 @@ def dream_generate(model: Model, prompt_ids: torch.Tensor, cfg: DreamConfig, *,
     """
     if not isinstance(cfg, DreamConfig):
         raise ConfigError(f"dream_generate needs a DreamConfig, got {type(cfg).__name__}")
-    mask_id = _mask_id(model, mask_id)
-    _check_prompt(prompt_ids, mask_id, model)
+    mask_id, x, gen = _start(model, prompt_ids, cfg, mask_id)                           # x [B, N]
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    gen = _generator(device, cfg.seed)
-
-    x = torch.full((B, P + cfg.gen_length), mask_id, dtype=torch.long, device=device)   # [B, N]
-    x[:, :P] = prompt_ids
     commit_step = torch.full_like(x, -1)
     history: list[torch.Tensor] = []
     spb, step = cfg.steps_per_block, 0
