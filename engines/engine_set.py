@@ -9,7 +9,7 @@ import torch
 
 from dllm.spec import ModelSpec
 from dllm.engines.base import Backend, Engine
-from dllm.exporter.subgraphs import DType, Kind, build_module, declare, layer_name, vproj_name
+from dllm.exporter.subgraphs import DType, build_module, declare, layer_name, vproj_name
 
 
 @dataclasses.dataclass

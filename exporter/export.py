@@ -25,7 +25,7 @@ from dllm.exporter.engine_dir import (ONNX_DIR, PLANS_DIR, WorkRecords, copy_tok
 from dllm.exporter.manifest import Manifest, SubgraphEntry
 from dllm.exporter.onnx_export import EXPORT_SIZES, data_path, export_subgraph
 from dllm.exporter.subgraphs import Kind, SubgraphDecl, build_module, declare
-from dllm.exporter.validate import ValidationReport, raise_for_failures, validate_subgraph
+from dllm.exporter.validate import raise_for_failures, validate_subgraph
 
 # Bump when the exported graphs change for the same weights (invalidates every resume record).
 EXPORTER_VERSION = 1

@@ -112,7 +112,7 @@ class Executor:
     def step(self, canvas: torch.Tensor, policy: CachePolicy, view: StepView, lo: int, hi: int
              ) -> tuple[torch.Tensor, StepStats]:
         """Run every layer under ``policy`` and return logits of canvas positions [lo, hi) and stats."""
-        B, N, P = self.B, self.N, self.P
+        B = self.B
         h = self.h                                                             # [B, N, D]
         clock, eng = time.perf_counter, 0.0
         t0 = clock()

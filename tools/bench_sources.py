@@ -24,7 +24,7 @@ import torch
 
 from dllm.engines.engine_set import EngineSet
 from dllm.errors import ConfigError
-from dllm.exporter.subgraphs import DType, Kind, declare, layer_name, vproj_name
+from dllm.exporter.subgraphs import DType, declare, layer_name, vproj_name
 from dllm.spec import ModelSpec
 
 # Above this many bytes of layer weights, ONNX Runtime random-weight runs export one shared layer.

@@ -175,7 +175,7 @@ def quick_decode(model: DiffusionLM, prompts: list[list[int]], gen_length: int =
         x = torch.full((len(idx), plen + gen_length), spec.mask_id, dtype=torch.long, device=device)
         x[:, :plen] = torch.tensor([prompts[i] for i in idx], device=device)
         for b in range(n_blocks):
-            lo, hi = plen + b * block_length, plen + (b + 1) * block_length
+            hi = plen + (b + 1) * block_length
             counts = [block_length // per_block + (s < block_length % per_block) for s in range(per_block)]
             for k in counts:
                 probs = torch.softmax(model(x).double(), dim=-1)                # [b, N, V]

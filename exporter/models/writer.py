@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from dllm.spec import Arch, ModelSpec
 from dllm.exporter.models.checkpoint import _DREAM_LAYER, _LLADA_LAYER
