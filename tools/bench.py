@@ -36,6 +36,7 @@ from dllm.tools.bench_report import (PeakMemory, command_line, format_table, mac
                                      weight_read_floor)
 from dllm.tools.bench_sources import (EngineSource, PromptKind, Prompts, make_prompts, open_engine_dir_source,
                                       open_random_source, weight_bytes_per_step)
+from dllm.tools.step_profile import format_profile, profile_decode
 
 REFERENCE = "full"
 DEFAULT_METHODS = ("full", "dual+threshold", "dcu", "dcu+apd")
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
     p.add_argument("--no-step-times", action="store_true", help="no per-step hook: step latency = wall / steps")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed rounds, decode the first prompt once more per method under the torch "
+                        "profiler and report where a step's milliseconds go (JSON methods.<name>.profile)")
     g = p.add_argument_group("decoding (DecodeConfig fields; methods set --cache/--commit)")
     defaults = {"gen_length": 64, "block_length": 32}
     for name, typ, choices in _decode_fields():
@@ -363,6 +367,10 @@ def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
             floor = weight_read_floor(weight_bytes_per_step(engines.spec, engines.dtype), engines.device)
         runs = run_bench(pipe, prompts, cfg, source.max_seq_len, log=log)
         methods = summarize(runs, prompts, cfg, pipe, floor["floor_ms"] if floor else None)
+        if args.profile:
+            for name, method_cfg in cfg.method_configs().items():
+                methods[name]["profile"] = profile_decode(pipe, prompts.ids[0], method_cfg, source.max_seq_len)
+                log(f"[bench] profile {format_profile(name, methods[name]['profile'])}")
         notes = list(source.notes)
         if engines.device.type == "cuda":
             notes.append("engine_ms_per_step is host time inside engine calls; on CUDA that is launch time only "

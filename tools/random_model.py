@@ -32,7 +32,14 @@ def random_spec(name_or_path: str, **overrides) -> ModelSpec:
     if name_or_path in SHAPES:
         fields = dict(SHAPES[name_or_path])
     elif Path(name_or_path).is_file():
-        fields = json.loads(Path(name_or_path).read_text())
+        try:
+            fields = json.loads(Path(name_or_path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--random-weights {name_or_path}: not valid JSON ({e}); write ModelSpec fields "
+                              "as one JSON object, e.g. from ModelSpec.to_dict()") from None
+        if not isinstance(fields, dict):
+            raise ConfigError(f"--random-weights {name_or_path}: expected a JSON object of ModelSpec fields, "
+                              f"got {type(fields).__name__}")
     else:
         raise ConfigError(f"--random-weights {name_or_path!r}: expected one of {sorted(SHAPES)} "
                           "or a JSON file of ModelSpec fields")

@@ -118,6 +118,15 @@ def test_needs_engine_dir_or_random(capsys):
     assert "exactly one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, message", [("", "not valid JSON"), ("[1, 2]", "JSON object"),
+                                           ('{"d_modell": 64}', "unknown ModelSpec keys")])
+def test_bad_spec_json_exit_2(tmp_path, capsys, text, message):
+    spec = tmp_path / "spec.json"
+    spec.write_text(text)
+    assert bench.main(["--random-weights", str(spec), "--backend", "torch"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_weight_bytes_match_the_model(spec_json):
     from dllm.exporter.subgraphs import DType
     from dllm.tools.random_model import random_model, random_spec
