@@ -261,6 +261,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, base = config_from_args(args)
+        if cfg.backend != "torch" and not cfg.device.startswith("cuda"):
+            # torch only orchestrates between engine calls here; its thread pool would compete with the
+            # backend's own threads (as in dllm-run and dllm-bench)
+            torch.set_num_threads(1)
         report = evaluate(cfg, base, log=lambda s: print(s, file=sys.stderr, flush=True))
     except DllmError as e:
         print(f"dllm-eval: {e}", file=sys.stderr)
