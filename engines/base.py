@@ -96,6 +96,11 @@ class Engine(abc.ABC):
     def output_shapes(self, sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
         return {t.name: t.shape(sizes) for t in self.decl.outputs}
 
+    def contiguous_inputs(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every declared input as a contiguous tensor, for backends that bind by data pointer. Strided
+        feeds are copied; keep the returned dict alive until the run has finished reading them."""
+        return {t.name: feeds[t.name].contiguous() for t in self.decl.inputs}
+
     def allocate_outputs(self, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
         return {t.name: torch.empty(t.shape(sizes), dtype=t.torch_dtype, device=self.device)
                 for t in self.decl.outputs}

@@ -229,13 +229,9 @@ class OrtEngine(Engine):
         if out is None:
             out = self.allocate_outputs(self.dim_sizes(feeds))
         binding = self._binding
-        keep = []   # contiguous copies of strided feeds must outlive the run
-        for t in self.decl.inputs:
-            x = feeds[t.name]
-            if not x.is_contiguous():
-                x = x.contiguous()
-                keep.append(x)
-            self._bind(binding.bind_input, t.name, x)
+        inputs = self.contiguous_inputs(feeds)   # holds any copies until the run has read them
+        for name, x in inputs.items():
+            self._bind(binding.bind_input, name, x)
         for t in self.decl.outputs:
             self._bind(binding.bind_output, t.name, out[t.name])
         if self._stream is None:

@@ -187,14 +187,10 @@ class TrtEngine(Engine):
             ctx.set_device_memory(scratch.data_ptr(), scratch.numel())
         else:
             ctx.device_memory = scratch.data_ptr()
-        keep = []   # contiguous copies of strided feeds must outlive the enqueue
-        for t in self.decl.inputs:
-            x = feeds[t.name]
-            if not x.is_contiguous():
-                x = x.contiguous()
-                keep.append(x)
-            ctx.set_input_shape(t.name, tuple(x.shape))
-            ctx.set_tensor_address(t.name, x.data_ptr())
+        inputs = self.contiguous_inputs(feeds)   # holds any copies until the enqueued work has read them
+        for name, x in inputs.items():
+            ctx.set_input_shape(name, tuple(x.shape))
+            ctx.set_tensor_address(name, x.data_ptr())
         for t in self.decl.outputs:
             ctx.set_tensor_address(t.name, out[t.name].data_ptr())
         if not ctx.execute_async_v3(stream):
