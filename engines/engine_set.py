@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dllm.spec import ModelSpec
+from dllm.threads import resolve_threads, torch_threads_for
 from dllm.engines.base import Backend, Engine
 from dllm.exporter.subgraphs import DType, build_module, declare, layer_name, vproj_name
 
@@ -23,6 +24,14 @@ class EngineSet:
     # torch on CUDA: the executor captures each layer's step (selection, engine, scatters) as a
     # CUDA graph per row-count shape and replays it (see runtime/executor.py)
     cuda_graphs: bool = False
+    # CPU threads of one generation (dllm.threads): ONNX Runtime's intra-op threads, or torch's with
+    # the torch backend on the CPU; None: the default
+    threads: int | None = None
+
+    @property
+    def torch_threads(self) -> int | None:
+        """Torch's CPU threads while these engines decode (None: leave torch alone)."""
+        return torch_threads_for(self.backend.value, torch.device(self.device).type, resolve_threads(self.threads))
 
     @property
     def embed(self) -> Engine:
@@ -46,10 +55,11 @@ class EngineSet:
 
 def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.device = "cpu",
                      with_vproj: bool = True, tokenizer_dir: Path | None = None,
-                     cuda_graphs: bool = False) -> EngineSet:
+                     cuda_graphs: bool = False, threads: int | None = None) -> EngineSet:
     """Torch engines straight from a ``DiffusionLM`` or a ``Checkpoint`` (no engine directory needed).
 
     ``cuda_graphs`` (CUDA only): the executor replays per-layer CUDA graphs; see EngineSet.
+    ``threads``: torch's CPU threads while decoding on the CPU (``dllm.threads``; None: the default).
     """
     from dllm.engines.torch_backend import TorchEngine
 
@@ -65,4 +75,4 @@ def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.de
         tokenizer_dir = source.path
     dev = torch.device(device)
     return EngineSet(spec, dtype, Backend.TORCH, dev, engines, tokenizer_dir,
-                     cuda_graphs=cuda_graphs and dev.type == "cuda")
+                     cuda_graphs=cuda_graphs and dev.type == "cuda", threads=resolve_threads(threads))

@@ -28,6 +28,7 @@ from dllm.engines.base import Backend
 from dllm.engines.engine_set import EngineSet
 from dllm.exporter.manifest import Manifest, read_manifest
 from dllm.exporter.subgraphs import DType
+from dllm.threads import resolve_threads, usable_cores
 
 TOKENIZER_DIR = "tokenizer"
 PLANS_DIR = "plans"
@@ -200,17 +201,28 @@ def _open_torch(root, manifest, device, checkpoint, options):
 def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ONNXRUNTIME,
                     device: torch.device | str = "cpu", *, verify_hashes: bool = False,
                     plan_tag: str | None = None, checkpoint: str | os.PathLike | None = None,
-                    **options) -> EngineSet:
+                    threads: int | None = None, **options) -> EngineSet:
     """Load every subgraph of an engine directory on ``backend`` and ``device``.
 
+    threads: CPU threads of one generation (``dllm.threads``; None: the default): ONNX Runtime's
+        intra-op threads on the CPU, or torch's with the torch backend on the CPU.
     verify_hashes: check each ONNX file (and its external data) against the manifest's sha256 (onnxruntime).
     plan_tag: tensorrt only; load ``plans/<plan_tag>/`` instead of this device's tag.
     checkpoint: torch only; the checkpoint directory, when it moved since export.
-    options: backend settings: ``OrtOptions`` fields for onnxruntime (``intra_op_threads``,
-        ``optimized_model_dir``, ...), ``cuda_graphs`` for torch.
+    options: backend settings: ``OrtOptions`` fields for onnxruntime (``optimized_model_dir``,
+        ``allow_spinning``, ...; ``intra_op_threads`` is accepted as another name for ``threads``),
+        ``cuda_graphs`` for torch.
     """
     root = Path(path)
     backend = _backend(backend)
+    intra = options.pop("intra_op_threads", None)     # the ONNX Runtime spelling of the same setting
+    if intra is not None and threads is not None and intra != threads:
+        raise ConfigError(f"threads={threads} and intra_op_threads={intra} disagree; pass threads only")
+    if threads is None and intra is not None:
+        threads = intra if intra > 0 else usable_cores()   # 0: ONNX Runtime's "every core"
+    threads = resolve_threads(threads)
+    if backend == Backend.ONNXRUNTIME:
+        options["intra_op_threads"] = threads
     manifest = read_manifest(root)
     if backend == Backend.TENSORRT:   # checks the GPU itself, after telling which plans are missing
         device = torch.device(device)
@@ -224,4 +236,4 @@ def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ON
     tokenizer = root / TOKENIZER_DIR
     cuda_graphs = backend == Backend.TORCH and bool(options.get("cuda_graphs")) and device.type == "cuda"
     return EngineSet(manifest.model, DType(manifest.dtype), backend, device, engines,
-                     tokenizer if tokenizer.is_dir() else None, cuda_graphs=cuda_graphs)
+                     tokenizer if tokenizer.is_dir() else None, cuda_graphs=cuda_graphs, threads=threads)

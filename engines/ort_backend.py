@@ -28,6 +28,7 @@ import torch
 
 from dllm.errors import BackendError, ConfigError, EngineDirError
 from dllm.engines.base import Engine
+from dllm.threads import default_threads
 from dllm.exporter.subgraphs import SubgraphDecl
 
 ORT_INSTALL_CPU = "pip install onnxruntime"
@@ -62,7 +63,11 @@ class GraphOptimization(str, enum.Enum):
 class OrtOptions:
     """Session settings of the ONNX Runtime backend.
 
-    intra_op_threads: threads per operator; 0 lets ONNX Runtime use every physical core.
+    intra_op_threads: threads per operator; None: ``dllm.threads.default_threads()``; 0 lets ONNX Runtime
+        use every physical core.
+    allow_spinning: let idle pool threads busy-wait for the next operator. Off by default: a pipeline
+        holds one session per subgraph, and spinning pools of many sessions starve each other (and any
+        other process) on a small or loaded CPU; the latency spinning saves is a few microseconds.
     optimized_model_dir: when set, each session's optimized graph is saved there on first load and
         loaded from there (with optimizations off) afterwards; keyed by provider, ORT version and level,
         invalidated when the source ONNX file is newer.
@@ -70,8 +75,9 @@ class OrtOptions:
     use_torch_stream: CUDA only; run on torch's current stream without a host sync per call. When off,
         ORT uses its own stream and each call synchronizes (torch's stream before, ORT's after): slow but simple.
     """
-    intra_op_threads: int = 0
+    intra_op_threads: int | None = None
     inter_op_threads: int = 1
+    allow_spinning: bool = False
     graph_optimization: GraphOptimization = GraphOptimization.ALL
     optimized_model_dir: Path | None = None
     cuda_provider_options: tuple[tuple[str, str], ...] = ()
@@ -79,6 +85,8 @@ class OrtOptions:
     log_severity: int = 3          # 0 verbose .. 4 fatal
 
     def __post_init__(self):
+        if self.intra_op_threads is None:
+            object.__setattr__(self, "intra_op_threads", default_threads())
         object.__setattr__(self, "graph_optimization", GraphOptimization(self.graph_optimization))
         if self.optimized_model_dir is not None:
             object.__setattr__(self, "optimized_model_dir", Path(self.optimized_model_dir))
@@ -136,6 +144,9 @@ def _session_options(ort, options: OrtOptions):
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    spin = "1" if options.allow_spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     so.log_severity_level = options.log_severity
     return so
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from dllm.errors import CheckpointError
+from dllm.generation import generation_defaults_from_checkpoint
 from dllm.exporter.config import BuildConfig, ExportBackend, ExportConfig
 from dllm.exporter.engine_dir import (ONNX_DIR, PLANS_DIR, WorkRecords, copy_tokenizer, files_sha256, finalize,
                                       link_or_copy, prepare_output)
@@ -187,7 +188,8 @@ def export_checkpoint(cfg: ExportConfig, progress: Progress | None = None) -> Pa
                "export_sizes": EXPORT_SIZES, "with_vproj": cfg.with_vproj, "opt_rows": cfg.opt_rows,
                "max_rows": cfg.max_rows, "max_batch": cfg.max_batch, "validate": cfg.validate,
                "validation": validation if cfg.validate else {}, "export_seconds": export_seconds,
-               "external_data": "<onnx file>.data", "tensorrt": build_info})
+               "external_data": "<onnx file>.data", "tensorrt": build_info},
+        generation=generation_defaults_from_checkpoint(cfg.checkpoint).to_dict())
     return finalize(tmp, cfg.out_dir, manifest, keep)
 
 

@@ -48,6 +48,7 @@ class Manifest:
     tools: dict                   # tool -> version
     build: dict                   # export/build options
     schema_version: int = SCHEMA_VERSION
+    generation: dict = dataclasses.field(default_factory=dict)   # decode defaults (dllm.generation); optional
 
     def subgraph(self, name: str) -> SubgraphEntry:
         for s in self.subgraphs:
@@ -64,6 +65,7 @@ class Manifest:
                           for s in self.subgraphs],
             "profiles": [dataclasses.asdict(p) for p in self.profiles],
             "plans": self.plans, "source": self.source, "tools": self.tools, "build": self.build,
+            "generation": self.generation,
         }
 
     @classmethod
@@ -79,7 +81,8 @@ class Manifest:
         return cls(model=ModelSpec.from_dict(d["model"]), dtype=d["dtype"], max_seq_len=d["max_seq_len"],
                    subgraphs=subs, profiles=tuple(Profile(**p) for p in d["profiles"]),
                    plans=d.get("plans", {}), source=d.get("source", {}), tools=d.get("tools", {}),
-                   build=d.get("build", {}), schema_version=d["schema_version"])
+                   build=d.get("build", {}), schema_version=d["schema_version"],
+                   generation=d.get("generation") or {})
 
     def write(self, engine_dir: Path) -> None:
         (Path(engine_dir) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2))

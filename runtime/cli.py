@@ -10,79 +10,115 @@ the DecodeConfig field of the same name (``--gen-length`` -> ``gen_length``).
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import sys
 from pathlib import Path
 
+from dllm.cli import add_choice, add_common, show, short_warnings
 from dllm.errors import ConfigError, DllmError
+from dllm.runtime.config import Alg, Allocation, ApdMode, CachePolicyKind, CommitPolicyKind, DecodeConfig, Proxy, Remasking
 
-# flag -> DecodeConfig field; type; help
+_MODEL_DEFAULT = "default: the engine directory's generation defaults, else {}"
+# flag -> DecodeConfig field; type (an Enum class for choices); help (the default is added from DecodeConfig)
 _FIELDS = [
-    ("--gen-length", int, "tokens to generate (default 256)"),
-    ("--block-length", int, "block size; gen-length must be a multiple (default 32)"),
-    ("--steps", int, "schedule commit: steps over the whole generation (default 256)"),
-    ("--cache", str, "full | prefix | dual | dllm-cache | dcu | dcu-reference (default full)"),
-    ("--commit", str, "schedule | threshold | factor | apd (default schedule)"),
-    ("--budget", int, "dcu: rows per layer per step on average (default 32)"),
-    ("--window", int, "dcu: forced rows around the last committed token (default 32)"),
-    ("--proxy", str, "dcu change score: input | value (default input)"),
-    ("--allocation", str, "dcu budget split: proportional | softmax | uniform (default proportional)"),
-    ("--softmax-temp", float, "dcu softmax allocation temperature (default 200)"),
-    ("--refresh-interval", int, "dcu: full refresh every K steps (default: first step only)"),
-    ("--prompt-interval", int, "dllm-cache/dcu: prompt refresh every K steps (default 5000)"),
-    ("--gen-interval", int, "dllm-cache/dcu: gen refresh every K steps (default 5000)"),
-    ("--rho", float, "dllm-cache: fraction of gen rows partially updated (default 0.25)"),
-    ("--threshold", float, "threshold commit: confidence to commit (default 0.9)"),
-    ("--factor", float, "factor commit: f in 1 - f/(n+1) (default 1.0)"),
-    ("--apd-mode", str, "apd: global | per-token (default per-token)"),
-    ("--tau0", float, "apd: initial threshold (default 0.9)"),
-    ("--alpha", float, "apd: confidence step (default 0.01)"),
-    ("--beta", float, "apd: instability step (default 0.15)"),
-    ("--tau-min", float, "apd: clamp threshold from below (default off)"),
-    ("--tau-max", float, "apd: clamp threshold from above (default off)"),
-    ("--remasking", str, "low_confidence | random (default low_confidence)"),
-    ("--alg", str, "Dream schedule confidence: maskgit_plus | topk_margin | entropy"),
-    ("--eps", float, "Dream schedule: last timestep (default 1e-3)"),
-    ("--temperature", float, "sampling temperature, 0 = greedy (default 0)"),
-    ("--seed", int, "random seed (default 0)"),
+    ("--gen-length", int, "tokens to generate"),
+    ("--block-length", int, "block size; gen-length must be a multiple"),
+    ("--steps", int, "schedule commit: steps over the whole generation"),
+    ("--cache", CachePolicyKind, "cache policy: which rows each layer recomputes per step (docs/algorithms.md)"),
+    ("--commit", CommitPolicyKind, "commit policy: which masked tokens become final per step"),
+    ("--budget", int, "dcu: rows per layer per step on average"),
+    ("--window", int, "dcu: forced rows around the last committed token"),
+    ("--proxy", Proxy, "dcu change score"),
+    ("--allocation", Allocation, "dcu budget split over layers"),
+    ("--softmax-temp", float, "dcu softmax allocation temperature"),
+    ("--refresh-interval", int, "dcu: full refresh every K steps (default: the first step only)"),
+    ("--prompt-interval", int, "dllm-cache/dcu: prompt refresh every K steps"),
+    ("--gen-interval", int, "dllm-cache/dcu: gen refresh every K steps"),
+    ("--rho", float, "dllm-cache: fraction of gen rows partially updated"),
+    ("--threshold", float, "threshold commit: confidence to commit"),
+    ("--factor", float, "factor commit: f in 1 - f/(n+1)"),
+    ("--apd-mode", ApdMode, "apd: one threshold (global) or one per position"),
+    ("--tau0", float, "apd: initial threshold"),
+    ("--alpha", float, "apd: confidence step"),
+    ("--beta", float, "apd: instability step"),
+    ("--tau-min", float, "apd: clamp the threshold from below"),
+    ("--tau-max", float, "apd: clamp the threshold from above"),
+    ("--remasking", Remasking, "LLaDA schedule: how masked positions are ranked"),
+    ("--alg", Alg, "Dream schedule: how masked positions are ranked"),
+    ("--eps", float, "Dream schedule: last timestep"),
+    ("--temperature", float, "sampling temperature, 0 = greedy"),
+    ("--seed", int, "random seed"),
 ]
+_CANVAS = {"--gen-length": "256", "--block-length": "32", "--steps": "the gen length: one token per step"}
+
+
+def add_decode_flags(parser, canvas_default: str = _MODEL_DEFAULT) -> None:
+    """The DecodeConfig flags, spelled and explained the same way in dllm-run and dllm-eval.
+    ``canvas_default``: how the defaults of --gen-length, --block-length and --steps are chosen."""
+    for flag, typ, help_ in _FIELDS:
+        field = flag[2:].replace("-", "_")
+        default = DecodeConfig.__dataclass_fields__[field].default
+        if isinstance(typ, type) and issubclass(typ, enum.Enum):
+            add_choice(parser, flag, typ, help=f"{help_} (default {show(default)})")
+        else:
+            if flag in _CANVAS:
+                text = f"{help_} ({canvas_default.format(_CANVAS[flag])})"
+            elif default is None:
+                text = help_ if "default" in help_ else f"{help_} (default off)"
+            else:
+                text = f"{help_} (default {show(default)})"
+            parser.add_argument(flag, type=typ, default=None, metavar=field.upper().split("_")[-1] if typ is int
+                                else "X", help=text)
+    parser.add_argument("--apd-block-reset", action="store_true", default=None,
+                        help="apd: reset the thresholds at each block (default off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dllm-run", description="Generate with a diffusion LLM from an engine directory.")
+    p = argparse.ArgumentParser(prog="dllm-run", description="Generate with a diffusion LLM from an engine "
+                                "directory. Settings not given come from the engine directory's generation "
+                                "defaults (dllm-export records them), then from the runtime's defaults.")
     p.add_argument("engine_dir", help="engine directory from dllm-export (or a checkpoint directory with "
                                       "--backend torch)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (tokenized with the engine directory's tokenizer)")
     src.add_argument("--prompt-ids", help="prompt token ids, comma separated: 1,2,3")
-    p.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
-    p.add_argument("--backend", default="onnxruntime", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap --prompt as a user message in the chat template (default: on when the model has a "
+                        "chat template)")
+    add_choice(p, "--backend", ("onnxruntime", "torch", "tensorrt"), default="onnxruntime",
+               help="what runs the subgraphs: ONNX Runtime (CPU or CUDA), PyTorch (the reference modules, CPU or "
+                    "CUDA; a checkpoint directory needs no export) or TensorRT plans (GPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    for flag, typ, help_ in _FIELDS:
-        p.add_argument(flag, type=typ, default=None, help=help_)
-    p.add_argument("--apd-block-reset", action="store_true", default=None, help="apd: reset tau at each block")
+    add_common(p)
+    add_decode_flags(p)
+    p.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="untimed generations before the reported one, so the speed shown is not that of a cold "
+                        "start (default 1; 0 = report the first call)")
     p.add_argument("--stream", action="store_true", help="print text as it is committed")
-    p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, steps, nfe, ...)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, steps, nfe, latency, ...)")
     return p
 
 
-def config_from_args(args: argparse.Namespace):
-    """DecodeConfig from the parsed flags (only the flags given; the rest keep their defaults)."""
-    from dllm.runtime.config import DecodeConfig
-
+def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> DecodeConfig:
+    """DecodeConfig from the parsed flags: the flags given, then ``defaults`` (the model's generation
+    defaults), then DecodeConfig's own."""
     fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS} | {"apd_block_reset"}
-    values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    values = dict(defaults or {})
+    values.update({f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    if "gen_length" in {f for f in fields if getattr(args, f) is not None} and args.steps is None:
+        values.pop("steps", None)          # one token per step of the gen length asked for
     return DecodeConfig(**values)
 
 
-def _prompt(args):
+def _prompt(args, chat_default: bool):
     if args.prompt_ids is not None:
         try:
             return [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x != ""]
         except ValueError:
             raise ConfigError(f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers "
                               "(e.g. --prompt-ids 1,2,3)") from None
-    if args.chat:
+    if chat_default if args.chat is None else args.chat:
         return [{"role": "user", "content": args.prompt}]
     return args.prompt
 
@@ -96,20 +132,28 @@ def _pipeline(args):
     if not (path / "manifest.json").exists() and (path / "config.json").exists():
         if args.backend != "torch":
             raise ConfigError(f"{path} is a checkpoint, not an engine directory; export it with "
-                              f"`dllm-export {path} OUT` or run it directly with --backend torch")
-        return Pipeline.from_checkpoint(path, device=args.device)
-    return Pipeline.from_dir(path, backend=args.backend, device=args.device)
+                              f"`dllm-export {path} -o OUT` or run it directly with --backend torch")
+        return Pipeline.from_checkpoint(path, device=args.device, threads=args.threads)
+    return Pipeline.from_dir(path, backend=args.backend, device=args.device, threads=args.threads)
+
+
+def speed_line(res, warmup: int) -> str:
+    """The stderr summary: steps, latency, time to the first answer token, answer and canvas rates."""
+    rows = ", ".join(f"{x:.0f}" for x in res.rows_per_layer)
+    timing = f"after {warmup} warm-up run{'s' if warmup != 1 else ''}" if warmup else "cold: first call"
+    return (f"[{res.steps} steps, {res.nfe} NFE, latency {res.wall_s * 1e3:.1f} ms, first answer token "
+            f"{res.first_token_s * 1e3:.1f} ms, {res.answer_tokens} answer tokens = {res.tokens_per_second:.1f} "
+            f"tokens/s (canvas {res.canvas_tokens_per_second:.1f} positions/s), {timing}; rows per layer: {rows}]")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if args.backend != "torch" and not args.device.startswith("cuda"):
-        # torch only orchestrates between engine calls here (small ops); its thread pool would compete
-        # with the backend's own threads (4-5x slower generation measured on a busy 2-core machine)
-        import torch
-        torch.set_num_threads(1)
-    prompt = _prompt(args)
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be at least 0, got {args.warmup}")
     pipe = _pipeline(args)
+    cfg = config_from_args(args, pipe.generation.decode_values())
+    prompt = _prompt(args, pipe.generation.chat)
+    for _ in range(args.warmup):
+        pipe.generate(prompt, cfg)
     if args.stream and not args.json:
         for delta in pipe.stream(prompt, cfg):
             print(delta, end="", flush=True)
@@ -121,18 +165,18 @@ def run(args: argparse.Namespace) -> int:
         out = res.to_dict()
         out["rows_per_layer"] = [round(x, 3) for x in out["rows_per_layer"]]
         out["config"] = cfg.to_dict()
+        out["warmup"] = args.warmup
         print(json.dumps(out))
     elif not args.stream:
         print(res.text if res.text is not None else " ".join(map(str, res.ids)))
     if not args.json:
-        rows = ", ".join(f"{x:.0f}" for x in res.rows_per_layer)
-        print(f"[{res.steps} steps, {res.nfe} NFE, {res.tokens_per_second:.1f} tokens/s, "
-              f"rows per layer: {rows}]", file=sys.stderr)
+        print(speed_line(res, args.warmup), file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    short_warnings("dllm-run")
     try:
         return run(args)
     except DllmError as e:

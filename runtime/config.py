@@ -1,9 +1,10 @@
-"""DecodeConfig: every decoding knob in one frozen dataclass (ALGORITHMS.md Part 1).
+"""DecodeConfig: every decoding knob in one frozen dataclass (docs/algorithms.md explains each).
 
 One config drives the one decode loop: a cache policy (which rows each layer recomputes)
 and a commit policy (which masked tokens become real), plus their numbers. Values are
-checked in ``__post_init__``; strings are accepted for enum fields (``"dllm-cache"`` and
-``"dllm_cache"`` alike) and coerced, unknown keys raise (``DecodeConfig.from_dict``).
+checked in ``__post_init__``; strings are accepted for enum fields and coerced (every choice is
+spelled with hyphens, ``"dllm-cache"``, ``"per-token"``; underscores are accepted too), unknown keys
+raise (``DecodeConfig.from_dict``).
 """
 
 from __future__ import annotations
@@ -17,18 +18,18 @@ from dllm.errors import ConfigError
 
 class CachePolicyKind(str, enum.Enum):
     FULL = "full"                    # every row of every layer: the reference
-    PREFIX = "prefix"                # Fast-dLLM prefix cache (C.2)
-    DUAL = "dual"                    # Fast-dLLM dual cache (C.2)
-    DLLM_CACHE = "dllm_cache"        # dLLM-Cache (C.3)
-    DCU = "dcu"                      # Dynamic Cache Update (A, Part 1)
-    DCU_REFERENCE = "dcu_reference"  # DCU as released: value proxy, uniform budget, intervals 5000/5000
+    PREFIX = "prefix"                # Fast-dLLM prefix cache
+    DUAL = "dual"                    # Fast-dLLM dual cache
+    DLLM_CACHE = "dllm-cache"        # dLLM-Cache
+    DCU = "dcu"                      # Dynamic Cache Update
+    DCU_REFERENCE = "dcu-reference"  # DCU as released: value proxy, uniform budget, intervals 5000/5000
 
 
 class CommitPolicyKind(str, enum.Enum):
-    SCHEDULE = "schedule"            # LLaDA fixed count per step (C.1)
-    THRESHOLD = "threshold"          # Fast-dLLM top-1 + conf >= theta (C.2)
-    FACTOR = "factor"                # Fast-dLLM n-th most confident >= 1 - f/(n+1) (C.2)
-    APD = "apd"                      # Adaptive Parallel Decoding (B)
+    SCHEDULE = "schedule"            # LLaDA fixed count per step
+    THRESHOLD = "threshold"          # Fast-dLLM top-1 + conf >= theta
+    FACTOR = "factor"                # Fast-dLLM n-th most confident >= 1 - f/(n+1)
+    APD = "apd"                      # Adaptive Parallel Decoding
 
 
 class Proxy(str, enum.Enum):
@@ -44,18 +45,18 @@ class Allocation(str, enum.Enum):
 
 class ApdMode(str, enum.Enum):
     GLOBAL = "global"                # one scalar threshold (mode 1)
-    PER_TOKEN = "per_token"          # one threshold per gen position (mode 2)
+    PER_TOKEN = "per-token"          # one threshold per gen position (mode 2)
 
 
 class Remasking(str, enum.Enum):
-    LOW_CONFIDENCE = "low_confidence"
+    LOW_CONFIDENCE = "low-confidence"
     RANDOM = "random"
 
 
 class Alg(str, enum.Enum):
     """Confidence used to rank masked positions (Dream's ``alg``; LLaDA's low_confidence = maskgit_plus)."""
-    MASKGIT_PLUS = "maskgit_plus"    # probability of the argmax token
-    TOPK_MARGIN = "topk_margin"      # p1 - p2
+    MASKGIT_PLUS = "maskgit-plus"    # probability of the argmax token
+    TOPK_MARGIN = "topk-margin"      # p1 - p2
     ENTROPY = "entropy"              # sum p log p (negative entropy: higher is more confident)
 
 
@@ -80,13 +81,14 @@ def _flag(name: str) -> str:
 class DecodeConfig:
     """How to decode: canvas sizes, cache policy, commit policy and their settings.
 
-    Defaults follow ALGORITHMS.md Part 1. Settings a policy does not use are ignored by it
+    Defaults are those of docs/algorithms.md. Settings a policy does not use are ignored by it
     (e.g. ``budget`` outside ``dcu``), never silently reinterpreted.
     """
     # canvas and schedule
     gen_length: int = 256
     block_length: int = 32
-    steps: int = 256                 # `schedule` only: steps over the whole generation (steps/num_blocks per block)
+    steps: int | None = None         # `schedule` only: steps over the whole generation (steps/num_blocks per
+    #                                  block); None: gen_length, one token per step (the reference decoding)
     # policies
     cache: CachePolicyKind = CachePolicyKind.FULL
     commit: CommitPolicyKind = CommitPolicyKind.SCHEDULE
@@ -95,7 +97,7 @@ class DecodeConfig:
     window: int = 32                 # forced rows: 2*floor(W/2)+1 centred on the last committed token
     proxy: Proxy = Proxy.INPUT
     allocation: Allocation = Allocation.PROPORTIONAL
-    softmax_temp: float = 200.0      # `softmax` allocation temperature (A.4)
+    softmax_temp: float = 200.0      # `softmax` allocation temperature
     refresh_interval: int | None = None   # dcu full refresh every K steps; None = only the first step
     # dllm-cache and dcu region refresh, on the global step counter: (t-1) % K == 0
     prompt_interval: int = 5000
@@ -120,10 +122,12 @@ class DecodeConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.steps is None:
+            object.__setattr__(self, "steps", self.gen_length)
         for name, enum_cls in _ENUMS.items():
             value = getattr(self, name)
             if isinstance(value, str) and not isinstance(value, enum_cls):
-                value = value.strip().lower().replace("-", "_")
+                value = value.strip().lower().replace("_", "-")
             try:
                 object.__setattr__(self, name, enum_cls(value))
             except ValueError:
@@ -197,8 +201,11 @@ class DecodeConfig:
         return self.block_length
 
     def replace(self, **changes) -> "DecodeConfig":
-        """A copy with ``changes`` applied (validated again; unknown keys raise ConfigError)."""
+        """A copy with ``changes`` applied (validated again; unknown keys raise ConfigError). Steps that
+        followed the gen length (one token per step) follow a new ``gen_length`` too."""
         _check_keys(changes)
+        if "gen_length" in changes and "steps" not in changes and self.steps == self.gen_length:
+            changes = {**changes, "steps": None}
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

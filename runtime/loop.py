@@ -40,8 +40,22 @@ class DecodeResult:
     rows_per_step: list[list[int]]   # rows recomputed per layer, per step
     tokens_per_step: list[int]
     commit_step: list[int]           # step (0-based) at which each generated position was committed
-    wall_s: float
+    wall_s: float                    # latency: prompt in, every position final
     engine_s: float                  # host time inside engine calls
+    step_end_s: list[float] = dataclasses.field(default_factory=list)   # time since start at each step's end
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def answer_length(self) -> int:
+        """Generated tokens before the first EOS (the answer; the EOS padding after it is not counted)."""
+        eos = set(self.eos_ids)
+        return next((i for i, t in enumerate(self.ids) if t in eos), len(self.ids))
+
+    @property
+    def first_token_s(self) -> float:
+        """Seconds until the answer's first token was committed (what a stream can show first)."""
+        step = self.commit_step[0] if self.commit_step else -1
+        return self.step_end_s[step] if 0 <= step < len(self.step_end_s) else self.wall_s
 
     @property
     def mean_rows_per_layer(self) -> list[float]:
@@ -53,7 +67,12 @@ class DecodeResult:
 
     @property
     def tokens_per_second(self) -> float:
-        """Generated positions per second of wall time (every position counts, EOS tail included)."""
+        """Answer tokens (before the first EOS) per second of wall time."""
+        return self.answer_length / self.wall_s if self.wall_s > 0 else float("inf")
+
+    @property
+    def canvas_tokens_per_second(self) -> float:
+        """Every generated position (EOS padding included) per second of wall time: the canvas rate."""
         return len(self.ids) / self.wall_s if self.wall_s > 0 else float("inf")
 
 
@@ -140,7 +159,7 @@ def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor:
     commit.reset(B, P, G, spec.vocab_size, device, generator)
 
     view = StepView(prompt_len=P, canvas_len=N, key_pos=P - 1)
-    rows_per_step, tokens_per_step, engine_s = [], [], 0.0
+    rows_per_step, tokens_per_step, step_end_s, engine_s = [], [], [], 0.0
     commit_step = [-1] * G
     for b in range(cfg.num_blocks):
         view.block_index, view.start, view.end = b, P + b * cfg.block_length, P + (b + 1) * cfg.block_length
@@ -166,9 +185,10 @@ def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor:
             rows_per_step.append(stats.rows)
             tokens_per_step.append(len(committed))
             engine_s += stats.engine_s
+            step_end_s.append(time.perf_counter() - t_start)
             yield canvas, view, committed
     final = canvas.cpu()
     wall = time.perf_counter() - t_start
     return DecodeResult(ids=final[0, P:].tolist(), canvas=final, prompt_length=P, steps=view.step, nfe=view.step,
                         rows_per_step=rows_per_step, tokens_per_step=tokens_per_step, commit_step=commit_step,
-                        wall_s=wall, engine_s=engine_s)
+                        wall_s=wall, engine_s=engine_s, step_end_s=step_end_s, eos_ids=tuple(spec.eos_ids))

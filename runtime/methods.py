@@ -42,7 +42,7 @@ def method_config(name: str, base: DecodeConfig | None = None) -> DecodeConfig:
     cache = parts[0]
     if cache not in CACHE_NAMES:
         raise ConfigError(f"method {name!r}: unknown cache policy {cache!r}; expected one of {', '.join(CACHE_NAMES)}")
-    changes: dict = {"cache": CachePolicyKind(cache.replace("-", "_"))}
+    changes: dict = {"cache": CachePolicyKind(cache)}
     commit = parts[1] if len(parts) == 2 else "schedule"
     if commit not in COMMIT_NAMES:
         raise ConfigError(f"method {name!r}: unknown commit policy {commit!r}; expected one of "

@@ -1,18 +1,22 @@
 """Pipeline: the user-facing edge. Prompts (ids, text or chat messages) in, ids and text out.
 
 >>> pipe = Pipeline.from_dir("out/", backend="onnxruntime", device="cpu")
->>> res = pipe.generate([{"role": "user", "content": "Hi"}], DecodeConfig(cache="dcu", commit="apd"))
->>> res.text, res.tokens_per_second
->>> for delta in pipe.stream("Once upon a time", DecodeConfig(gen_length=64)):
+>>> res = pipe.generate("What is 12+7?")                 # the engine directory's generation defaults
+>>> res.text, res.latency_s, res.tokens_per_second
+>>> cfg = pipe.default_config(cache="dcu", commit="apd")  # those defaults, plus what you change
+>>> for delta in pipe.stream([{"role": "user", "content": "Sort: 5 2 9 1"}], cfg):
 ...     print(delta, end="", flush=True)
 
-The decode loop works on ids only; the tokenizer (and its chat template) lives here.
+The decode loop works on ids only; the tokenizer (and its chat template) lives here, and so do the
+model's generation defaults (``dllm.generation``) and the CPU thread count of a generation
+(``dllm.threads``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,9 +24,15 @@ import torch
 
 from dllm.engines.engine_set import EngineSet
 from dllm.errors import ConfigError
+from dllm.generation import GenerationDefaults, generation_defaults_from_checkpoint
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
 from dllm.runtime.loop import DecodeResult, decode_steps
+from dllm.threads import torch_threads
+
+
+class GenerationWarning(UserWarning):
+    """A generation runs with settings the model is known to handle badly (e.g. too long a gen length)."""
 
 
 @dataclasses.dataclass
@@ -36,15 +46,24 @@ class GenerationResult:
     rows_per_layer: list[float]       # rows recomputed per layer, mean over steps
     rows_per_step: list[list[int]]    # rows recomputed per layer, per step
     tokens_per_step: list[int]
-    wall_s: float
-    tokens_per_second: float          # generated positions / wall time
+    wall_s: float                     # latency of the request: prompt in, every position final
+    first_token_s: float              # time until the answer's first token was committed (a stream shows it)
+    answer_tokens: int                # generated tokens before the first EOS
+    tokens_per_second: float          # answer_tokens / wall time (EOS padding not counted)
+    canvas_tokens_per_second: float   # every generated position / wall time (EOS padding counted)
     engine_s: float
     decode: DecodeResult              # the loop's full record (canvas, commit steps)
+
+    @property
+    def latency_s(self) -> float:
+        return self.wall_s
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the CLI's --json)."""
         return {"ids": self.ids, "text": self.text, "prompt_ids": self.prompt_ids, "steps": self.steps,
-                "nfe": self.nfe, "tokens_per_second": self.tokens_per_second, "wall_s": self.wall_s,
+                "nfe": self.nfe, "latency_s": self.wall_s, "first_token_s": self.first_token_s,
+                "answer_tokens": self.answer_tokens, "tokens_per_second": self.tokens_per_second,
+                "canvas_tokens_per_second": self.canvas_tokens_per_second, "wall_s": self.wall_s,
                 "engine_s": self.engine_s, "rows_per_layer": self.rows_per_layer,
                 "tokens_per_step": self.tokens_per_step}
 
@@ -55,21 +74,28 @@ Prompt = "str | Sequence[int] | torch.Tensor | Sequence[dict]"
 class Pipeline:
     """An EngineSet plus a tokenizer: ``generate`` and ``stream`` for ids, text or chat messages."""
 
-    def __init__(self, engines: EngineSet, tokenizer=None, *, max_seq_len: int | None = None):
+    def __init__(self, engines: EngineSet, tokenizer=None, *, max_seq_len: int | None = None,
+                 generation: GenerationDefaults | None = None):
         """``tokenizer``: a Hugging Face tokenizer; None loads ``engines.tokenizer_dir`` on first use
-        (ids-only use needs none). ``max_seq_len``: canvas limit (default: the model's)."""
+        (ids-only use needs none). ``max_seq_len``: canvas limit (default: the model's).
+        ``generation``: the model's decode defaults (``from_dir`` reads them from the engine directory)."""
         self.engines = engines
         self.spec = engines.spec
         self._tokenizer = tokenizer
         self.max_seq_len = max_seq_len or self.spec.max_seq_len
+        self.generation = generation or GenerationDefaults()
         self.executor = Executor(engines)
         self.last_result: GenerationResult | None = None
+        self._warned: set[int] = set()
 
     # -- construction -------------------------------------------------------
     @classmethod
     def from_dir(cls, engine_dir: str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu",
-                 **options) -> "Pipeline":
-        """Open an engine directory (``dllm-export`` output) on ``backend`` and ``device``."""
+                 threads: int | None = None, **options) -> "Pipeline":
+        """Open an engine directory (``dllm-export`` output) on ``backend`` and ``device``.
+
+        threads: CPU threads of one generation (``dllm.threads``; None: the default, fine for small
+        models). options: backend settings (``dllm.engines.open_engine_dir``)."""
         try:
             from dllm.engines.loader import open_engine_dir
         except ImportError as e:   # pragma: no cover - the loader ships with the package
@@ -77,18 +103,26 @@ class Pipeline:
                               "use Pipeline.from_checkpoint meanwhile") from None
         from dllm.exporter.manifest import read_manifest
 
-        engines = open_engine_dir(engine_dir, backend, device, **options)
-        return cls(engines, max_seq_len=read_manifest(engine_dir).max_seq_len)
+        engines = open_engine_dir(engine_dir, backend, device, threads=threads, **options)
+        manifest = read_manifest(engine_dir)
+        return cls(engines, max_seq_len=manifest.max_seq_len,
+                   generation=GenerationDefaults.from_dict(manifest.generation))
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, dtype: str = "fp32", device: str = "cpu",
-                        with_vproj: bool = True) -> "Pipeline":
+                        with_vproj: bool = True, threads: int | None = None) -> "Pipeline":
         """Torch engines straight from a Hugging Face checkpoint directory (no export needed)."""
         from dllm.engines.engine_set import torch_engine_set
         from dllm.exporter.models.checkpoint import Checkpoint
 
         ckpt = Checkpoint(checkpoint_dir)
-        return cls(torch_engine_set(ckpt, dtype, device, with_vproj=with_vproj))
+        return cls(torch_engine_set(ckpt, dtype, device, with_vproj=with_vproj, threads=threads),
+                   generation=generation_defaults_from_checkpoint(checkpoint_dir))
+
+    def default_config(self, **changes) -> DecodeConfig:
+        """The model's generation defaults (gen length, block, steps) with ``changes`` applied:
+        ``pipe.default_config(cache="dcu", commit="apd")``. Unknown keys raise ConfigError."""
+        return DecodeConfig.from_dict({**self.generation.decode_values(), **changes})
 
     # -- tokenizer edge -----------------------------------------------------
     @property
@@ -144,23 +178,39 @@ class Pipeline:
                                                and Path(self.engines.tokenizer_dir).is_dir())
 
     # -- generation ---------------------------------------------------------
-    def generate(self, prompt, config: DecodeConfig | None = None) -> GenerationResult:
-        """Generate ``config.gen_length`` tokens after ``prompt`` (ids, text or chat messages)."""
-        for _ in self._run(prompt, config, stream=False):
+    def generate(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None) -> GenerationResult:
+        """Generate ``config.gen_length`` tokens after ``prompt`` (ids, text or chat messages).
+
+        config: None uses ``default_config()``. chat: wrap a text prompt as a user message in the chat
+        template; None follows the model's generation defaults (on for instruct models)."""
+        for _ in self._run(prompt, config, chat, stream=False):
             pass
         return self.last_result
 
-    def stream(self, prompt, config: DecodeConfig | None = None) -> Iterator[str]:
+    def stream(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None) -> Iterator[str]:
         """Yield the generated text as it becomes final: each time the committed prefix of the
         generation (up to the first still-masked position, cut at EOS) grows, the new text is
         yielded, so ``"".join(stream)`` is the final text. ``self.last_result`` holds the result."""
-        yield from self._run(prompt, config, stream=True)
+        yield from self._run(prompt, config, chat, stream=True)
 
-    def _run(self, prompt, config, stream: bool) -> Iterator[str]:
-        cfg = config or DecodeConfig()
+    def _check_length(self, gen_length: int) -> None:
+        message = self.generation.length_warning(gen_length)
+        if message is not None and gen_length not in self._warned:
+            self._warned.add(gen_length)
+            warnings.warn(message, GenerationWarning, stacklevel=4)
+
+    def _run(self, prompt, config, chat, stream: bool) -> Iterator[str]:
+        cfg = self.default_config() if config is None else config
         if not isinstance(cfg, DecodeConfig):
             raise ConfigError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
+        self._check_length(cfg.gen_length)
+        if isinstance(prompt, str) and (self.generation.chat if chat is None else chat):
+            prompt = [{"role": "user", "content": prompt}]
         prompt_ids = self.encode(prompt)
+        with torch_threads(self.engines.torch_threads):
+            yield from self._decode(prompt_ids, cfg, stream)
+
+    def _decode(self, prompt_ids: list[int], cfg: DecodeConfig, stream: bool) -> Iterator[str]:
         text_out = self._has_tokenizer()
         if stream and not text_out:
             raise ConfigError("stream() yields text and needs a tokenizer; use generate() for ids only")
@@ -193,5 +243,6 @@ class Pipeline:
         self.last_result = GenerationResult(
             ids=result.ids, text=text, prompt_ids=prompt_ids, steps=result.steps, nfe=result.nfe,
             rows_per_layer=result.mean_rows_per_layer, rows_per_step=result.rows_per_step,
-            tokens_per_step=result.tokens_per_step, wall_s=result.wall_s,
-            tokens_per_second=result.tokens_per_second, engine_s=result.engine_s, decode=result)
+            tokens_per_step=result.tokens_per_step, wall_s=result.wall_s, first_token_s=result.first_token_s,
+            answer_tokens=result.answer_length, tokens_per_second=result.tokens_per_second,
+            canvas_tokens_per_second=result.canvas_tokens_per_second, engine_s=result.engine_s, decode=result)

@@ -3,11 +3,11 @@
     dllm-eval ENGINE_DIR --task arithmetic --limit 200 --methods full,dual+threshold,dcu,dcu+apd --json out.json
     dllm-eval CHECKPOINT_DIR --task sorting --methods reference          # the reference decoder only
     dllm-eval ENGINE_DIR --task arithmetic --reference CHECKPOINT_DIR   # methods plus the reference
-    dllm-eval ENGINE_DIR --task gsm8k --data gsm8k_test.jsonl --gen-length 256 --block-length 8 --steps 256
+    dllm-eval ENGINE_DIR --task gsm8k --data gsm8k_test.jsonl --gen-length 256 --block-length 8
 
 Every method answers every problem; problems are the outer loop so the methods' timings interleave.
-Per method it reports accuracy, mean steps, mean NFE and tokens/s (generated positions over decode
-wall time), as a table and as JSON. Method names are those of ``dllm.runtime.method_config``
+Per method it reports accuracy, mean steps, mean NFE, mean latency and tokens/s (answer tokens, before
+the first EOS, over decode wall time), as a table and as JSON. Method names are those of ``dllm.runtime.method_config``
 (``CACHE`` or ``CACHE+COMMIT``), plus ``reference``: ``runtime/reference.py`` on the checkpoint
 weights in PyTorch, the decoder every fast path is tested against.
 """
@@ -21,15 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from dllm.cli import add_choice, add_common, short_warnings
 from dllm.errors import ConfigError, DllmError
+from dllm.threads import resolve_threads, torch_threads, torch_threads_for
 from dllm.tools.tasks import FEWSHOT_DEFAULT, Problem, Split, Task, extract_answer, generate, is_correct, load_gsm8k
 
 REFERENCE = "reference"
 DEFAULT_METHODS = ("full", "dual+threshold", "dcu", "dcu+apd")
 # decode settings per task when no flag says otherwise: the shipped model's canvas for the generated
-# tasks, the Dynamic-dLLM GSM8K protocol (ALGORITHMS.md E) for gsm8k
+# tasks, the GSM8K protocol of the Dynamic-dLLM evaluation for gsm8k
 TASK_DECODE = {Task.ARITHMETIC: dict(gen_length=32, block_length=32, steps=32),
                Task.SORTING: dict(gen_length=32, block_length=32, steps=32),
                Task.GSM8K: dict(gen_length=256, block_length=8, steps=256)}
@@ -49,6 +49,7 @@ class EvalConfig:
     fewshot: int = FEWSHOT_DEFAULT
     backend: str = "onnxruntime"
     device: str = "cpu"
+    threads: int | None = None         # CPU threads per generation (dllm.threads); None: the default
 
     def __post_init__(self):
         object.__setattr__(self, "task", Task(self.task))
@@ -77,7 +78,7 @@ def load_problems(cfg: EvalConfig) -> list[Problem]:
 
 
 def cut_at_stops(task: Task, text: str) -> str:
-    """GSM8K answers stop at the harness' stop strings (ALGORITHMS.md E); others are the text."""
+    """GSM8K answers stop at the evaluation harness' stop strings; others are the text."""
     if task != Task.GSM8K:
         return text
     for s in GSM8K_STOPS:
@@ -94,13 +95,15 @@ class PipelineRunner:
 
     def __call__(self, problem: Problem):
         res = self.pipe.generate(problem.messages(), self.config)
-        return res.text or "", res.steps, res.nfe, res.wall_s
+        return res.text or "", res.steps, res.nfe, res.wall_s, res.answer_tokens
 
 
 class ReferenceRunner:
     """``runtime/reference.py`` on the checkpoint's PyTorch model, with the same canvas settings."""
 
-    def __init__(self, checkpoint_dir: Path, decode_config, device: str):
+    def __init__(self, checkpoint_dir: Path, decode_config, device: str, threads: int | None = None):
+        import torch
+
         from dllm.exporter.models.checkpoint import Checkpoint
         from dllm.runtime import reference
         from dllm.spec import Arch
@@ -114,24 +117,28 @@ class ReferenceRunner:
         common = dict(gen_length=c.gen_length, block_length=c.block_length, steps=c.steps,
                       temperature=c.temperature, seed=c.seed)
         if self.spec.arch == Arch.LLADA:
-            self.ref_cfg = reference.LladaConfig(remasking=c.remasking.value, **common)
+            # the reference decoders keep the published code's spelling of their choices (low_confidence)
+            self.ref_cfg = reference.LladaConfig(remasking=c.remasking.value.replace("-", "_"), **common)
         else:
-            self.ref_cfg = reference.DreamConfig(alg=c.alg.value, eps=c.eps, **common)
+            self.ref_cfg = reference.DreamConfig(alg=c.alg.value.replace("-", "_"), eps=c.eps, **common)
         self.generate = reference.generate
+        self.threads = torch_threads_for("torch", self.device.type, resolve_threads(threads))
 
     def _prompt_ids(self, problem: Problem) -> list[int]:
         ids = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    @torch.no_grad()
     def __call__(self, problem: Problem):
+        import torch
+
         prompt = torch.tensor([self._prompt_ids(problem)], device=self.device)   # [1, P]
-        t0 = time.perf_counter()
-        res = self.generate(self.model, prompt, self.ref_cfg)
-        wall = time.perf_counter() - t0
+        with torch.no_grad(), torch_threads(self.threads):
+            t0 = time.perf_counter()
+            res = self.generate(self.model, prompt, self.ref_cfg)
+            wall = time.perf_counter() - t0
         gen = res.gen_ids[0].tolist()
         cut = next((i for i, t in enumerate(gen) if t in set(self.spec.eos_ids)), len(gen))
-        return self.tokenizer.decode(gen[:cut], skip_special_tokens=True), res.steps, res.nfe, wall
+        return self.tokenizer.decode(gen[:cut], skip_special_tokens=True), res.steps, res.nfe, wall, cut
 
 
 def is_checkpoint_dir(path: Path) -> bool:
@@ -146,8 +153,8 @@ def open_pipeline(cfg: EvalConfig):
             raise ConfigError(f"{cfg.engine_dir} is a checkpoint, not an engine directory: export it with "
                               f"`dllm-export {cfg.engine_dir} -o OUT`, pass --backend torch, or evaluate "
                               "only --methods reference")
-        return Pipeline.from_checkpoint(cfg.engine_dir, device=cfg.device)
-    return Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, device=cfg.device)
+        return Pipeline.from_checkpoint(cfg.engine_dir, device=cfg.device, threads=cfg.threads)
+    return Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, device=cfg.device, threads=cfg.threads)
 
 
 def build_runners(cfg: EvalConfig, base) -> dict:
@@ -156,7 +163,7 @@ def build_runners(cfg: EvalConfig, base) -> dict:
     runners, pipe = {}, None
     for m in cfg.methods:
         if m == REFERENCE:
-            runners[m] = ReferenceRunner(cfg.reference_dir, base, cfg.device)
+            runners[m] = ReferenceRunner(cfg.reference_dir, base, cfg.device, cfg.threads)
             continue
         mcfg = method_config(m, base)       # validates the name before any engine opens
         pipe = pipe or open_pipeline(cfg)
@@ -172,21 +179,23 @@ def evaluate(cfg: EvalConfig, base, log=print) -> dict:
     rows = {m: [] for m in cfg.methods}
     for i, p in enumerate(problems):
         for m, run in runners.items():
-            text, steps, nfe, wall = run(p)
+            text, steps, nfe, wall, answer_tokens = run(p)
             text = cut_at_stops(cfg.task, text)
             rows[m].append({"text": text, "extracted": extract_answer(cfg.task, text),
                             "correct": is_correct(cfg.task, text, p.answer),
-                            "steps": steps, "nfe": nfe, "wall_s": wall})
+                            "steps": steps, "nfe": nfe, "wall_s": wall, "answer_tokens": answer_tokens})
         if (i + 1) % 25 == 0 or i + 1 == len(problems):
             log(f"[eval] {i + 1}/{len(problems)} " + " ".join(
                 f"{m} {sum(r['correct'] for r in rows[m]) / (i + 1):.0%}" for m in cfg.methods))
     methods = {}
     for m, rs in rows.items():
         n, wall = len(rs), sum(r["wall_s"] for r in rs)
+        answer = sum(r["answer_tokens"] for r in rs)
         methods[m] = {"accuracy": sum(r["correct"] for r in rs) / n, "correct": sum(r["correct"] for r in rs),
                       "n": n, "mean_steps": sum(r["steps"] for r in rs) / n,
-                      "mean_nfe": sum(r["nfe"] for r in rs) / n,
-                      "tokens_per_second": base.gen_length * n / wall if wall > 0 else 0.0, "wall_s": wall}
+                      "mean_nfe": sum(r["nfe"] for r in rs) / n, "latency_ms_mean": wall / n * 1e3,
+                      "tokens_per_second": answer / wall if wall > 0 else 0.0,
+                      "canvas_tokens_per_second": base.gen_length * n / wall if wall > 0 else 0.0, "wall_s": wall}
     return {
         "task": cfg.task.value, "n_problems": len(problems), "seed": cfg.seed,
         "engine_dir": str(cfg.engine_dir) if cfg.engine_dir else None,
@@ -199,42 +208,49 @@ def evaluate(cfg: EvalConfig, base, log=print) -> dict:
 
 
 def format_table(report: dict) -> str:
-    head = f"{'method':<20} {'accuracy':>9} {'correct':>9} {'steps':>7} {'NFE':>7} {'tokens/s':>9}"
+    head = f"{'method':<20} {'accuracy':>9} {'correct':>9} {'steps':>7} {'NFE':>7} {'latency ms':>10} {'tokens/s':>9}"
     lines = [f"task {report['task']}, {report['n_problems']} problems, backend {report['backend']}", head,
              "-" * len(head)]
     for m, r in report["methods"].items():
         lines.append(f"{m:<20} {r['accuracy']:>9.1%} {r['correct']:>4}/{r['n']:<4} {r['mean_steps']:>7.1f} "
-                     f"{r['mean_nfe']:>7.1f} {r['tokens_per_second']:>9.1f}")
+                     f"{r['mean_nfe']:>7.1f} {r['latency_ms_mean']:>10.1f} {r['tokens_per_second']:>9.1f}")
     return "\n".join(lines)
 
 
 # -- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from dllm.runtime.cli import _FIELDS   # the decode flags of dllm-run, spelled the same way
+    from dllm.runtime.cli import add_decode_flags   # the decode flags of dllm-run, spelled the same way
 
-    p = argparse.ArgumentParser(prog="dllm-eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="dllm-eval", description="Exact-match accuracy of decoding methods on the "
+                                "same problems (generated arithmetic and sorting, or a local GSM8K file).")
     p.add_argument("engine_dir", nargs="?", type=Path, help="engine directory (or checkpoint with --backend torch)")
-    p.add_argument("--task", required=True, choices=[t.value for t in Task])
-    p.add_argument("--data", type=Path, help="gsm8k: local JSONL in the GSM8K format")
-    p.add_argument("--fewshot", type=int, default=FEWSHOT_DEFAULT, help="gsm8k: solved examples as chat turns")
-    p.add_argument("--limit", type=int, default=200, help="number of problems (default 200)")
-    p.add_argument("--seed-problems", type=int, default=1234, help="seed of the generated test problems")
+    add_choice(p, "--task", Task, required=True, help="problem family")
+    p.add_argument("--data", type=Path, metavar="FILE.jsonl", help="gsm8k: local JSONL in the GSM8K format")
+    p.add_argument("--fewshot", type=int, default=FEWSHOT_DEFAULT, metavar="N",
+                   help=f"gsm8k: solved examples as chat turns (default {FEWSHOT_DEFAULT})")
+    p.add_argument("--limit", type=int, default=200, metavar="N", help="number of problems (default 200)")
+    p.add_argument("--seed-problems", type=int, default=1234, metavar="SEED",
+                   help="seed of the generated test problems (default 1234)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated method names (CACHE or CACHE+COMMIT, or 'reference')")
+                   help="comma-separated method names (CACHE or CACHE+COMMIT, or 'reference'; default "
+                        f"{','.join(DEFAULT_METHODS)})")
     p.add_argument("--reference", type=Path, metavar="CHECKPOINT_DIR",
                    help="also evaluate the reference decoder on this checkpoint")
-    p.add_argument("--backend", default="onnxruntime", choices=["torch", "onnxruntime", "tensorrt"])
-    p.add_argument("--device", default="cpu")
+    add_choice(p, "--backend", ("onnxruntime", "torch", "tensorrt"), default="onnxruntime",
+               help="what runs the subgraphs (as in dllm-run)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    add_common(p)
     p.add_argument("--json", type=Path, metavar="OUT", help="write the report here")
-    for flag, typ, help_ in _FIELDS:
-        p.add_argument(flag, type=typ, default=None, help=help_)
+    add_decode_flags(p, canvas_default="default: per task, see the end of this help")
+    p.epilog = "Decode defaults per task: " + "; ".join(
+        f"{t.value} gen length {d['gen_length']}, block {d['block_length']}, {d['steps']} steps"
+        for t, d in TASK_DECODE.items()) + "."
     return p
 
 
 def config_from_args(a: argparse.Namespace):
     """(EvalConfig, base DecodeConfig) from parsed flags."""
-    from dllm.runtime import DecodeConfig
-    from dllm.runtime.cli import _FIELDS
+    from dllm.runtime.cli import config_from_args as decode_config
 
     task = Task(a.task)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -247,24 +263,18 @@ def config_from_args(a: argparse.Namespace):
     if engine_dir is not None and not engine_dir.is_dir():
         raise ConfigError(f"{engine_dir} is not a directory; pass an engine directory from dllm-export "
                           "or a checkpoint directory")
-    fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS}
-    values = dict(TASK_DECODE[task])
-    values.update({f: getattr(a, f) for f in fields if getattr(a, f) is not None})
-    base = DecodeConfig(**values)
+    base = decode_config(a, TASK_DECODE[task])
     cfg = EvalConfig(task=task, methods=tuple(methods), engine_dir=engine_dir, reference_dir=reference_dir,
                      data=a.data, limit=a.limit, seed=a.seed_problems, fewshot=a.fewshot, backend=a.backend,
-                     device=a.device)
+                     device=a.device, threads=a.threads)
     return cfg, base
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    short_warnings("dllm-eval")
     try:
         cfg, base = config_from_args(args)
-        if cfg.backend != "torch" and not cfg.device.startswith("cuda"):
-            # torch only orchestrates between engine calls here; its thread pool would compete with the
-            # backend's own threads (as in dllm-run and dllm-bench)
-            torch.set_num_threads(1)
         report = evaluate(cfg, base, log=lambda s: print(s, file=sys.stderr, flush=True))
     except DllmError as e:
         print(f"dllm-eval: {e}", file=sys.stderr)

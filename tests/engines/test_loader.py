@@ -154,8 +154,21 @@ def test_available_backends_describes_this_machine():
 def test_bad_arguments(engine_dirs):
     with pytest.raises(ConfigError, match=r"backend 'tensorflow' is not one of \['torch', 'onnxruntime', 'tensorrt'\]"):
         open_engine_dir(engine_dirs["dream"], "tensorflow")
-    with pytest.raises(ConfigError, match=r"unknown onnxruntime options \['threads'\]"):
-        open_engine_dir(engine_dirs["dream"], "onnxruntime", threads=2)
+    with pytest.raises(ConfigError, match=r"unknown onnxruntime options \['thread_count'\]"):
+        open_engine_dir(engine_dirs["dream"], "onnxruntime", thread_count=2)
+    with pytest.raises(ConfigError, match=r"--threads must be a positive integer"):
+        open_engine_dir(engine_dirs["dream"], "onnxruntime", threads=0)
+    with pytest.raises(ConfigError, match=r"disagree"):
+        open_engine_dir(engine_dirs["dream"], "onnxruntime", threads=2, intra_op_threads=1)
+
+
+def test_threads_reach_the_sessions_and_torch(engine_dirs):
+    engines = open_engine_dir(engine_dirs["dream"], "onnxruntime", threads=2)
+    assert engines.threads == 2 and engines.torch_threads == 1     # torch only orchestrates around ORT
+    sess = engines.embed.session
+    assert sess.get_session_options().intra_op_num_threads == 2
+    assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert open_engine_dir(engine_dirs["dream"], "onnxruntime", intra_op_threads=3).threads == 3
     if not torch.cuda.is_available():
         with pytest.raises(BackendError, match=r"device cuda asked for, but torch sees no CUDA device"):
             open_engine_dir(engine_dirs["dream"], "onnxruntime", "cuda")
