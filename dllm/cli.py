@@ -12,9 +12,9 @@ import enum
 import sys
 import warnings
 
-THREADS_HELP = ("CPU threads per generation (default: as many as the cores, at most 4; idle threads sleep, so a "
-                "loaded machine does not slow down). Raise it for models of hundreds of millions of parameters "
-                "on a CPU with idle cores; GPU runs ignore it")
+THREADS_HELP = ("CPU threads {what} (default: as many as the cores, at most 4; idle threads sleep instead of "
+                "spinning, so a loaded machine does not slow the run down). Raise it for models of hundreds of "
+                "millions of parameters on a CPU with idle cores{gpu}")
 
 
 def version_text(prog: str) -> str:
@@ -33,12 +33,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_common(parser: argparse.ArgumentParser, threads: bool = True) -> None:
-    """``--version`` and (unless ``threads=False``) ``--threads N`` on ``parser``."""
+def add_common(parser: argparse.ArgumentParser, threads_for: str = "per generation",
+               gpu_note: str = "; GPU runs ignore it") -> None:
+    """``--version`` and ``--threads N`` on ``parser``; ``threads_for`` says what the threads do."""
     parser.add_argument("--version", action="version", version=version_text(parser.prog),
                         help="print the version and exit")
-    if threads:
-        parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help=THREADS_HELP)
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help=THREADS_HELP.format(what=threads_for, gpu=gpu_note))
 
 
 def spelled(value: str) -> str:

@@ -1,4 +1,8 @@
-"""``dllm-export CHECKPOINT_DIR -o OUT_DIR``: flags -> ExportConfig -> export_checkpoint, with progress and a summary."""
+"""``dllm-export CHECKPOINT -o OUT_DIR``: flags -> ExportConfig -> export_checkpoint, with progress and a summary.
+
+CHECKPOINT is a checkpoint directory or a Hugging Face repo id (``GSAI-ML/LLaDA-8B-Instruct``), which
+``dllm.exporter.hub`` resolves through huggingface_hub (downloaded, or from the local cache).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from dllm.cli import Progress, add_choice, add_common, short_warnings
 from dllm.errors import DllmError
-from dllm.exporter.config import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPT_ROWS, ExportBackend, ExportConfig
-from dllm.exporter.subgraphs import DType
 
 EXIT_ERROR = 2
+# The choices, spelled here so that --help needs no torch (a test checks them against DType and ExportBackend).
+DTYPES = ("fp32", "fp16", "bf16")
+BACKENDS = ("onnx", "tensorrt")
+DEFAULT_MAX_SEQ_LEN = 2048    # = dllm.exporter.config.DEFAULT_MAX_SEQ_LEN
+DEFAULT_OPT_ROWS = 32         # = dllm.exporter.config.DEFAULT_OPT_ROWS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,54 +27,53 @@ def parser() -> argparse.ArgumentParser:
         description="Export a LLaDA or Dream checkpoint (Hugging Face layout) to an engine directory: per-layer "
                     "ONNX subgraphs with dynamic row count k and canvas length N, validated against PyTorch, "
                     "optionally built into TensorRT plans.")
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR",
-                   help="directory with config.json, *.safetensors and tokenizer files")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="checkpoint directory (config.json, *.safetensors, tokenizer files) or a Hugging Face repo "
+                        "id such as GSAI-ML/LLaDA-8B-Instruct (downloaded, or read from the local cache with "
+                        "HF_HUB_OFFLINE=1)")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR",
                    help="engine directory to write (replaced atomically; unchanged subgraphs are reused)")
-    p.add_argument("--dtype", choices=[d.value for d in DType], default=DType.FP32.value,
-                   help="dtype of weights and activations in the graphs (default fp32: ONNX Runtime's CPU "
-                        "provider runs fp32 fastest and has no bf16 MatMul; use bf16 or fp16 for GPUs and TensorRT)")
+    add_choice(p, "--dtype", DTYPES, default="fp32",
+               help="dtype of weights and activations in the graphs (fp32 suits ONNX Runtime's CPU provider, which "
+                    "runs it fastest and has no bf16 MatMul; use bf16 or fp16 for GPUs and TensorRT)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                    help=f"largest canvas length N the engines serve (default: the model's limit, at most "
                         f"{DEFAULT_MAX_SEQ_LEN})")
-    p.add_argument("--backend", choices=[b.value for b in ExportBackend], default=ExportBackend.ONNX.value,
-                   help="onnx: ONNX files only (default); tensorrt: also build TensorRT plans for this machine "
-                        "with the installed tensorrt or tensorrt_rtx module")
+    add_choice(p, "--backend", BACKENDS, default="onnx",
+               help="onnx: ONNX files only; tensorrt: also build TensorRT plans for this machine with the "
+                    "installed tensorrt or tensorrt_rtx module")
     p.add_argument("--opt-rows", type=int, default=DEFAULT_OPT_ROWS, metavar="K",
                    help=f"rows recomputed per cached step that TensorRT optimizes for (default {DEFAULT_OPT_ROWS})")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch parity check of every subgraph")
     p.add_argument("--no-vproj", dest="with_vproj", action="store_false",
                    help="do not export the vproj_i value probes (only needed by value-based change scores)")
+    add_common(p, threads_for="of PyTorch while tracing and validating the subgraphs", gpu_note="")
     return p
 
 
-class _Bars:
-    """One tqdm bar per stage on stderr, advanced per subgraph."""
+class _Progress:
+    """Progress per stage (a bar on a terminal, one line per subgraph in logs) and what was reused."""
 
     def __init__(self):
-        self.bars = {}
+        self.display = Progress()
+        self.counts: dict[tuple[str, str], int] = {}     # (stage, status) -> subgraphs
 
     def __call__(self, event) -> None:
-        from tqdm import tqdm
-
         from dllm.exporter.export import Status
 
-        bar = self.bars.get(event.stage)
-        if bar is None:
-            bar = self.bars[event.stage] = tqdm(total=event.total, desc=event.stage.value, unit="subgraph",
-                                                file=sys.stderr, leave=True, dynamic_ncols=True)
-        if event.status == Status.START:
-            bar.set_postfix_str(event.name)
-        else:
-            bar.set_postfix_str(f"{event.name} {event.status.value}")
-            bar.update(1)
-            if bar.n >= bar.total:
-                bar.close()
+        done = event.status != Status.START
+        if done:
+            key = (event.stage.value, event.status.value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+        self.display.update(event.stage.value, event.total, event.name, event.status.value, done)
+
+    def reused(self, stage: str) -> tuple[int, int]:
+        """(made, reused) subgraphs of ``stage``."""
+        return self.counts.get((stage, "done"), 0), self.counts.get((stage, "skipped"), 0)
 
     def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+        self.display.close()
 
 
 def _size(n: float) -> str:
@@ -76,8 +83,9 @@ def _size(n: float) -> str:
         n /= 1024
 
 
-def summary(out: Path) -> str:
-    """Files, sizes, validation results and build times of an engine directory."""
+def summary(out: Path, progress: _Progress | None = None) -> str:
+    """Files, sizes, validation results and build times of an engine directory (and, given the export's
+    progress, how many subgraphs and plans were made and how many reused from an earlier export)."""
     from dllm.exporter.manifest import read_manifest
 
     m = read_manifest(out)
@@ -87,7 +95,15 @@ def summary(out: Path) -> str:
              f"  model {m.model.arch.value}, {m.model.n_layers} layers, dtype {m.dtype}, max_seq_len {m.max_seq_len}"]
     onnx = [out / s.onnx for s in m.subgraphs]
     onnx_size = sum(p.stat().st_size + p.with_name(p.name + ".data").stat().st_size for p in onnx)
-    lines.append(f"  onnx/: {len(onnx)} subgraphs, {_size(onnx_size)}")
+    made = ""
+    if progress is not None:
+        exported, reused = progress.reused("export")
+        made = f" ({exported} exported, {reused} reused unchanged)"
+    lines.append(f"  onnx/: {len(onnx)} subgraphs, {_size(onnx_size)}{made}")
+    if m.generation:
+        g = m.generation
+        lines.append(f"  generation defaults ({g.get('source') or 'none found'}): gen length {g.get('gen_length')}, "
+                     f"block {g.get('block_length')}, steps {g.get('steps')}, chat {'on' if g.get('chat') else 'off'}")
     validation = m.build.get("validation") or {}
     if validation:
         checks = sorted({v["check"] for v in validation.values()})
@@ -101,23 +117,33 @@ def summary(out: Path) -> str:
     for tag, plans in m.plans.items():
         times = [p.get("build_s") or 0.0 for p in plans.values()]
         size = sum((out / p["file"]).stat().st_size for p in plans.values())
+        built = ""
+        if progress is not None:
+            made_plans, reused_plans = progress.reused("build")
+            built = f", {made_plans} built, {reused_plans} reused"
         lines.append(f"  plans/{tag}/: {len(plans)} plans, {_size(size)}, build {sum(times):.1f} s "
-                     f"(slowest {max(times):.1f} s)")
+                     f"(slowest {max(times):.1f} s){built}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    bars = _Bars()
+    short_warnings("dllm-export")
+    bars = _Progress()
     try:
+        from dllm.exporter.config import ExportConfig
         from dllm.exporter.export import export_checkpoint
+        from dllm.exporter.hub import resolve_checkpoint
+        from dllm.threads import resolve_threads, torch_threads
 
-        cfg = ExportConfig(checkpoint=args.checkpoint, out_dir=args.out, dtype=args.dtype,
+        checkpoint = resolve_checkpoint(args.checkpoint, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        cfg = ExportConfig(checkpoint=checkpoint, out_dir=args.out, dtype=args.dtype,
                            max_seq_len=args.max_seq_len, backend=args.backend, opt_rows=args.opt_rows,
                            validate=args.validate, with_vproj=args.with_vproj)
-        out = export_checkpoint(cfg, progress=bars)
+        with torch_threads(resolve_threads(args.threads)):
+            out = export_checkpoint(cfg, progress=bars)
         bars.close()
-        print(summary(out))
+        print(summary(out, bars))
     except DllmError as e:
         bars.close()
         print(f"dllm-export: error: {e}", file=sys.stderr)

@@ -19,7 +19,6 @@ from dllm.cli import add_choice, add_common, show, short_warnings
 from dllm.errors import ConfigError, DllmError
 from dllm.runtime.config import Alg, Allocation, ApdMode, CachePolicyKind, CommitPolicyKind, DecodeConfig, Proxy, Remasking
 
-_MODEL_DEFAULT = "default: the engine directory's generation defaults, else {}"
 # flag -> DecodeConfig field; type (an Enum class for choices); help (the default is added from DecodeConfig)
 _FIELDS = [
     ("--gen-length", int, "tokens to generate"),
@@ -50,20 +49,24 @@ _FIELDS = [
     ("--temperature", float, "sampling temperature, 0 = greedy"),
     ("--seed", int, "random seed"),
 ]
-_CANVAS = {"--gen-length": "256", "--block-length": "32", "--steps": "the gen length: one token per step"}
+_MODEL = "default: the engine directory's generation defaults, else "
+RUN_CANVAS = {"--gen-length": _MODEL + "256", "--block-length": _MODEL + "32",
+              "--steps": _MODEL + "the gen length: one token per step"}
 
 
-def add_decode_flags(parser, canvas_default: str = _MODEL_DEFAULT) -> None:
-    """The DecodeConfig flags, spelled and explained the same way in dllm-run and dllm-eval.
-    ``canvas_default``: how the defaults of --gen-length, --block-length and --steps are chosen."""
+def add_decode_flags(parser, canvas: dict[str, str] = RUN_CANVAS, exclude: tuple[str, ...] = ()) -> None:
+    """The DecodeConfig flags, spelled and explained the same way in dllm-run, dllm-eval and dllm-bench.
+    ``canvas``: how the defaults of --gen-length, --block-length and --steps are chosen, per flag."""
     for flag, typ, help_ in _FIELDS:
+        if flag in exclude:
+            continue
         field = flag[2:].replace("-", "_")
         default = DecodeConfig.__dataclass_fields__[field].default
         if isinstance(typ, type) and issubclass(typ, enum.Enum):
             add_choice(parser, flag, typ, help=f"{help_} (default {show(default)})")
         else:
-            if flag in _CANVAS:
-                text = f"{help_} ({canvas_default.format(_CANVAS[flag])})"
+            if flag in canvas:
+                text = f"{help_} ({canvas[flag]})"
             elif default is None:
                 text = help_ if "default" in help_ else f"{help_} (default off)"
             else:

@@ -12,10 +12,13 @@ How it measures (``run_bench``):
 3. per step, a hook on the decode loop takes the time between steps (synchronizing CUDA first, which
    costs nothing extra: the loop already syncs once per step to read the committed positions);
 4. ``full`` (the reference ``full`` + ``schedule``) is always measured, and every method is compared
-   against it: speedup of tokens/s, agreement of the generated tokens, and, for task prompts,
-   exact-match accuracy of the answers.
+   against it: speedup (``full``'s mean latency over the method's), agreement of the generated tokens,
+   and, for task prompts, exact-match accuracy of the answers.
 
-Tokens/s counts every generated position (gen_length per prompt, EOS tail included) over wall time.
+Per method, as serving benchmarks report: latency per request (one generation), time to the first
+answer token (until the answer's first position is committed, what a stream shows first), tokens/s
+counting only answer tokens (before the first EOS), and, named as such, the canvas rate (every
+generated position, EOS padding included, over wall time).
 """
 
 from __future__ import annotations
@@ -23,20 +26,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 import typing
 from pathlib import Path
 
-import torch
-
+from dllm.cli import add_choice, add_common, short_warnings
 from dllm.errors import ConfigError, DllmError
-from dllm.runtime import CachePolicyKind, DecodeConfig, Pipeline, Proxy, decode, method_config
-from dllm.tools.bench_report import (PeakMemory, command_line, format_table, machine_info, median, percentile, plot,
-                                     weight_read_floor)
-from dllm.tools.bench_sources import (EngineSource, PromptKind, Prompts, make_prompts, open_engine_dir_source,
-                                      open_random_source, weight_bytes_per_step)
-from dllm.tools.step_profile import format_profile, profile_decode
+from dllm.runtime.config import CachePolicyKind, DecodeConfig, Proxy
+from dllm.runtime.methods import method_config
+from dllm.tools.bench_report import command_line, format_table, median, percentile
 
 REFERENCE = "full"
 DEFAULT_METHODS = ("full", "dual+threshold", "dcu", "dcu+apd")
@@ -140,12 +140,18 @@ class Run:
     step_s: list[float]
     rows_per_step: list[list[int]]
     canvas_len: int
+    first_token_s: float = 0.0       # until the answer's first position was committed
+    answer_len: int = 0              # generated tokens before the first EOS
 
 
 # -- measuring --------------------------------------------------------------------------------------
 def decode_once(pipe: Pipeline, prompt: tuple[int, ...], cfg: DecodeConfig, step_times: bool,
                 max_seq_len: int | None) -> tuple:
     """One generation; returns (DecodeResult, seconds of each step)."""
+    import torch
+
+    from dllm.runtime.loop import decode
+
     cuda = pipe.engines.device.type == "cuda"
     stamps: list[float] = []
 
@@ -170,6 +176,8 @@ class Measured:
 def run_bench(pipe: Pipeline, prompts: Prompts, cfg: BenchConfig, max_seq_len: int | None = None,
               log=print) -> Measured:
     """Warm up, then ``cfg.repeat`` rounds of every method over every prompt (order reversed on odd rounds)."""
+    from dllm.tools.bench_report import PeakMemory
+
     configs = cfg.method_configs()
     memory = PeakMemory(pipe.engines.device)
     for w in range(cfg.warmup):
@@ -186,7 +194,8 @@ def run_bench(pipe: Pipeline, prompts: Prompts, cfg: BenchConfig, max_seq_len: i
             for i, p in enumerate(prompts.ids):
                 res, step_s = decode_once(pipe, p, configs[m], cfg.step_times, max_seq_len)
                 runs[m].append(Run(r, i, res.ids, res.wall_s, res.engine_s, res.steps, res.nfe, step_s,
-                                   res.rows_per_step, res.prompt_length + len(res.ids)))
+                                   res.rows_per_step, res.prompt_length + len(res.ids), res.first_token_s,
+                                   res.answer_length))
             peak = memory.read()
             peaks[m] = {k: max(v, peaks[m][k]) if m in peaks and isinstance(v, float) else v
                         for k, v in peak.items()}
@@ -198,6 +207,8 @@ def run_bench(pipe: Pipeline, prompts: Prompts, cfg: BenchConfig, max_seq_len: i
 def summarize(measured: Measured, prompts: Prompts, cfg: BenchConfig, pipe: Pipeline,
               floor_ms: float | None = None) -> dict:
     """Per-method statistics from the runs (see the module docstring for definitions)."""
+    from dllm.tools.bench_sources import PromptKind
+
     runs, peaks = measured.runs, measured.peaks
     ref_runs = runs[REFERENCE]
     ref_ids = {x.prompt: x.ids for x in ref_runs if x.repeat == cfg.repeat - 1}
@@ -216,10 +227,19 @@ def summarize(measured: Measured, prompts: Prompts, cfg: BenchConfig, pipe: Pipe
         last = {x.prompt: x.ids for x in rs if x.repeat == cfg.repeat - 1}
         agree = [sum(a == b for a, b in zip(last[i], ref_ids[i])) / G for i in last]
         walls = {r: sum(x.wall_s for x in rs if x.repeat == r) for r in range(cfg.repeat)}
+        latency = [x.wall_s for x in rs]
+        per_round = [walls[r] / sum(1 for x in rs if x.repeat == r) for r in range(cfg.repeat)]
         stats = {
             "config": cfg.method_configs()[m].to_dict(),
             "generations": len(rs),
-            "tokens_per_s": len(rs) * G / wall,
+            "latency_ms_mean": wall / len(rs) * 1e3,
+            "latency_ms_p50": percentile(latency, 50) * 1e3,
+            "latency_ms_p90": percentile(latency, 90) * 1e3,
+            "latency_ms_round_std": statistics.pstdev(per_round) * 1e3 if len(per_round) > 1 else 0.0,
+            "first_token_ms_mean": sum(x.first_token_s for x in rs) / len(rs) * 1e3,
+            "answer_tokens_mean": sum(x.answer_len for x in rs) / len(rs),
+            "tokens_per_s": sum(x.answer_len for x in rs) / wall,
+            "canvas_tokens_per_s": len(rs) * G / wall,
             "wall_ms_per_generation": wall / len(rs) * 1e3,
             "steps_mean": steps / len(rs),
             "nfe_mean": sum(x.nfe for x in rs) / len(rs),
@@ -238,6 +258,7 @@ def summarize(measured: Measured, prompts: Prompts, cfg: BenchConfig, pipe: Pipe
             "token_agreement": sum(agree) / len(agree),
             "deterministic": all(x.ids == last[x.prompt] for x in rs),
             "speedup_median_per_round": median([ref_wall[r] / walls[r] for r in range(cfg.repeat)]),
+            "speedup_per_round": [ref_wall[r] / walls[r] for r in range(cfg.repeat)],
             **peaks.get(m, {}),
         }
         if floor_ms is not None:
@@ -250,9 +271,9 @@ def summarize(measured: Measured, prompts: Prompts, cfg: BenchConfig, pipe: Pipe
                                        for i, t in texts.items()) / len(texts)
             stats["answers"] = [texts[i] for i in sorted(texts)]
         out[m] = stats
-    ref_tps = out[REFERENCE]["tokens_per_s"]
+    ref_latency = out[REFERENCE]["latency_ms_mean"]
     for stats in out.values():
-        stats["speedup"] = stats["tokens_per_s"] / ref_tps
+        stats["speedup"] = ref_latency / stats["latency_ms_mean"]     # same prompts and gen length: the canvas rate ratio
     return out
 
 
@@ -273,18 +294,21 @@ def _decode_fields() -> list[tuple[str, type, tuple | None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dllm.runtime.cli import add_decode_flags
+
     p = argparse.ArgumentParser(prog="dllm-bench", description="Benchmark decoding methods side by side "
-                                "(speed, steps, rows recomputed, accuracy against full).")
+                                "(latency, time to the first answer token, tokens/s, steps, rows recomputed, "
+                                "accuracy against full).")
     p.add_argument("engine_dir", nargs="?", help="engine directory from dllm-export (omit with --random-weights)")
-    p.add_argument("--random-weights", metavar="SHAPE", help="llada-8b | dream-7b | SPEC.json: random weights")
-    p.add_argument("--layers", type=int, help="random weights: override the number of layers")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="random weights: dtype "
-                   "(default bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    p.add_argument("--random-weights", metavar="SHAPE", help="llada-8b, dream-7b or SPEC.json: that model shape "
+                   "with random weights")
+    p.add_argument("--layers", type=int, metavar="N", help="random weights: override the number of layers")
+    add_choice(p, "--dtype", ("bf16", "fp16", "fp32"), help="random weights: dtype (default bf16 on cuda, fp32 "
+               "on cpu)")
+    add_choice(p, "--backend", ("onnxruntime", "torch", "tensorrt"), default="onnxruntime",
+               help="what runs the subgraphs (as in dllm-run)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--threads", type=int, help="CPU threads of the backend (ONNX Runtime intra-op, or torch with "
-                   "--backend torch); default: the backend's (every core). Torch's own ops between engine calls "
-                   "always run on one thread with other backends on the CPU")
+    add_common(p)
     p.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: no CUDA graph capture")
     p.add_argument("--share-layer-onnx", action="store_true", default=None,
                    help="random weights on onnxruntime: export one layer and load its file for every layer "
@@ -293,28 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated CACHE[+COMMIT][@field=value,...] names (default "
                         f"{','.join(DEFAULT_METHODS)}); full is always added; per-method DecodeConfig "
                         "overrides e.g. full,dcu+apd,dcu+apd@budget=8,window=8")
-    p.add_argument("--prompt-len", type=int, help="prompt tokens (task prompts: pad/cut; default natural; "
-                                                  "random prompts: default 64)")
-    p.add_argument("--num-prompts", type=int, default=4, help="prompts per method per round (default 4)")
-    p.add_argument("--tasks", default="arithmetic,sorting", help="task families for task prompts")
-    p.add_argument("--repeat", type=int, default=3, help="timed rounds (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds (default 1)")
+    p.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens (task prompts: pad/cut; default "
+                                                               "natural; random prompts: default 64)")
+    p.add_argument("--num-prompts", type=int, default=4, metavar="N", help="prompts per method per round (default 4)")
+    p.add_argument("--tasks", default="arithmetic,sorting", help="task families for task prompts "
+                                                                 "(default arithmetic,sorting)")
+    p.add_argument("--repeat", type=int, default=3, metavar="N", help="timed rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="warm-up rounds (default 1)")
     p.add_argument("--no-step-times", action="store_true", help="no per-step hook: step latency = wall / steps")
     p.add_argument("--profile", action="store_true",
                    help="after the timed rounds, decode the first prompt once more per method under the torch "
                         "profiler and report where a step's milliseconds go (JSON methods.<name>.profile)")
     g = p.add_argument_group("decoding (DecodeConfig fields; methods set --cache/--commit)")
-    defaults = {"gen_length": 64, "block_length": 32}
-    for name, typ, choices in _decode_fields():
-        flag = "--" + name.replace("_", "-")
-        if typ is bool:
-            g.add_argument(flag, action="store_true", default=None)
-        else:
-            g.add_argument(flag, type=typ, choices=choices, default=None,
-                           help=f"default {defaults.get(name, getattr(DecodeConfig, name, None))}"
-                           + (" (schedule: default gen-length, one token per step)" if name == "steps" else ""))
+    add_decode_flags(g, canvas={"--gen-length": "default 64", "--block-length": "default 32",
+                                "--steps": "default: the gen length, one token per step"},
+                     exclude=("--cache", "--commit"))
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
-    p.add_argument("--plot", metavar="OUT.png", help="draw tokens/s, accuracy and rows per layer (matplotlib)")
+    p.add_argument("--plot", metavar="OUT.png", help="draw latency, accuracy, steps per generation and rows per "
+                                                     "layer (needs matplotlib: pip install -e '.[plot]')")
     return p
 
 
@@ -322,7 +342,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     values = {name: getattr(args, name) for name, _, _ in _decode_fields() if getattr(args, name) is not None}
     values.setdefault("gen_length", 64)
     values.setdefault("block_length", 32)
-    values.setdefault("steps", values["gen_length"])
     decode_cfg = DecodeConfig(**values)
     return BenchConfig(methods=split_methods(args.methods), decode=decode_cfg, num_prompts=args.num_prompts,
                        prompt_len=args.prompt_len, repeat=args.repeat, warmup=args.warmup, seed=decode_cfg.seed,
@@ -331,6 +350,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def open_source(args: argparse.Namespace, cfg: BenchConfig) -> EngineSource:
+    from dllm.tools.bench_sources import open_engine_dir_source, open_random_source
+
     if (args.engine_dir is None) == (args.random_weights is None):
         raise ConfigError("pass either ENGINE_DIR or --random-weights SHAPE (exactly one)")
     cuda_graphs = not args.no_cuda_graphs and args.device.startswith("cuda")
@@ -347,59 +368,66 @@ def open_source(args: argparse.Namespace, cfg: BenchConfig) -> EngineSource:
 
 def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
     """Run the benchmark the parsed flags describe and return the report (also written/plotted if asked)."""
+    from dllm.threads import torch_threads
+
     cfg = config_from_args(args)
-    if args.backend != "torch" and not args.device.startswith("cuda"):
-        # torch only orchestrates between engine calls (small ops): its thread pool costs more than it saves
-        # and competes with the backend's own threads
-        torch.set_num_threads(1)
-    elif args.threads:
-        torch.set_num_threads(args.threads)
     source = open_source(args, cfg)
     try:
         engines = source.engines
-        pipe = Pipeline(engines, max_seq_len=source.max_seq_len)
-        tokenizer = pipe.tokenizer if engines.tokenizer_dir is not None else None
-        prompts = make_prompts(engines, tokenizer, cfg.num_prompts, cfg.prompt_len, cfg.seed, cfg.tasks)
-        log(f"[bench] {len(cfg.methods)} methods x {len(prompts.ids)} prompts ({prompts.note}), "
-            f"gen {cfg.decode.gen_length}, {cfg.warmup} warm-up + {cfg.repeat} timed rounds")
-        floor = None
-        if engines.device.type == "cuda":
-            floor = weight_read_floor(weight_bytes_per_step(engines.spec, engines.dtype), engines.device)
-        runs = run_bench(pipe, prompts, cfg, source.max_seq_len, log=log)
-        methods = summarize(runs, prompts, cfg, pipe, floor["floor_ms"] if floor else None)
-        if args.profile:
-            for name, method_cfg in cfg.method_configs().items():
-                methods[name]["profile"] = profile_decode(pipe, prompts.ids[0], method_cfg, source.max_seq_len)
-                log(f"[bench] profile {format_profile(name, methods[name]['profile'])}")
-        notes = list(source.notes)
-        if engines.device.type == "cuda":
-            notes.append("engine_ms_per_step is host time inside engine calls; on CUDA that is launch time only "
-                         "(the device runs asynchronously), so compare step_ms instead")
-            graphs = getattr(pipe.executor, "graphs_captured", 0) + \
-                sum(getattr(e, "graphs_captured", 0) for e in engines.engines.values())
-            if graphs:
-                notes.append(f"{graphs} CUDA graphs captured over the run")
-        report = {
-            "schema": SCHEMA,
-            "command": command_line(argv),
-            "machine": machine_info(engines.device),
-            "engine": source.description,
-            "settings": {"backend": engines.backend.value, "device": str(engines.device),
-                         "threads": args.threads,
-                         "cuda_graphs": engines.backend.value == "torch" and engines.device.type == "cuda"
-                         and not args.no_cuda_graphs,
-                         "methods": list(cfg.methods), "num_prompts": len(prompts.ids), "repeat": cfg.repeat,
-                         "warmup": cfg.warmup, "prompts": prompts.note, "prompt_kind": prompts.kind.value,
-                         "prompt_lengths": prompts.lengths, "decode": cfg.decode.to_dict(),
-                         "order": "method order reversed on odd rounds"},
-            "methods": methods,
-            "notes": notes,
-        }
-        if floor is not None:
-            report["weight_read_floor"] = floor
-        return report
+        with torch_threads(engines.torch_threads):
+            return _bench(args, argv, cfg, source, log)
     finally:
         source.close()
+
+
+def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
+    from dllm.runtime.pipeline import Pipeline
+    from dllm.tools.bench_report import machine_info, weight_read_floor
+    from dllm.tools.bench_sources import make_prompts, weight_bytes_per_step
+    from dllm.tools.step_profile import format_profile, profile_decode
+
+    engines = source.engines
+    pipe = Pipeline(engines, max_seq_len=source.max_seq_len)
+    tokenizer = pipe.tokenizer if engines.tokenizer_dir is not None else None
+    prompts = make_prompts(engines, tokenizer, cfg.num_prompts, cfg.prompt_len, cfg.seed, cfg.tasks)
+    log(f"[bench] {len(cfg.methods)} methods x {len(prompts.ids)} prompts ({prompts.note}), "
+        f"gen {cfg.decode.gen_length}, {cfg.warmup} warm-up + {cfg.repeat} timed rounds")
+    floor = None
+    if engines.device.type == "cuda":
+        floor = weight_read_floor(weight_bytes_per_step(engines.spec, engines.dtype), engines.device)
+    runs = run_bench(pipe, prompts, cfg, source.max_seq_len, log=log)
+    methods = summarize(runs, prompts, cfg, pipe, floor["floor_ms"] if floor else None)
+    if args.profile:
+        for name, method_cfg in cfg.method_configs().items():
+            methods[name]["profile"] = profile_decode(pipe, prompts.ids[0], method_cfg, source.max_seq_len)
+            log(f"[bench] profile {format_profile(name, methods[name]['profile'])}")
+    notes = list(source.notes)
+    if engines.device.type == "cuda":
+        notes.append("engine_ms_per_step is host time inside engine calls; on CUDA that is launch time only "
+                     "(the device runs asynchronously), so compare step_ms instead")
+        graphs = getattr(pipe.executor, "graphs_captured", 0) + \
+            sum(getattr(e, "graphs_captured", 0) for e in engines.engines.values())
+        if graphs:
+            notes.append(f"{graphs} CUDA graphs captured over the run")
+    report = {
+        "schema": SCHEMA,
+        "command": command_line(argv),
+        "machine": machine_info(engines.device),
+        "engine": source.description,
+        "settings": {"backend": engines.backend.value, "device": str(engines.device),
+                     "threads": engines.threads, "torch_threads": engines.torch_threads,
+                     "cuda_graphs": engines.backend.value == "torch" and engines.device.type == "cuda"
+                     and not args.no_cuda_graphs,
+                     "methods": list(cfg.methods), "num_prompts": len(prompts.ids), "repeat": cfg.repeat,
+                     "warmup": cfg.warmup, "prompts": prompts.note, "prompt_kind": prompts.kind.value,
+                     "prompt_lengths": prompts.lengths, "decode": cfg.decode.to_dict(),
+                     "order": "method order reversed on odd rounds"},
+        "methods": methods,
+        "notes": notes,
+    }
+    if floor is not None:
+        report["weight_read_floor"] = floor
+    return report
 
 
 def write_outputs(report: dict, args: argparse.Namespace, log=print) -> None:
@@ -409,11 +437,14 @@ def write_outputs(report: dict, args: argparse.Namespace, log=print) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         log(f"[bench] wrote {args.json}")
     if args.plot:
+        from dllm.tools.bench_report import plot
+
         log(f"[bench] wrote {plot(report, args.plot)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    short_warnings("dllm-bench")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
     try:
         report = bench(args, argv, log=log)

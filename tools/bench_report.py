@@ -12,8 +12,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 
 # -- machine ----------------------------------------------------------------------------------------
 def cpu_model() -> str:
@@ -26,8 +24,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(device: torch.device) -> dict:
+def machine_info(device) -> dict:
     """CPU, cores, load, GPU and library versions: enough to tell two reports' machines apart."""
+    import torch
+
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     try:
@@ -60,11 +60,13 @@ class PeakMemory:
     """Peak memory over a span: process RSS (Linux: VmHWM, reset through clear_refs) and, on CUDA,
     torch's peak allocated bytes. Elsewhere the RSS figure is the process lifetime peak (ru_maxrss)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device):
         self.device = device
         self.rss_resettable = None
 
     def reset(self) -> None:
+        import torch
+
         if self.rss_resettable is not False:
             try:
                 Path("/proc/self/clear_refs").write_text("5")   # "5": reset the peak RSS (Linux >= 4.0)
@@ -76,6 +78,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def read(self) -> dict:
+        import torch
+
         out = {"peak_rss_mb": round(self._peak_rss_bytes() / 2**20, 1),
                "peak_rss_scope": "span" if self.rss_resettable else "process"}
         if self.device.type == "cuda":
@@ -95,8 +99,10 @@ class PeakMemory:
 
 
 # -- GPU floor ----------------------------------------------------------------------------------------
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10) -> float:
+def copy_bandwidth(device, nbytes: int = 1 << 30, iters: int = 10) -> float:
     """Device copy bandwidth in bytes/s (read + write bytes over time) of a ``nbytes`` device-to-device copy."""
+    import torch
+
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)                                           # warm-up
@@ -113,7 +119,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10)
     return 2 * nbytes * iters / seconds
 
 
-def weight_read_floor(weight_bytes: int, device: torch.device) -> dict:
+def weight_read_floor(weight_bytes: int, device) -> dict:
     """Time to read every weight once at the measured copy bandwidth: a lower bound for one full step."""
     bw = copy_bandwidth(device)
     return {"weight_bytes_per_step": weight_bytes, "copy_bandwidth_gb_s": round(bw / 1e9, 1),
@@ -139,8 +145,10 @@ def median(values: list[float]) -> float:
 
 
 # -- table --------------------------------------------------------------------------------------------
-_COLUMNS = [("method", "{}", "method"), ("tok/s", "{:.1f}", "tokens_per_s"), ("speedup", "{:.2f}x", "speedup"),
-            ("steps", "{:.1f}", "steps_mean"), ("NFE", "{:.1f}", "nfe_mean"),
+_COLUMNS = [("method", "{}", "method"), ("latency ms", "{:.1f}", "latency_ms_mean"),
+            ("1st token ms", "{:.1f}", "first_token_ms_mean"), ("tok/s", "{:.1f}", "tokens_per_s"),
+            ("canvas tok/s", "{:.0f}", "canvas_tokens_per_s"), ("speedup", "{:.2f}x", "speedup"),
+            ("steps", "{:.1f}", "steps_mean"),
             ("step ms", "{:.2f}", "step_ms_mean"), ("p50", "{:.2f}", "step_ms_p50"), ("p90", "{:.2f}", "step_ms_p90"),
             ("engine ms/step", "{:.2f}", "engine_ms_per_step"), ("rows/layer", "{:.1f}", "rows_per_layer_mean"),
             ("agree", "{:.3f}", "token_agreement"), ("exact", "{:.3f}", "exact_match"),
@@ -148,7 +156,8 @@ _COLUMNS = [("method", "{}", "method"), ("tok/s", "{:.1f}", "tokens_per_s"), ("s
 
 
 def format_table(methods: dict[str, dict]) -> str:
-    """A plain-text table of the per-method results (markdown-compatible)."""
+    """A plain-text table of the per-method results (markdown-compatible). ``tok/s`` counts answer tokens
+    (before the first EOS); ``canvas tok/s`` every generated position."""
     rows = []
     for name, m in methods.items():
         row = []

@@ -79,12 +79,8 @@ def open_engine_dir_source(path: str, backend: str, device: str, threads: int | 
         raise ConfigError(f"{root} is not a directory; pass an engine directory written by dllm-export "
                           "(or use --random-weights SHAPE)")
     manifest = read_manifest(root)
-    options = {}
-    if backend == "onnxruntime":
-        options = ort_options(threads)
-    elif backend == "torch" and cuda_graphs:
-        options = {"cuda_graphs": True}
-    engines = open_engine_dir(root, backend, device, **options)
+    options = {"cuda_graphs": True} if backend == "torch" and cuda_graphs else {}
+    engines = open_engine_dir(root, backend, device, threads=threads, **options)
     desc = {"engine_dir": str(root.absolute()), "dtype": manifest.dtype, "model": manifest.model.to_dict(),
             "checkpoint": manifest.source.get("checkpoint"), "random_weights": False}
     return EngineSource(engines, desc, max_seq_len=manifest.max_seq_len)
@@ -93,7 +89,7 @@ def open_engine_dir_source(path: str, backend: str, device: str, threads: int | 
 def weight_bytes_per_step(spec: ModelSpec, dtype: DType) -> int:
     """Bytes of weights a full forward reads: every layer, the final norm and the LM head.
 
-    The embedding is a gather of N rows, not a full read, so it is left out (as in TARGETS.md's floor).
+    The embedding is a gather of N rows, not a full read, so it is left out.
     """
     D, H, Hkv, hd, F = spec.d_model, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.mlp_hidden
     layer = D * H * hd + 2 * D * Hkv * hd + H * hd * D + 3 * D * F + 2 * D
@@ -122,7 +118,8 @@ def open_random_source(shape: str, layers: int | None, dtype: str, backend: str,
         from dllm.engines.engine_set import torch_engine_set
 
         model = random_model(spec, dt.torch, device, seed=seed)
-        engines = torch_engine_set(model, dt, device, with_vproj=with_vproj, cuda_graphs=cuda_graphs)
+        engines = torch_engine_set(model, dt, device, with_vproj=with_vproj, cuda_graphs=cuda_graphs,
+                                   threads=threads)
         return EngineSource(engines, desc)
     if backend != "onnxruntime":
         raise ConfigError(f"--random-weights runs on --backend torch or onnxruntime, got {backend!r}; TensorRT "
@@ -171,7 +168,7 @@ def _export_random_ort(spec: ModelSpec, dt: DType, root: Path, device: str, thre
     dev = torch.device(device)
     engines = {decl.name: OrtEngine(decl, files[decl.name], dev, opts)
                for decl in declare(spec, dt, with_vproj=with_vproj)}
-    return EngineSet(spec, dt, Backend.ONNXRUNTIME, dev, engines), notes
+    return EngineSet(spec, dt, Backend.ONNXRUNTIME, dev, engines, threads=opts.intra_op_threads), notes
 
 
 # -- prompts --------------------------------------------------------------------------------------

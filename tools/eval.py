@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     add_common(p)
     p.add_argument("--json", type=Path, metavar="OUT", help="write the report here")
-    add_decode_flags(p, canvas_default="default: per task, see the end of this help")
+    add_decode_flags(p, canvas=dict.fromkeys(("--gen-length", "--block-length", "--steps"),
+                                             "default: per task, see the end of this help"))
     p.epilog = "Decode defaults per task: " + "; ".join(
         f"{t.value} gen length {d['gen_length']}, block {d['block_length']}, {d['steps']} steps"
         for t, d in TASK_DECODE.items()) + "."

@@ -25,14 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
+from dllm.cli import add_choice, add_common, show
 from dllm.errors import ConfigError
 from dllm.spec import Arch, ModelSpec
-from dllm.exporter.models.model import DiffusionLM
-from dllm.exporter.models.writer import build_tokenizer, init_weights, save_checkpoint, tiny_spec
+from dllm.threads import resolve_threads
 from dllm.tools.tasks import GenConfig, Problem, Split, Task, generate, is_correct, sample_problem
+
+# torch and the model classes load inside the functions that use them, so --help answers at once.
 
 EPS_MASK = 1e-3        # lower bound of the mask ratio t, as in LLaDA
 
@@ -71,7 +70,7 @@ class TrainConfig:
     time_limit: float = 0.0   # seconds; 0 = none. Stops early (and says so) but still saves.
     eval_every: int = 500
     eval_problems: int = 32   # per task, test split, at each periodic evaluation
-    threads: int = 2
+    threads: int | None = None   # CPU threads (dllm.threads); None: the default
     save_dtype: str = "float32"
     tasks: tuple[Task, ...] = (Task.ARITHMETIC, Task.SORTING)
 
@@ -82,7 +81,8 @@ class TrainConfig:
         object.__setattr__(self, "tasks", tuple(Task(t) for t in self.tasks))
         if Task.GSM8K in self.tasks:
             raise ConfigError("dllm-train-tiny trains on generated tasks only (arithmetic, sorting), got gsm8k")
-        for name in ("steps", "d_model", "layers", "heads", "mlp_mult", "batch", "min_canvas", "threads"):
+        object.__setattr__(self, "threads", resolve_threads(self.threads))
+        for name in ("steps", "d_model", "layers", "heads", "mlp_mult", "batch", "min_canvas"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.heads:
@@ -93,10 +93,14 @@ class TrainConfig:
             raise ConfigError(f"tight_frac must be in [0, 1], got {self.tight_frac}")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
+        import torch
+
         if self.device == Device.CUDA and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
 
     def spec(self) -> ModelSpec:
+        from dllm.exporter.models.writer import tiny_spec
+
         return tiny_spec(Arch.LLADA, n_layers=self.layers, d_model=self.d_model, n_heads=self.heads,
                          mlp_hidden=self.mlp_mult * self.d_model, max_seq_len=512)
 
@@ -120,6 +124,8 @@ def make_batch(problems: list[Problem], tokenizer, spec: ModelSpec, canvas: int,
     All rows share N = longest prompt + max(``canvas``, longest response + ``extra``); shorter
     prompts get a longer EOS tail, exactly the layout a padded SFT batch has.
     """
+    import torch
+
     pad = spec.eos_ids[0]
     prompts = [prompt_ids(tokenizer, p) for p in problems]
     responses = [response_ids(tokenizer, p.answer, spec) for p in problems]
@@ -135,6 +141,9 @@ def masked_diffusion_loss(model: DiffusionLM, ids: torch.Tensor, prompt_len: tor
     ``llada``: weighted 1/t, divided by the response length, batch mean (LLaDA's SFT loss).
     ``token``: plain mean over the masked tokens of the batch.
     """
+    import torch
+    import torch.nn.functional as F
+
     B, N = ids.shape
     pos = torch.arange(N, device=ids.device)[None, :]                         # [1, N]
     response = pos >= prompt_len.to(ids.device)[:, None]                       # [B, N]
@@ -159,10 +168,18 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # -- quick decoding (progress only; the trusted decoder is runtime/reference.py) -------------------
-@torch.no_grad()
 def quick_decode(model: DiffusionLM, prompts: list[list[int]], gen_length: int = 32,
                  block_length: int = 32, steps: int = 32) -> list[list[int]]:
     """Greedy low-confidence semi-AR decoding (LLaDA's schedule at temperature 0), batched by prompt length."""
+    import torch
+
+    with torch.no_grad():
+        return _quick_decode(model, prompts, gen_length, block_length, steps)
+
+
+def _quick_decode(model, prompts, gen_length, block_length, steps):
+    import torch
+
     spec = model.spec
     device = model.embed.weight.device
     out: dict[int, list[int]] = {}
@@ -209,6 +226,11 @@ def quick_accuracy(model: DiffusionLM, tokenizer, problems: list[Problem], **dec
 # -- training ---------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, log=print) -> Path:
     """Train per ``cfg`` and write the checkpoint to ``cfg.out``; returns the directory."""
+    import torch
+
+    from dllm.exporter.models.model import DiffusionLM
+    from dllm.exporter.models.writer import build_tokenizer, init_weights, save_checkpoint
+
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device.value)
@@ -272,6 +294,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
 def config_record(cfg: TrainConfig, steps_done: int, seconds: float) -> dict:
     """What produced a checkpoint: every TrainConfig field plus steps done and wall time."""
+    import torch
+
     rec = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     rec.update(out=str(cfg.out), device=cfg.device.value, loss=cfg.loss.value, tasks=[t.value for t in cfg.tasks],
                gen=dataclasses.asdict(cfg.gen), steps_done=steps_done, seconds=round(seconds, 1),
@@ -279,44 +303,75 @@ def config_record(cfg: TrainConfig, steps_done: int, seconds: float) -> dict:
     return rec
 
 
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig.__dataclass_fields__
+    g = GenConfig()
+
+    def default(name):
+        return show(d[name].default)
+
+    ap = argparse.ArgumentParser(prog="dllm-train-tiny", description="Train a small LLaDA-layout masked-diffusion "
+                                 "model on generated arithmetic and sorting problems and write it as a Hugging Face "
+                                 "checkpoint (tools/assets/tiny-llada/README.md has the recipe of the shipped one).")
+    ap.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
+    ap.add_argument("--steps", type=int, default=d["steps"].default, metavar="N",
+                    help=f"optimizer steps (default {default('steps')})")
+    ap.add_argument("--seed", type=int, default=d["seed"].default, help="seed of weights, data and masks "
+                    f"(default {default('seed')})")
+    ap.add_argument("--d-model", type=int, default=d["d_model"].default, metavar="N",
+                    help=f"hidden size (default {default('d_model')})")
+    ap.add_argument("--layers", type=int, default=d["layers"].default, metavar="N",
+                    help=f"transformer layers (default {default('layers')})")
+    ap.add_argument("--heads", type=int, default=d["heads"].default, metavar="N",
+                    help=f"attention heads; must divide --d-model (default {default('heads')})")
+    ap.add_argument("--mlp-mult", type=int, default=d["mlp_mult"].default, metavar="N",
+                    help=f"MLP hidden size = N x d-model (default {default('mlp_mult')})")
+    ap.add_argument("--batch", type=int, default=d["batch"].default, metavar="N",
+                    help=f"sequences per step (default {default('batch')})")
+    ap.add_argument("--lr", type=float, default=d["lr"].default, help=f"peak learning rate (default {default('lr')})")
+    ap.add_argument("--warmup", type=int, default=d["warmup"].default, metavar="N",
+                    help=f"linear warm-up steps before the cosine decay (default {default('warmup')})")
+    ap.add_argument("--min-canvas", type=int, default=d["min_canvas"].default, metavar="N",
+                    help=f"shortest padded response canvas (default {default('min_canvas')})")
+    ap.add_argument("--max-canvas", type=int, default=d["max_canvas"].default, metavar="N",
+                    help=f"longest padded response canvas; also the longest generation the model then handles well "
+                         f"(default {default('max_canvas')})")
+    add_choice(ap, "--loss", LossKind, default=d["loss"].default.value,
+               help="token: mean masked cross-entropy (fast on tiny models); llada: LLaDA's 1/t-weighted objective")
+    ap.add_argument("--tight-frac", type=float, default=d["tight_frac"].default, metavar="X",
+                    help=f"share of batches with a tight canvas, answer + 1-4 EOS (default {default('tight_frac')})")
+    ap.add_argument("--max-operand", type=int, default=g.max_operand, metavar="N",
+                    help=f"arithmetic operands in [0, N] (default {g.max_operand})")
+    ap.add_argument("--ops", default="".join(g.ops), help=f"arithmetic operators, '+' and/or '-' "
+                    f"(default {''.join(g.ops)})")
+    ap.add_argument("--sort-len", default=f"{g.sort_min_len}-{g.sort_max_len}", metavar="MIN-MAX",
+                    help=f"sorting: list length range (default {g.sort_min_len}-{g.sort_max_len})")
+    ap.add_argument("--sort-max-value", type=int, default=g.sort_max_value, metavar="N",
+                    help=f"sorting: values in [0, N] (default {g.sort_max_value})")
+    add_choice(ap, "--device", Device, default=d["device"].default.value, help="where to train")
+    ap.add_argument("--time-limit", type=float, default=d["time_limit"].default, metavar="SECONDS",
+                    help="stop early after this long and still save (default 0: no limit)")
+    ap.add_argument("--eval-every", type=int, default=d["eval_every"].default, metavar="N",
+                    help=f"steps between quick accuracy checks; 0 disables them (default {default('eval_every')})")
+    add_choice(ap, "--save-dtype", ("float32", "float16", "bfloat16"), default=d["save_dtype"].default,
+               help="dtype of the saved weights")
+    add_common(ap, threads_for="of the training on the CPU", gpu_note="")
+    return ap
+
+
 def parse_args(argv=None) -> TrainConfig:
-    d = TrainConfig(out=Path("."))
-    ap = argparse.ArgumentParser(prog="dllm-train-tiny", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="checkpoint directory to write")
-    ap.add_argument("--steps", type=int, default=d.steps)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--d-model", type=int, default=d.d_model)
-    ap.add_argument("--layers", type=int, default=d.layers)
-    ap.add_argument("--heads", type=int, default=d.heads)
-    ap.add_argument("--mlp-mult", type=int, default=d.mlp_mult)
-    ap.add_argument("--batch", type=int, default=d.batch)
-    ap.add_argument("--lr", type=float, default=d.lr)
-    ap.add_argument("--warmup", type=int, default=d.warmup)
-    ap.add_argument("--min-canvas", type=int, default=d.min_canvas)
-    ap.add_argument("--max-canvas", type=int, default=d.max_canvas)
-    ap.add_argument("--loss", choices=[k.value for k in LossKind], default=d.loss.value,
-                    help="llada: 1/t-weighted (LLaDA SFT); token: mean masked CE")
-    ap.add_argument("--tight-frac", type=float, default=d.tight_frac,
-                    help="share of batches with a tight canvas (answer + 1-4 EOS)")
-    ap.add_argument("--max-operand", type=int, default=d.gen.max_operand, help="arithmetic operands in [0, N]")
-    ap.add_argument("--ops", default="".join(d.gen.ops), help="arithmetic operators, e.g. '+' or '+-'")
-    ap.add_argument("--sort-len", default=f"{d.gen.sort_min_len}-{d.gen.sort_max_len}", help="list length range, e.g. 3-5")
-    ap.add_argument("--sort-max-value", type=int, default=d.gen.sort_max_value)
-    ap.add_argument("--device", choices=[x.value for x in Device], default=d.device.value)
-    ap.add_argument("--time-limit", type=float, default=d.time_limit, help="seconds; 0 = no limit")
-    ap.add_argument("--eval-every", type=int, default=d.eval_every, help="0 disables periodic accuracy")
-    ap.add_argument("--threads", type=int, default=d.threads)
-    ap.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default=d.save_dtype)
-    a = ap.parse_args(argv)
+    a = build_parser().parse_args(argv)
+    lo, _, hi = a.sort_len.partition("-")
+    try:
+        sort_min, sort_max = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(f"--sort-len {a.sort_len!r} is not MIN-MAX (e.g. --sort-len 3-5)") from None
     return TrainConfig(out=Path(a.out), steps=a.steps, seed=a.seed, d_model=a.d_model, layers=a.layers,
                        heads=a.heads, mlp_mult=a.mlp_mult, batch=a.batch, lr=a.lr, warmup=a.warmup,
                        min_canvas=a.min_canvas, max_canvas=a.max_canvas, tight_frac=a.tight_frac, loss=a.loss,
-                       gen=GenConfig(max_operand=a.max_operand, ops=tuple(a.ops),
-                                     sort_min_len=int(a.sort_len.split("-")[0]),
-                                     sort_max_len=int(a.sort_len.split("-")[-1]),
-                                     sort_max_value=a.sort_max_value),
-                       device=a.device,
-                       time_limit=a.time_limit, eval_every=a.eval_every, threads=a.threads,
+                       gen=GenConfig(max_operand=a.max_operand, ops=tuple(a.ops), sort_min_len=sort_min,
+                                     sort_max_len=sort_max, sort_max_value=a.sort_max_value),
+                       device=a.device, time_limit=a.time_limit, eval_every=a.eval_every, threads=a.threads,
                        save_dtype=a.save_dtype)
 
 
