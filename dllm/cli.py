@@ -12,9 +12,9 @@ import enum
 import sys
 import warnings
 
-THREADS_HELP = ("CPU threads {what} (default: as many as the cores, at most 4; idle threads sleep instead of "
-                "spinning, so a loaded machine does not slow the run down). Raise it for models of hundreds of "
-                "millions of parameters on a CPU with idle cores{gpu}")
+THREADS_HELP = ("CPU threads {what} (default {default}: chosen so that a loaded machine does not slow the run "
+                "down). Raise it for models of hundreds of millions of parameters on a CPU with idle cores{gpu}")
+THREADS_DEFAULT = "ONNX Runtime: the cores, at most 4 (idle threads sleep); torch: 1 (its pool spins)"
 
 
 def version_text(prog: str) -> str:
@@ -34,12 +34,12 @@ def positive_int(text: str) -> int:
 
 
 def add_common(parser: argparse.ArgumentParser, threads_for: str = "per generation",
-               gpu_note: str = "; GPU runs ignore it") -> None:
+               gpu_note: str = "; GPU runs ignore it", threads_default: str = THREADS_DEFAULT) -> None:
     """``--version`` and ``--threads N`` on ``parser``; ``threads_for`` says what the threads do."""
     parser.add_argument("--version", action="version", version=version_text(parser.prog),
                         help="print the version and exit")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help=THREADS_HELP.format(what=threads_for, gpu=gpu_note))
+                        help=THREADS_HELP.format(what=threads_for, gpu=gpu_note, default=threads_default))
 
 
 def spelled(value: str) -> str:

@@ -31,7 +31,8 @@ class EngineSet:
     @property
     def torch_threads(self) -> int | None:
         """Torch's CPU threads while these engines decode (None: leave torch alone)."""
-        return torch_threads_for(self.backend.value, torch.device(self.device).type, resolve_threads(self.threads))
+        threads = resolve_threads(self.threads, self.backend.value)
+        return torch_threads_for(self.backend.value, torch.device(self.device).type, threads)
 
     @property
     def embed(self) -> Engine:
@@ -75,4 +76,4 @@ def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.de
         tokenizer_dir = source.path
     dev = torch.device(device)
     return EngineSet(spec, dtype, Backend.TORCH, dev, engines, tokenizer_dir,
-                     cuda_graphs=cuda_graphs and dev.type == "cuda", threads=resolve_threads(threads))
+                     cuda_graphs=cuda_graphs and dev.type == "cuda", threads=resolve_threads(threads, "torch"))

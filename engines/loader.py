@@ -220,7 +220,7 @@ def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ON
         raise ConfigError(f"threads={threads} and intra_op_threads={intra} disagree; pass threads only")
     if threads is None and intra is not None:
         threads = intra if intra > 0 else usable_cores()   # 0: ONNX Runtime's "every core"
-    threads = resolve_threads(threads)
+    threads = resolve_threads(threads, backend.value)
     if backend == Backend.ONNXRUNTIME:
         options["intra_op_threads"] = threads
     manifest = read_manifest(root)

@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
                    help="skip the ONNX Runtime vs PyTorch parity check of every subgraph")
     p.add_argument("--no-vproj", dest="with_vproj", action="store_false",
                    help="do not export the vproj_i value probes (only needed by value-based change scores)")
-    add_common(p, threads_for="of PyTorch while tracing and validating the subgraphs", gpu_note="")
+    add_common(p, threads_for="of PyTorch while tracing and validating the subgraphs", gpu_note="",
+               threads_default="1")
     return p
 
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ExportConfig(checkpoint=checkpoint, out_dir=args.out, dtype=args.dtype,
                            max_seq_len=args.max_seq_len, backend=args.backend, opt_rows=args.opt_rows,
                            validate=args.validate, with_vproj=args.with_vproj)
-        with torch_threads(resolve_threads(args.threads)):
+        with torch_threads(resolve_threads(args.threads, "torch")):
             out = export_checkpoint(cfg, progress=bars)
         bars.close()
         print(summary(out, bars))

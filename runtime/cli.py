@@ -107,10 +107,19 @@ def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> 
     """DecodeConfig from the parsed flags: the flags given, then ``defaults`` (the model's generation
     defaults), then DecodeConfig's own."""
     fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS} | {"apd_block_reset"}
+    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     values = dict(defaults or {})
-    values.update({f: getattr(args, f) for f in fields if getattr(args, f) is not None})
-    if "gen_length" in {f for f in fields if getattr(args, f) is not None} and args.steps is None:
-        values.pop("steps", None)          # one token per step of the gen length asked for
+    if "gen_length" in given:
+        model_gen, model_block = values.get("gen_length"), values.get("block_length")
+        if "steps" not in given:
+            values.pop("steps", None)      # one token per step of the gen length asked for
+        if "block_length" not in given and model_block is not None and (
+                model_block == model_gen or given["gen_length"] % model_block):
+            # the model's one block becomes one block of the new length; a block that no longer divides it goes
+            values["block_length"] = given["gen_length"] if model_block == model_gen else None
+            if values["block_length"] is None:
+                del values["block_length"]
+    values.update(given)
     return DecodeConfig(**values)
 
 

@@ -122,7 +122,7 @@ class ReferenceRunner:
         else:
             self.ref_cfg = reference.DreamConfig(alg=c.alg.value.replace("-", "_"), eps=c.eps, **common)
         self.generate = reference.generate
-        self.threads = torch_threads_for("torch", self.device.type, resolve_threads(threads))
+        self.threads = torch_threads_for("torch", self.device.type, resolve_threads(threads, "torch"))
 
     def _prompt_ids(self, problem: Problem) -> list[int]:
         ids = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=True)

@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"steps between quick accuracy checks; 0 disables them (default {default('eval_every')})")
     add_choice(ap, "--save-dtype", ("float32", "float16", "bfloat16"), default=d["save_dtype"].default,
                help="dtype of the saved weights")
-    add_common(ap, threads_for="of the training on the CPU", gpu_note="")
+    add_common(ap, threads_for="of the training on the CPU", gpu_note="",
+               threads_default="the cores, at most 4: big batches keep them busy")
     return ap
 
 

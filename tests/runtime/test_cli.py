@@ -12,11 +12,33 @@ SMALL = ["--gen-length", "16", "--block-length", "8", "--steps", "16"]
 
 def test_flags_map_onto_the_config():
     args = build_parser().parse_args(["d", "--prompt-ids", "1,2", "--cache", "dcu-reference", "--commit", "apd",
-                                      "--apd-mode", "per-token", "--budget", "7", "--window", "5", "--tau0", "0.8",
+                                      "--apd-mode", "per_token", "--budget", "7", "--window", "5", "--tau0", "0.8",
                                       "--prompt-interval", "3", "--apd-block-reset"])
     cfg = config_from_args(args)
-    assert cfg == DecodeConfig(cache="dcu_reference", commit="apd", apd_mode="per_token", budget=7, window=5,
+    assert cfg == DecodeConfig(cache="dcu-reference", commit="apd", apd_mode="per-token", budget=7, window=5,
                                tau0=0.8, prompt_interval=3, apd_block_reset=True)
+    assert cfg.apd_mode.value == "per-token" and cfg.to_dict()["cache"] == "dcu-reference"   # one spelling shown
+
+
+def test_model_defaults_fill_what_the_flags_leave_out():
+    defaults = {"gen_length": 64, "block_length": 64, "steps": 64}
+    cfg = config_from_args(build_parser().parse_args(["d", "--prompt", "x"]), defaults)
+    assert (cfg.gen_length, cfg.block_length, cfg.steps) == (64, 64, 64)
+    cfg = config_from_args(build_parser().parse_args(["d", "--prompt", "x", "--gen-length", "32"]), defaults)
+    assert (cfg.gen_length, cfg.block_length, cfg.steps) == (32, 32, 32)          # one block follows the length
+    cfg = config_from_args(build_parser().parse_args(["d", "--prompt", "x", "--block-length", "16"]), defaults)
+    assert (cfg.gen_length, cfg.block_length, cfg.steps) == (64, 16, 64)
+
+
+def test_choices_show_one_spelling_and_reject_others(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["d", "--prompt-ids", "1", "--cache", "nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--cache" in err and "'dllm-cache'" in err and "dllm_cache" not in err
+    help_text = build_parser().format_help()
+    assert "per-token" in help_text and "per_token" not in help_text and "low-confidence" in help_text
+    assert "Kind." not in help_text and "Proxy." not in help_text        # defaults as users type them
 
 
 def test_json_output(engine_dirs, capsys):
@@ -46,7 +68,7 @@ def test_checkpoint_with_torch_backend(tiny_checkpoints, capsys):
     (["--prompt-ids", "6,7", "--budget", "-1"], "--budget"),
     (["--prompt-ids", ",".join(["6"] * 120), *SMALL], "max_seq_len"),
     (["--prompt-ids", "6,x"], "--prompt-ids"),
-    (["--prompt-ids", "6,7", "--cache", "nope"], "--cache"),
+    (["--prompt-ids", "6,7", "--warmup", "-1"], "--warmup"),
 ])
 def test_errors_are_one_clean_line(engine_dirs, capsys, argv, needle):
     assert main([str(engine_dirs["llada"]), *argv]) == 2

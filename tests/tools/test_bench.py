@@ -11,7 +11,8 @@ from dllm.tools import bench
 from dllm.tools.bench_report import format_table, percentile
 from dllm.tools.bench_sources import weight_bytes_per_step
 
-METHOD_KEYS = {"tokens_per_s", "speedup", "steps_mean", "nfe_mean", "step_ms_mean", "step_ms_p50", "step_ms_p90",
+METHOD_KEYS = {"tokens_per_s", "canvas_tokens_per_s", "latency_ms_mean", "latency_ms_p50", "latency_ms_p90",
+               "latency_ms_round_std", "first_token_ms_mean", "answer_tokens_mean", "speedup_per_round", "speedup", "steps_mean", "nfe_mean", "step_ms_mean", "step_ms_p50", "step_ms_p90",
                "engine_ms_per_step", "orchestration_ms_per_step", "rows_per_layer", "rows_per_layer_mean",
                "token_agreement", "peak_rss_mb", "speedup_median_per_round", "config", "deterministic"}
 
@@ -64,7 +65,12 @@ def test_engine_dir_two_methods(engine_dir, tmp_path, capsys):
     full, fast = rep["methods"]["full"], rep["methods"]["dcu+apd"]
     for m in (full, fast):
         assert METHOD_KEYS <= set(m)
-        assert m["generations"] == 2 and m["tokens_per_s"] > 0
+        assert m["generations"] == 2 and m["canvas_tokens_per_s"] > 0 and m["tokens_per_s"] >= 0
+        # honest numbers: answer tokens stop at EOS, the first answer token comes no later than the whole answer
+        assert 0 <= m["answer_tokens_mean"] <= 32
+        assert m["tokens_per_s"] == pytest.approx(m["answer_tokens_mean"] / m["latency_ms_mean"] * 1e3)
+        assert m["canvas_tokens_per_s"] == pytest.approx(32 / m["latency_ms_mean"] * 1e3)
+        assert 0 < m["first_token_ms_mean"] <= m["latency_ms_mean"]
         assert 0 < m["step_ms_p50"] <= m["step_ms_p90"]
         assert len(m["rows_per_layer"]) == 2
         assert 0 <= m["exact_match"] <= 1 and len(m["answers"]) == 2

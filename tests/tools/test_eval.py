@@ -10,7 +10,8 @@ import torch
 from dllm.tools import eval as dllm_eval
 from dllm.tools.assets import shipped_model_dir
 
-METHOD_KEYS = {"accuracy", "correct", "n", "mean_steps", "mean_nfe", "tokens_per_second", "wall_s"}
+METHOD_KEYS = {"accuracy", "correct", "n", "mean_steps", "mean_nfe", "latency_ms_mean", "tokens_per_second",
+               "canvas_tokens_per_second", "wall_s"}
 
 
 @pytest.fixture(scope="module")
