@@ -135,6 +135,23 @@ def hf_state_dict(model: DiffusionLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+def make_tokenizer_portable(path: str | os.PathLike) -> None:
+    """Make saved tokenizer files load on every transformers version the project declares (4.44 on):
+    transformers 5 names the class ``TokenizersBackend`` and keeps the chat template only in
+    ``chat_template.jinja``, which 4.x does not know; ``PreTrainedTokenizerFast`` and an inline
+    ``chat_template`` read the same on both."""
+    config_path = Path(path) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("backend", None)
+    template = Path(path) / "chat_template.jinja"
+    if template.is_file() and "chat_template" not in config:
+        config["chat_template"] = template.read_text()
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def save_checkpoint(model: DiffusionLM, path: str | os.PathLike, *, tokenizer=None, shards: int = 1,
                     dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory (config, safetensors, tokenizer)."""
@@ -160,6 +177,7 @@ def save_checkpoint(model: DiffusionLM, path: str | os.PathLike, *, tokenizer=No
         (path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (tokenizer or build_tokenizer(model.spec.arch)).save_pretrained(str(path))
+    make_tokenizer_portable(path)
     return path
 
 
