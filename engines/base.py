@@ -1,4 +1,4 @@
-"""The one engine interface every backend implements (DESIGN.md section 5).
+"""The one engine interface every backend implements.
 
 An ``Engine`` runs one compiled subgraph. Feeds and outputs are torch tensors on the
 backend's device. The base class checks feeds against the subgraph's declaration the

@@ -1,4 +1,4 @@
-"""Open an engine directory (DESIGN.md section 4) as an ``EngineSet`` on one backend.
+"""Open an engine directory (docs/engine-dir.md) as an ``EngineSet`` on one backend.
 
 ``open_engine_dir(path, backend, device, **options)``:
 

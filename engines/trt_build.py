@@ -1,4 +1,4 @@
-"""Build TensorRT plans from exported ONNX subgraphs (DESIGN.md section 5).
+"""Build TensorRT plans from exported ONNX subgraphs.
 
 One code path for ``tensorrt`` (TensorRT 10.x, e.g. 10.3 on JetPack 6) and
 ``tensorrt_rtx_bindings`` (TensorRT-RTX, which also builds on a machine without a GPU):

@@ -36,7 +36,7 @@ def _enum(cls, value, what: str):
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """One export: a checkpoint directory in, an engine directory out (DESIGN.md section 4)."""
+    """One export: a checkpoint directory in, an engine directory out (docs/engine-dir.md)."""
     checkpoint: Path
     out_dir: Path
     dtype: DType = DType.FP32

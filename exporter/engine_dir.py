@@ -1,4 +1,4 @@
-"""The engine directory on disk: atomic writes, resumable work, tokenizer files (DESIGN.md section 4).
+"""The engine directory on disk: atomic writes, resumable work, tokenizer files (docs/engine-dir.md).
 
 An export builds everything in ``.<out>.partial`` beside the output and renames it onto
 the output at the very end, after writing ``manifest.json`` last. Until then the output is

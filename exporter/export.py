@@ -1,4 +1,4 @@
-"""``export_checkpoint``: a checkpoint directory in, an engine directory out (DESIGN.md section 4).
+"""``export_checkpoint``: a checkpoint directory in, an engine directory out (docs/engine-dir.md).
 
 Per subgraph, in execution order: load only its weights from the checkpoint, export it to
 ONNX, validate it against its PyTorch module in ONNX Runtime, drop it. Memory stays at about

@@ -1,6 +1,6 @@
 """Subgraphs: the per-layer pieces an engine directory holds, with their I/O declared once as data.
 
-DESIGN.md section 3. Every consumer derives from ``SubgraphDecl``:
+docs/engine-dir.md documents them. Every consumer derives from ``SubgraphDecl``:
 ONNX input/output names and dynamic axes, dummy inputs, TensorRT optimization profiles,
 runtime feed checks and output allocation.
 

@@ -153,7 +153,7 @@ class DllmCachePolicy(CachePolicy):
 
 
 class DcuPolicy(CachePolicy):
-    """Dynamic Cache Update (ALGORITHMS.md A and Part 1).
+    """Dynamic Cache Update (docs/algorithms.md).
 
     Layer 0 is always full; so is every layer at step 1 and every ``refresh_interval`` steps.
     Prompt rows are recomputed when (t-1) % prompt_interval == 0, all gen rows when

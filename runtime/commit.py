@@ -226,7 +226,7 @@ def _with_top1(transfer: torch.Tensor, conf: torch.Tensor, cand: torch.Tensor) -
 
 # -- APD ---------------------------------------------------------------------------------------------
 class ApdCommit(CommitPolicy):
-    """Adaptive Parallel Decoding (ALGORITHMS.md B).
+    """Adaptive Parallel Decoding (docs/algorithms.md).
 
     With p the float64 softmax, c = 1 - (second-largest prob) and H = 1 - cos(p_t, p_{t-1}):
     - ``global``:    tau -= alpha * mean_M(c) - beta * mean_M(H) over the block's masks M;

@@ -1,6 +1,6 @@
 """Reference decoders: full recompute every step, the oracle every faster path is tested against.
 
-Two loops, each a transcription of the published behaviour (ALGORITHMS.md section C.1 and D.3):
+Two loops, each a transcription of the published behaviour (see docs/algorithms.md):
 
 - ``llada_generate``: LLaDA's semi-autoregressive block decoding. Each block's masks are split
   evenly over ``steps / num_blocks`` steps with the remainder going to the first steps; Gumbel-max
@@ -237,7 +237,7 @@ def _add_gumbel_noise(logits: torch.Tensor, temperature: float, gen: torch.Gener
 @torch.no_grad()
 def llada_generate(model: Model, prompt_ids: torch.Tensor, cfg: LladaConfig, *,
                    mask_id: int | None = None) -> ReferenceResult:
-    """LLaDA's published semi-autoregressive decoding (ALGORITHMS.md C.1), full recompute every step.
+    """LLaDA's published semi-autoregressive decoding, full recompute every step.
 
     Random draws per step, in order: Gumbel noise [B, N, V] float64 (only when temperature > 0),
     then U(0,1) [B, N] float32 (only for ``random`` remasking). At temperature 0 no noise is drawn
@@ -346,7 +346,7 @@ def _sample_tokens(logits: torch.Tensor, cfg: DreamConfig, gen: torch.Generator,
 @torch.no_grad()
 def dream_generate(model: Model, prompt_ids: torch.Tensor, cfg: DreamConfig, *,
                    mask_id: int | None = None) -> ReferenceResult:
-    """Dream's diffusion decoding loop (ALGORITHMS.md D.3), full recompute every step.
+    """Dream's diffusion decoding loop, full recompute every step.
 
     With ``block_length == gen_length`` (the default) this is Dream's original loop: the canvas is
     the prompt padded with masks to P + G, timesteps ``linspace(1, eps, steps + 1)``, and step i

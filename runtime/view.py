@@ -10,7 +10,7 @@ class StepView:
     """The loop's position, shared with the cache and commit policies. Positions are absolute canvas rows."""
     prompt_len: int
     canvas_len: int
-    step: int = 0            # global step counter, 1-based, not reset per block (ALGORITHMS.md Part 2)
+    step: int = 0            # global step counter, 1-based, not reset per block
     step_in_block: int = 0   # 0-based
     block_index: int = 0
     start: int = 0           # first position of the current block

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's GPU measurement, in as few device calls as possible (each call may run 10 minutes).
+# The GPU measurement of docs/benchmarks.md, in as few calls as possible (each stage fits in 10 minutes).
 #
 #   bash scripts/measure-gpu.sh STAGE [PROMPT_LEN ...]
 #
@@ -15,7 +15,7 @@
 # writes bench-BACKEND-pPROMPT.json/.png under $OUT (default ./gpu-out). One failing step does not stop
 # the others; the exit status is the number of failed steps.
 #
-# Environment (defaults are issue 6's): SHAPE=llada-8b DEVICE=cuda DTYPE=bf16 GEN=256 BLOCK=32 OUT=gpu-out
+# Environment (defaults: the settings of docs/benchmarks.md): SHAPE=llada-8b DEVICE=cuda DTYPE=bf16 GEN=256 BLOCK=32 OUT=gpu-out
 # A CPU smoke run of this script: DEVICE=cpu DTYPE=fp32 SHAPE=spec.json GEN=16 bash scripts/measure-gpu.sh torch 32
 set -u
 stage=${1:?usage: bash scripts/measure-gpu.sh tests|torch|ort [PROMPT_LEN ...]}

@@ -235,6 +235,7 @@ def summarize(measured: Measured, prompts: Prompts, cfg: BenchConfig, pipe: Pipe
             "latency_ms_mean": wall / len(rs) * 1e3,
             "latency_ms_p50": percentile(latency, 50) * 1e3,
             "latency_ms_p90": percentile(latency, 90) * 1e3,
+            "latency_ms_per_round": [round(x * 1e3, 3) for x in per_round],
             "latency_ms_round_std": statistics.pstdev(per_round) * 1e3 if len(per_round) > 1 else 0.0,
             "first_token_ms_mean": sum(x.first_token_s for x in rs) / len(rs) * 1e3,
             "answer_tokens_mean": sum(x.answer_len for x in rs) / len(rs),

@@ -174,8 +174,17 @@ def format_table(methods: dict[str, dict]) -> str:
 
 
 # -- plot ---------------------------------------------------------------------------------------------
+def _latency(m: dict) -> tuple[float, float, float]:
+    """(mean latency ms, how far the fastest round was below it, how far the slowest above it); older
+    reports without per-round numbers get no spread."""
+    mean = m.get("latency_ms_mean", m.get("wall_ms_per_generation", 0.0))
+    rounds = m.get("latency_ms_per_round") or [mean]
+    return mean, max(0.0, mean - min(rounds)), max(0.0, max(rounds) - mean)
+
+
 def plot(report: dict, path: str | os.PathLike) -> Path:
-    """Tokens/s and accuracy per method, and the per-layer rows-recomputed profile, in one small PNG."""
+    """One report figure: latency per generation (with the spread over rounds and the speedup over ``full``),
+    steps per generation, accuracy against ``full``, and rows recomputed per layer. 1800 x 1275 px."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,50 +192,75 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
 
     methods = report["methods"]
     names = list(methods)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=80)
-    colors = [f"C{i}" for i in range(len(names))]
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    ys = list(range(len(names)))[::-1]                  # first method on top
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), dpi=150, gridspec_kw={"hspace": 0.6, "wspace": 0.45})
+    (ax_lat, ax_steps), (ax_acc, ax_rows) = axes
 
-    ax = axes[0]
-    tps = [methods[n]["tokens_per_s"] for n in names]
-    bars = ax.bar(names, tps, color=colors)
-    for b, n in zip(bars, names):
-        ax.annotate(f"{methods[n]['speedup']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("tokens/s")
-    ax.set_title("speed (x = speedup over full)", fontsize=10)
+    means, below, above = zip(*(_latency(methods[n]) for n in names))
+    ax_lat.barh(ys, means, xerr=[below, above], color=[colors[n] for n in names], capsize=3, height=0.6,
+                error_kw={"elinewidth": 1})
+    for y, n, v, e in zip(ys, names, means, above):
+        ax_lat.text(v + e, y, f"  {v:.0f} ms, {methods[n].get('speedup', 1.0):.1f}x", va="center", fontsize=8)
+    ax_lat.set_xscale("log")
+    ax_lat.set_xlim(min(m - b for m, b in zip(means, below)) / 2, max(m + a for m, a in zip(means, above)) * 15)
+    ax_lat.set_xlabel("latency per generation (ms, log scale; whiskers: fastest to slowest round)")
+    ax_lat.set_title("latency (x = speedup over full)", fontsize=10)
 
-    ax = axes[1]
-    keys = [("token_agreement", "tokens = full")]
+    steps = [methods[n].get("steps_mean", 0.0) for n in names]
+    ax_steps.barh(ys, steps, color=[colors[n] for n in names], height=0.6)
+    for y, v, n in zip(ys, steps, names):
+        ax_steps.text(v, y, f"  {v:.1f} ({methods[n].get('tokens_per_step', 0.0):.1f} tok/step)", va="center",
+                      fontsize=8)
+    ax_steps.set_xlim(0, max(steps) * 1.6)
+    ax_steps.set_xlabel("decoding steps (model forwards) per generation")
+    ax_steps.set_title("steps per generation: what explains the latency", fontsize=10)
+
+    keys = [("token_agreement", "tokens equal to full's", None)]
     if any(methods[n].get("exact_match") is not None for n in names):
-        keys.append(("exact_match", "exact match"))
-    width = 0.8 / len(keys)
-    for j, (key, label) in enumerate(keys):
-        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, [methods[n].get(key) or 0.0 for n in names], width, label=label,
-               color=colors if j == 0 else "none", edgecolor=colors, hatch=None if j == 0 else "//")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylim(0, 1.1)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("accuracy", fontsize=10)
+        keys.append(("exact_match", "answers correct", "//"))
+    from matplotlib.patches import Patch
 
-    ax = axes[2]
-    for n, c in zip(names, colors):
-        prof = methods[n]["rows_per_layer"]
-        ax.plot(range(len(prof)), prof, marker="o", ms=3, label=n, color=c)
-    ax.set_xlabel("layer")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_ylabel("rows recomputed / step")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    ax.set_title("rows recomputed per layer", fontsize=10)
+    height = 0.8 / len(keys)
+    handles = []
+    for j, (key, label, hatch) in enumerate(keys):
+        handles.append(Patch(facecolor="white" if hatch else "0.6", edgecolor="0.3", hatch=hatch, label=label))
+        offs = [y + (len(keys) - 1) / 2 * height - j * height for y in ys]
+        vals = [100 * (methods[n].get(key) or 0.0) for n in names]
+        ax_acc.barh(offs, vals, height, label=label, color="white" if hatch else [colors[n] for n in names],
+                    edgecolor=[colors[n] for n in names], hatch=hatch)
+        for o, v in zip(offs, vals):
+            ax_acc.text(v, o, f" {v:.0f}%", va="center", fontsize=7)
+    ax_acc.set_xlim(0, 118)
+    ax_acc.set_xlabel("percent")
+    ax_acc.set_title("accuracy against full", fontsize=10)
+    ax_acc.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(keys),
+                  frameon=False)
 
-    for ax in axes[:2]:
-        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-        plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
+    labels = [n.replace("@", "\n@") for n in names]      # per-method overrides on a second line
+    for ax in (ax_lat, ax_steps, ax_acc):
+        ax.set_yticks(ys, labels, fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+
+    for n in names:
+        prof = methods[n].get("rows_per_layer") or []
+        ax_rows.plot(range(len(prof)), prof, marker="o", ms=3, label=n, color=colors[n])
+    ax_rows.set_xlabel("layer")
+    ax_rows.xaxis.get_major_locator().set_params(integer=True)
+    ax_rows.set_ylabel("rows recomputed per step")
+    ax_rows.set_ylim(bottom=0)
+    ax_rows.grid(alpha=0.3)
+    ax_rows.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
+    ax_rows.set_title("rows recomputed per layer (mean over steps)", fontsize=10)
+
+    settings = report["settings"]
     src = report["engine"].get("engine_dir") or f"random {report['engine'].get('random_weights')}"
-    fig.suptitle(f"{Path(str(src)).name} | {report['settings']['backend']} {report['settings']['device']} | "
-                 f"gen {report['settings']['decode']['gen_length']}", fontsize=10)
-    fig.tight_layout()
+    threads = settings.get("threads")
+    fig.suptitle(f"{Path(str(src)).name}: {settings['backend']} on {settings['device']}"
+                 f"{f', {threads} threads' if threads else ''}, gen length {settings['decode']['gen_length']}, "
+                 f"{settings['num_prompts']} prompts x {settings['repeat']} rounds", fontsize=11)
+    fig.subplots_adjust(left=0.16, right=0.97, top=0.9, bottom=0.17)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

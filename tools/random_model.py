@@ -14,7 +14,7 @@ import torch
 from dllm.errors import ConfigError
 from dllm.spec import Arch, ModelSpec
 
-# Public model shapes (ALGORITHMS.md section D).
+# Public model shapes.
 SHAPES: dict[str, dict] = {
     "llada-8b": dict(arch=Arch.LLADA, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, head_dim=128,
                      mlp_hidden=12288, vocab_size=126464, max_seq_len=4096, rope_theta=500000.0,

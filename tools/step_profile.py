@@ -11,7 +11,7 @@ slows a step down, so these runs never count towards tokens/s) and reports, per 
   profiler itself and, for ONNX Runtime or TensorRT engines, the backend's own work (invisible to
   the torch profiler on CPU).
 
-The categories answer issue 6's question (per-layer engine time, selection, scatter, launches) from one
+The categories say where a step's time goes (per-layer engine time, selection, scatter, launches) from one
 command instead of a hand-read profiler table.
 """
 

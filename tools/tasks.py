@@ -29,7 +29,7 @@ from pathlib import Path
 from dllm.errors import ConfigError
 
 TEST_PERCENT = 10          # share of hash buckets reserved for the test split
-FEWSHOT_DEFAULT = 4        # GSM8K shots, as in the Dynamic-dLLM evaluation (ALGORITHMS.md E)
+FEWSHOT_DEFAULT = 4        # GSM8K shots, as in the Dynamic-dLLM evaluation
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 

@@ -1,6 +1,6 @@
 """Read a Hugging Face checkpoint directory of LLaDA or Dream, tensor by tensor.
 
-Layout (ALGORITHMS.md section D): ``config.json``, ``model.safetensors`` or sharded
+Layout: ``config.json``, ``model.safetensors`` or sharded
 ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``, and tokenizer
 files. Nothing is downloaded and no remote code runs.
 
@@ -25,7 +25,7 @@ from dllm.spec import Arch, ModelSpec
 from dllm.exporter.models.layers import DecoderLayer, RMSNorm
 from dllm.exporter.models.model import DiffusionLM
 
-# Known defaults when config.json does not say (ALGORITHMS.md D.1, D.2).
+# Known defaults when config.json does not say.
 LLADA_MASK_ID, LLADA_EOS_IDS = 126336, (126081, 126348)
 DREAM_MASK_ID, DREAM_EOS_IDS = 151666, (151643, 151645)
 

@@ -8,7 +8,7 @@ The layer has two forwards:
 - ``forward(h)``: the plain full-sequence layer, the reference.
 - ``forward_rows(h_rows, pos, k_cache, v_cache)``: recompute only the rows at
   ``pos`` against cached keys/values of the whole canvas (the exported contract,
-  DESIGN.md section 3). With ``pos = 0..N-1`` it equals ``forward``.
+  docs/engine-dir.md). With ``pos = 0..N-1`` it equals ``forward``.
 """
 
 from __future__ import annotations

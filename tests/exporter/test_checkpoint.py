@@ -2,7 +2,7 @@
 
 The direct computation below is deliberately independent of ``dllm.exporter.models``: it reads the raw
 safetensors tensors by their Hugging Face names and config.json keys and runs the transformer in
-float64 with plain tensor ops (ALGORITHMS.md D.1, D.2).
+float64 with plain tensor ops.
 """
 
 from __future__ import annotations

@@ -53,3 +53,35 @@ def test_entry_point_installed(ckpt, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "dllm.exporter.cli", str(tmp_path / "nope"), "-o",
                                str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 2 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reexport_says_what_it_reused_and_logs_plain_lines(ckpt, tmp_path, capsys):
+    out = tmp_path / "engines"
+    assert main([str(ckpt), "-o", str(out), "--no-validate", "--max-seq-len", "48"]) == 0
+    first = capsys.readouterr()
+    assert "(6 exported, 0 reused unchanged)" in first.out
+    # stderr is not a terminal here: one line per subgraph, no carriage returns
+    assert "\r" not in first.err and "export: 1/6 embed done" in first.err and "export: 6/6" in first.err
+    assert main([str(ckpt), "-o", str(out), "--no-validate", "--max-seq-len", "48"]) == 0
+    second = capsys.readouterr()
+    assert "(0 exported, 6 reused unchanged)" in second.out and "export: 6/6 vproj_01 skipped" in second.err
+
+
+def test_help_choices_match_the_enums():
+    from dllm.exporter import cli
+    from dllm.exporter.config import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPT_ROWS, ExportBackend
+    from dllm.exporter.subgraphs import DType
+
+    assert set(cli.DTYPES) == {d.value for d in DType} and set(cli.BACKENDS) == {b.value for b in ExportBackend}
+    assert (cli.DEFAULT_MAX_SEQ_LEN, cli.DEFAULT_OPT_ROWS) == (DEFAULT_MAX_SEQ_LEN, DEFAULT_OPT_ROWS)
+
+
+def test_generation_defaults_are_recorded(tmp_path):
+    """The shipped model's training config becomes the engine directory's generation defaults."""
+    from dllm.tools.assets import shipped_model_dir
+
+    out = tmp_path / "tiny"
+    assert main([str(shipped_model_dir()), "-o", str(out), "--no-validate", "--no-vproj"]) == 0
+    g = read_manifest(out).generation
+    assert g == {"gen_length": 64, "block_length": 64, "steps": 64, "chat": True, "max_gen_length": 64,
+                 "source": "train_config.json"}

@@ -51,7 +51,7 @@ def prompt(spec, B=2, P=5, seed=0):
     return torch.randint(6, spec.vocab_size, (B, P), generator=g)   # ids >= 6: no special tokens
 
 
-# -- LLaDA: a literal transcription of the published `generate` (ALGORITHMS.md C.1) ---------------
+# -- LLaDA: a literal transcription of the published `generate` ---------------
 def published_llada_generate(model, prompt, steps, gen_length, block_length, temperature, cfg_scale,
                              remasking, mask_id, gen):
     def add_gumbel_noise(logits, temperature):
