@@ -77,3 +77,70 @@ def test_from_dir_onnxruntime_matches_torch(engine_dirs, pipes):
     b = pipes["dream"].generate("Hi", CFG)
     assert a.ids == b.ids and a.text == b.text
     assert pipe.max_seq_len <= 128
+
+
+def test_honest_speed_numbers(pipes):
+    pipe = pipes["llada"]
+    res = pipe.generate([6, 7, 8, 9], CFG)
+    eos = set(pipe.spec.eos_ids)
+    answer = next((i for i, t in enumerate(res.ids) if t in eos), len(res.ids))
+    assert res.answer_tokens == res.decode.answer_length == answer
+    assert res.latency_s == res.wall_s > 0
+    assert res.tokens_per_second == pytest.approx(answer / res.wall_s)              # EOS padding not counted
+    assert res.canvas_tokens_per_second == pytest.approx(32 / res.wall_s)          # every position counted
+    step = res.decode.commit_step[0]                                               # the answer's first token
+    assert res.first_token_s == res.decode.step_end_s[step] <= res.wall_s
+    assert res.decode.step_end_s == sorted(res.decode.step_end_s) and len(res.decode.step_end_s) == res.steps
+    assert {"latency_s", "first_token_s", "answer_tokens", "canvas_tokens_per_second"} <= set(res.to_dict())
+
+
+def test_generation_defaults_chat_and_length_warning(tiny_models, tiny_checkpoints):
+    from dllm.engines.engine_set import torch_engine_set
+    from dllm.generation import GenerationDefaults
+    from dllm.runtime.pipeline import GenerationWarning
+
+    engines = torch_engine_set(tiny_models["llada"], "fp32", tokenizer_dir=tiny_checkpoints["llada"])
+    pipe = Pipeline(engines, generation=GenerationDefaults(gen_length=16, block_length=8, chat=True,
+                                                            max_gen_length=16, source="test"))
+    cfg = pipe.default_config()
+    assert (cfg.gen_length, cfg.block_length, cfg.steps) == (16, 8, 16)               # steps follow the length
+    assert pipe.default_config(cache="dcu", commit="apd").cache.value == "dcu"
+    chat_ids = pipe.encode([{"role": "user", "content": "hi"}])
+    assert pipe.generate("hi").prompt_ids == chat_ids                                # text goes through the template
+    assert pipe.generate("hi", chat=False).prompt_ids == pipe.encode("hi")
+    with pytest.warns(GenerationWarning, match="--gen-length 32 is beyond the 16 positions"):
+        pipe.generate([6, 7], pipe.default_config(gen_length=32, block_length=8))
+    assert Pipeline(engines).default_config() == DecodeConfig()                    # no defaults: the runtime's
+
+
+def test_older_engine_directories_without_generation_defaults(engine_dirs, tmp_path):
+    import json
+    import shutil
+
+    from dllm.generation import GenerationDefaults
+
+    old = tmp_path / "old"
+    shutil.copytree(engine_dirs["llada"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["generation"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline.from_dir(old, threads=1)
+    assert pipe.generation == GenerationDefaults()
+    assert len(pipe.generate([6, 7, 8], CFG).ids) == 32
+
+
+def test_threads_are_set_around_a_generation_and_restored(engine_dirs):
+    pipe = Pipeline.from_dir(engine_dirs["llada"], threads=2)
+    assert pipe.engines.threads == 2 and pipe.engines.torch_threads == 1
+    seen = []
+    before = torch.get_num_threads()
+    for _ in pipe.stream([6, 7, 8], CFG):
+        seen.append(torch.get_num_threads())
+    assert pipe.last_result is not None and torch.get_num_threads() == before
+    assert all(n == 1 for n in seen)                 # torch orchestrates on one thread around ONNX Runtime
+
+
+def test_replace_keeps_steps_following_the_length():
+    cfg = DecodeConfig(gen_length=64, block_length=32)
+    assert cfg.steps == 64 and cfg.replace(gen_length=32).steps == 32
+    assert DecodeConfig(gen_length=64, steps=32).replace(gen_length=128).steps == 32   # set on purpose: kept
