@@ -198,13 +198,17 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
     (ax_lat, ax_steps), (ax_acc, ax_rows) = axes
 
     means, below, above = zip(*(_latency(methods[n]) for n in names))
-    ax_lat.barh(ys, means, xerr=[below, above], color=[colors[n] for n in names], capsize=3, height=0.6,
-                error_kw={"elinewidth": 1})
+    spread = any(below) or any(above)         # reports without per-round latencies draw no whiskers
+    ax_lat.barh(ys, means, xerr=[below, above] if spread else None, color=[colors[n] for n in names], capsize=3,
+                height=0.6, error_kw={"elinewidth": 1})
     for y, n, v, e in zip(ys, names, means, above):
-        ax_lat.text(v + e, y, f"  {v:.0f} ms, {methods[n].get('speedup', 1.0):.1f}x", va="center", fontsize=8)
+        x = methods[n].get("speedup", 1.0)
+        ax_lat.text(v + e, y, f"  {v:.3g} ms, {x:.2f}x" if x < 10 else f"  {v:.3g} ms, {x:.1f}x", va="center",
+                    fontsize=8)
     ax_lat.set_xscale("log")
     ax_lat.set_xlim(min(m - b for m, b in zip(means, below)) / 2, max(m + a for m, a in zip(means, above)) * 15)
-    ax_lat.set_xlabel("latency per generation (ms, log scale; whiskers: fastest to slowest round)")
+    ax_lat.set_xlabel("latency per generation (ms, log scale" + ("; whiskers: fastest to slowest round)"
+                                                                  if spread else ")"))
     ax_lat.set_title("latency (x = speedup over full)", fontsize=10)
 
     steps = [methods[n].get("steps_mean", 0.0) for n in names]
@@ -233,7 +237,7 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
             ax_acc.text(v, o, f" {v:.0f}%", va="center", fontsize=7)
     ax_acc.set_xlim(0, 118)
     ax_acc.set_xlabel("percent")
-    ax_acc.set_title("accuracy against full", fontsize=10)
+    ax_acc.set_title("same tokens as full, and correct answers", fontsize=10)
     ax_acc.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(keys),
                   frameon=False)
 
@@ -258,7 +262,7 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
     src = report["engine"].get("engine_dir") or f"random {report['engine'].get('random_weights')}"
     threads = settings.get("threads")
     fig.suptitle(f"{Path(str(src)).name}: {settings['backend']} on {settings['device']}"
-                 f"{f', {threads} threads' if threads else ''}, gen length {settings['decode']['gen_length']}, "
+                 f"{f', {threads} thread' + ('s' if threads != 1 else '') if threads else ''}, gen length {settings['decode']['gen_length']}, "
                  f"{settings['num_prompts']} prompts x {settings['repeat']} rounds", fontsize=11)
     fig.subplots_adjust(left=0.16, right=0.97, top=0.9, bottom=0.17)
     out = Path(path)
