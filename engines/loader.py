@@ -28,6 +28,7 @@ from dllm.engines.base import Backend
 from dllm.engines.engine_set import EngineSet
 from dllm.exporter.manifest import Manifest, read_manifest
 from dllm.exporter.subgraphs import DType
+from dllm.kernels import KernelPath, make_ops
 
 TOKENIZER_DIR = "tokenizer"
 PLANS_DIR = "plans"
@@ -173,10 +174,10 @@ def _open_tensorrt(root, manifest, device, plan_tag, options):
             for s in manifest.subgraphs}
 
 
-def _open_torch(root, manifest, device, checkpoint, options):
+def _open_torch(root, manifest, device, checkpoint, options, ops):
+    from dllm.engines.engine_set import torch_module
     from dllm.engines.torch_backend import TorchEngine
     from dllm.exporter.models.checkpoint import Checkpoint
-    from dllm.exporter.subgraphs import build_module
 
     unknown = set(options) - {"cuda_graphs"}
     if unknown:
@@ -193,19 +194,21 @@ def _open_torch(root, manifest, device, checkpoint, options):
     if ckpt.spec != manifest.model:
         raise EngineDirError(f"checkpoint {path} is a different model than {root} was exported from: "
                              f"{ckpt.spec} vs {manifest.model}; pass the checkpoint it was exported from")
-    return {s.decl.name: TorchEngine(s.decl, build_module(s.decl, ckpt, manifest.dtype), device)
+    return {s.decl.name: TorchEngine(s.decl, torch_module(s.decl, ckpt, manifest.dtype, ops), device)
             for s in manifest.subgraphs}
 
 
 def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ONNXRUNTIME,
                     device: torch.device | str = "cpu", *, verify_hashes: bool = False,
                     plan_tag: str | None = None, checkpoint: str | os.PathLike | None = None,
-                    **options) -> EngineSet:
+                    kernels: KernelPath | str = KernelPath.AUTO, **options) -> EngineSet:
     """Load every subgraph of an engine directory on ``backend`` and ``device``.
 
     verify_hashes: check each ONNX file (and its external data) against the manifest's sha256 (onnxruntime).
     plan_tag: tensorrt only; load ``plans/<plan_tag>/`` instead of this device's tag.
     checkpoint: torch only; the checkpoint directory, when it moved since export.
+    kernels: how the work around the engines runs (dllm.kernels.KernelPath): ``auto`` (Triton kernels on
+        CUDA, their torch twins on the CPU), ``triton``, ``torch`` or ``plain`` (the unfused path).
     options: backend settings: ``OrtOptions`` fields for onnxruntime (``intra_op_threads``,
         ``optimized_model_dir``, ...), ``cuda_graphs`` for torch.
     """
@@ -220,8 +223,10 @@ def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ON
         engines = _open_onnxruntime(root, manifest, device, verify_hashes, options)
     else:
         device = _resolve_device(device)
-        engines = _open_torch(root, manifest, device, checkpoint, options)
+    ops = make_ops(kernels, device)
+    if backend == Backend.TORCH:
+        engines = _open_torch(root, manifest, device, checkpoint, options, ops)
     tokenizer = root / TOKENIZER_DIR
     cuda_graphs = backend == Backend.TORCH and bool(options.get("cuda_graphs")) and device.type == "cuda"
     return EngineSet(manifest.model, DType(manifest.dtype), backend, device, engines,
-                     tokenizer if tokenizer.is_dir() else None, cuda_graphs=cuda_graphs)
+                     tokenizer if tokenizer.is_dir() else None, cuda_graphs=cuda_graphs, ops=ops)

@@ -14,6 +14,12 @@ Random draws come from one ``torch.Generator`` (``cfg.seed``) in the reference d
 and shapes (runtime/reference.py), so ``schedule`` replays the reference token for token even
 at temperature > 0. All positions are absolute canvas positions; ``lo``/``hi`` bound the rows
 whose logits the policy receives.
+
+``step_key(view)`` names the host values a step's ``select`` depends on when ``select`` is free of
+host syncs, random draws and data-dependent shapes ("capturable"): the executor then records it in
+the step's CUDA graph. None: ``select`` runs eagerly after the graph. With fused kernels
+(``self.ops``, dllm.kernels) the argmax, the float64 confidence and APD's statistics come from one
+pass over the logits (``vocab_stats``) instead of a materialised float64 softmax.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class CommitPolicy(abc.ABC):
     """Turns logits into committed tokens. Subclasses implement ``logit_range`` and ``select``."""
 
     until_empty = True     # run until the block has no masks (at most block_length steps)
+    ops = None             # dllm.kernels.KernelOps, set by the executor (None: plain torch)
 
     def __init__(self, cfg: DecodeConfig, mask_id: int):
         self.cfg, self.mask_id = cfg, int(mask_id)
@@ -59,6 +66,19 @@ class CommitPolicy(abc.ABC):
     @abc.abstractmethod
     def select(self, logits: torch.Tensor, ids: torch.Tensor, view: StepView) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, R, V] and current ids [B, R] of positions [lo, hi) -> (transfer [B, R] bool, x0 [B, R])."""
+
+    def step_key(self, view: StepView) -> tuple | None:
+        """The host values this step's ``select`` depends on, or None when it cannot be captured in a
+        CUDA graph (random draws, host syncs or data-dependent shapes). Default: not capturable."""
+        return None
+
+    def after_step(self, view: StepView) -> None:
+        """Host-side bookkeeping after a step's ``select``. ``select`` itself must not change host state
+        that it reads: a captured graph replays the work ``select`` recorded."""
+
+    def _greedy(self) -> bool:
+        """Argmax tokens ranked by their probability: no random draw anywhere in ``select``."""
+        return self.cfg.temperature == 0 and self.cfg.remasking == Remasking.LOW_CONFIDENCE
 
     # -- shared pieces ------------------------------------------------------
     def candidates(self, ids: torch.Tensor, lo: int, view: StepView) -> torch.Tensor:
@@ -85,6 +105,14 @@ class CommitPolicy(abc.ABC):
             return torch.rand(x0.shape, device=x0.device, generator=self.gen).double()
         p = F.softmax(logits.double(), dim=-1)                                  # [B, R, V]
         return p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+
+    def sample_with_confidence(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, conf) [B, R]: ``sample`` then ``confidence``, from one fused pass when greedy."""
+        if self.ops is not None and self._greedy():
+            stats = self.ops.vocab_stats(logits)
+            return stats.x0, stats.conf
+        x0 = self.sample(logits)
+        return x0, self.confidence(logits, x0)
 
 
 # -- schedule --------------------------------------------------------------------------------------
@@ -113,9 +141,15 @@ class LladaSchedule(CommitPolicy):
     def begin_block(self, view: StepView) -> None:
         self.counts = even_split(view.block_masks, self.cfg.steps_per_block)
 
+    def step_key(self, view):
+        return ("schedule", self.counts[view.step_in_block], view.start, view.end) if self._greedy() else None
+
     def select(self, logits, ids, view):
         B, R, _ = logits.shape
         lo, N = view.start, view.canvas_len
+        if self.ops is not None and self._greedy():
+            x0, conf = self.sample_with_confidence(logits)
+            return self._top_count(conf, ids, view), x0
         # the reference draws its noise over the whole canvas; draw the same and use our rows
         if self.cfg.temperature > 0:
             noise = torch.rand((B, N, logits.shape[-1]), dtype=torch.float64, device=logits.device,
@@ -127,6 +161,12 @@ class LladaSchedule(CommitPolicy):
             conf = torch.rand((B, N), device=logits.device, generator=self.gen)[:, lo:lo + R]
         else:
             conf = F.softmax(logits.double(), dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        return self._top_count(conf, ids, view), x0
+
+    def _top_count(self, conf: torch.Tensor, ids: torch.Tensor, view: StepView) -> torch.Tensor:
+        """This step's count of the most confident block masks, as a transfer mask [B, R]."""
+        B, R = conf.shape
+        lo, N = view.start, view.canvas_len
         cand = self.candidates(ids, lo, view)
         # rank on a canvas-wide tensor like the reference, so ties break identically
         full = torch.full((B, N), NEG_INF, dtype=conf.dtype, device=conf.device)
@@ -135,7 +175,7 @@ class LladaSchedule(CommitPolicy):
         transfer = torch.zeros((B, N), dtype=torch.bool, device=conf.device)
         if k > 0:
             transfer.scatter_(1, torch.topk(full, k, dim=-1).indices, True)
-        return transfer[:, lo:lo + R], x0
+        return transfer[:, lo:lo + R]
 
 
 class DreamSchedule(CommitPolicy):
@@ -181,10 +221,13 @@ class DreamSchedule(CommitPolicy):
 class ThresholdCommit(CommitPolicy):
     """Fast-dLLM: commit the most confident block mask plus every one with conf >= threshold."""
 
+    def step_key(self, view):
+        return ("threshold", view.start, view.end) if self._greedy() else None
+
     def select(self, logits, ids, view):
-        x0 = self.sample(logits)
+        x0, conf = self.sample_with_confidence(logits)
         cand = self.candidates(ids, view.start, view)
-        conf = self.confidence(logits, x0).masked_fill(~cand, NEG_INF)         # [B, R]
+        conf = conf.masked_fill(~cand, NEG_INF)                                 # [B, R]
         return _with_top1(cand & (conf >= self.cfg.threshold), conf, cand), x0
 
 
@@ -195,10 +238,13 @@ class FactorCommit(CommitPolicy):
     every candidate is committed (the scan's index is bumped by one).
     """
 
+    def step_key(self, view):
+        return ("factor", view.start, view.end) if self._greedy() else None
+
     def select(self, logits, ids, view):
-        x0 = self.sample(logits)
+        x0, conf = self.sample_with_confidence(logits)
         cand = self.candidates(ids, view.start, view)
-        conf = self.confidence(logits, x0).masked_fill(~cand, NEG_INF)         # [B, R]
+        conf = conf.masked_fill(~cand, NEG_INF)                                 # [B, R]
         return factor_transfer(conf, cand, self.cfg.factor), x0
 
 
@@ -240,8 +286,17 @@ class ApdCommit(CommitPolicy):
     def reset(self, batch, prompt_len, gen_len, vocab, device, generator):
         super().reset(batch, prompt_len, gen_len, vocab, device, generator)
         shape = (batch, gen_len) if self.cfg.apd_mode == ApdMode.PER_TOKEN else ()
-        self.tau = torch.full(shape, self.cfg.tau0, dtype=torch.float64, device=device)
-        self.prev_p: torch.Tensor | None = None      # [B, G, V] float64, allocated at the first step
+        # buffers keep their identity across generations of the same shape: captured graphs read them
+        tau, dev = getattr(self, "tau", None), torch.device(device)
+        if tau is None or tuple(tau.shape) != shape or tau.device.type != dev.type or \
+                (dev.index is not None and tau.device.index != dev.index):
+            self.tau = torch.full(shape, self.cfg.tau0, dtype=torch.float64, device=device)
+            self.prev = None
+        else:
+            self.tau.fill_(self.cfg.tau0)
+        # the previous step's distribution of every gen row: float64 probabilities on the plain path,
+        # the logits themselves with fused kernels (vocab_stats recomputes p from them in registers)
+        self.has_prev = False
 
     def begin_block(self, view):
         if self.cfg.apd_block_reset:
@@ -253,27 +308,52 @@ class ApdCommit(CommitPolicy):
         # global: the block, plus the next block so H exists at that block's first step
         return view.start, min(view.canvas_len, view.end + self.cfg.block_length)
 
+    def step_key(self, view):
+        return ("apd", self.has_prev, view.start, view.end) if self._greedy() else None
+
     def select(self, logits, ids, view):
         B, R, V = logits.shape
         g0 = view.start - view.prompt_len                                       # gen index of row 0
+        cand = self.candidates(ids, view.start, view)
+        if self.ops is not None and self._greedy():
+            x0, conf = self._fused_stats(logits, cand, g0)
+        else:
+            x0, conf = self._plain_stats(logits, cand, g0)
+        conf = conf.masked_fill(~cand, NEG_INF)
+        tau = self.tau if self.tau.dim() == 0 else self.tau[:, g0:g0 + R]
+        return _with_top1(cand & (conf >= tau), conf, cand), x0
+
+    def _plain_stats(self, logits, cand, g0):
+        B, R, V = logits.shape
         p = F.softmax(logits.double(), dim=-1)                                  # [B, R, V]
         x0 = self.sample(logits)
         if self.cfg.remasking == Remasking.RANDOM:
             conf = torch.rand(x0.shape, device=x0.device, generator=self.gen).double()
         else:
             conf = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)                   # [B, R]
-        cand = self.candidates(ids, view.start, view)
-        if self.prev_p is None:
-            self.prev_p = torch.empty((B, self.gen_len, V), dtype=torch.float64, device=p.device)
-        else:
-            prev = self.prev_p[:, g0:g0 + R]
+        if self.prev is None or self.prev.dtype != torch.float64 or self.prev.shape != (B, self.gen_len, V):
+            self.prev = torch.empty((B, self.gen_len, V), dtype=torch.float64, device=p.device)
+        if self.has_prev:
+            prev = self.prev[:, g0:g0 + R]
             c = 1 - torch.topk(p, min(2, V), dim=-1).values[..., -1]            # [B, R]
             H = 1 - (p * prev).sum(-1) / (p.norm(dim=-1) * prev.norm(dim=-1))   # [B, R]
             self._update(c, H, cand, g0)
-        self.prev_p[:, g0:g0 + R] = p
-        conf = conf.masked_fill(~cand, NEG_INF)
-        tau = self.tau if self.tau.dim() == 0 else self.tau[:, g0:g0 + R]
-        return _with_top1(cand & (conf >= tau), conf, cand), x0
+        self.prev[:, g0:g0 + R] = p
+        return x0, conf
+
+    def _fused_stats(self, logits, cand, g0):
+        B, R, V = logits.shape
+        if self.prev is None or self.prev.dtype != logits.dtype or self.prev.shape != (B, self.gen_len, V):
+            self.prev = torch.empty((B, self.gen_len, V), dtype=logits.dtype, device=logits.device)
+        prev = self.prev[:, g0:g0 + R]
+        stats = self.ops.vocab_stats(logits, prev if self.has_prev else None, want_c=self.has_prev)
+        if self.has_prev:
+            self._update(stats.c, stats.H, cand, g0)
+        prev.copy_(logits)
+        return stats.x0, stats.conf
+
+    def after_step(self, view):
+        self.has_prev = True
 
     def _update(self, c, H, cand, g0):
         cfg = self.cfg

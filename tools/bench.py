@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--backend torch); default: the backend's (every core). Torch's own ops between engine calls "
                    "always run on one thread with other backends on the CPU")
     p.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: no CUDA graph capture")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch", "plain"],
+                   help="the work around the engines (and inside torch layers): auto = Triton kernels on CUDA, "
+                        "their torch twins on the CPU; plain = the unfused torch path (default auto)")
     p.add_argument("--share-layer-onnx", action="store_true", default=None,
                    help="random weights on onnxruntime: export one layer and load its file for every layer "
                         "(default: only when the layers exceed 1 GiB)")
@@ -338,11 +341,12 @@ def open_source(args: argparse.Namespace, cfg: BenchConfig) -> EngineSource:
         dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
         return open_random_source(args.random_weights, args.layers, dtype, args.backend, args.device,
                                   args.threads, cuda_graphs, cfg.needs_vproj(), share_layers=args.share_layer_onnx,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, kernels=args.kernels)
     if args.layers is not None or args.dtype is not None:
         raise ConfigError("--layers and --dtype apply to --random-weights only; an engine directory has its "
                           "own (re-export with dllm-export --dtype to change it)")
-    return open_engine_dir_source(args.engine_dir, args.backend, args.device, args.threads, cuda_graphs)
+    return open_engine_dir_source(args.engine_dir, args.backend, args.device, args.threads, cuda_graphs,
+                                  args.kernels)
 
 
 def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
@@ -385,7 +389,7 @@ def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
             "machine": machine_info(engines.device),
             "engine": source.description,
             "settings": {"backend": engines.backend.value, "device": str(engines.device),
-                         "threads": args.threads,
+                         "threads": args.threads, "kernels": engines.kernel_path.value,
                          "cuda_graphs": engines.backend.value == "torch" and engines.device.type == "cuda"
                          and not args.no_cuda_graphs,
                          "methods": list(cfg.methods), "num_prompts": len(prompts.ids), "repeat": cfg.repeat,

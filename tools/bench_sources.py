@@ -69,7 +69,7 @@ def ort_options(threads: int | None) -> dict:
 
 
 def open_engine_dir_source(path: str, backend: str, device: str, threads: int | None,
-                           cuda_graphs: bool) -> EngineSource:
+                           cuda_graphs: bool, kernels: str = "auto") -> EngineSource:
     """An exported engine directory on ``backend``/``device``."""
     from dllm.engines.loader import open_engine_dir
     from dllm.exporter.manifest import read_manifest
@@ -84,7 +84,7 @@ def open_engine_dir_source(path: str, backend: str, device: str, threads: int | 
         options = ort_options(threads)
     elif backend == "torch" and cuda_graphs:
         options = {"cuda_graphs": True}
-    engines = open_engine_dir(root, backend, device, **options)
+    engines = open_engine_dir(root, backend, device, kernels=kernels, **options)
     desc = {"engine_dir": str(root.absolute()), "dtype": manifest.dtype, "model": manifest.model.to_dict(),
             "checkpoint": manifest.source.get("checkpoint"), "random_weights": False}
     return EngineSource(engines, desc, max_seq_len=manifest.max_seq_len)
@@ -105,7 +105,7 @@ def weight_bytes_per_step(spec: ModelSpec, dtype: DType) -> int:
 
 def open_random_source(shape: str, layers: int | None, dtype: str, backend: str, device: str,
                        threads: int | None, cuda_graphs: bool, with_vproj: bool,
-                       share_layers: bool | None = None, seed: int = 0) -> EngineSource:
+                       share_layers: bool | None = None, seed: int = 0, kernels: str = "auto") -> EngineSource:
     """Random weights of a named shape or SPEC.json on ``backend``/``device``.
 
     share_layers: ONNX Runtime only; export one layer and reuse its file for every layer
@@ -122,7 +122,8 @@ def open_random_source(shape: str, layers: int | None, dtype: str, backend: str,
         from dllm.engines.engine_set import torch_engine_set
 
         model = random_model(spec, dt.torch, device, seed=seed)
-        engines = torch_engine_set(model, dt, device, with_vproj=with_vproj, cuda_graphs=cuda_graphs)
+        engines = torch_engine_set(model, dt, device, with_vproj=with_vproj, cuda_graphs=cuda_graphs,
+                                   kernels=kernels)
         return EngineSource(engines, desc)
     if backend != "onnxruntime":
         raise ConfigError(f"--random-weights runs on --backend torch or onnxruntime, got {backend!r}; TensorRT "
@@ -132,7 +133,7 @@ def open_random_source(shape: str, layers: int | None, dtype: str, backend: str,
     tmp = tempfile.TemporaryDirectory(prefix="dllm-bench-")
     try:
         engines, notes = _export_random_ort(spec, dt, Path(tmp.name), device, threads, with_vproj,
-                                            share_layers, seed)
+                                            share_layers, seed, kernels)
     except BaseException:
         tmp.cleanup()
         raise
@@ -141,7 +142,8 @@ def open_random_source(shape: str, layers: int | None, dtype: str, backend: str,
 
 
 def _export_random_ort(spec: ModelSpec, dt: DType, root: Path, device: str, threads: int | None,
-                       with_vproj: bool, share_layers: bool, seed: int) -> tuple[EngineSet, list[str]]:
+                       with_vproj: bool, share_layers: bool, seed: int, kernels: str = "auto"
+                       ) -> tuple[EngineSet, list[str]]:
     """Export the random model's subgraphs (on the CPU) to ``root`` and open them in ONNX Runtime."""
     from dllm.engines.base import Backend
     from dllm.engines.ort_backend import OrtEngine, OrtOptions
@@ -167,11 +169,13 @@ def _export_random_ort(spec: ModelSpec, dt: DType, root: Path, device: str, thre
                     files[name] = link
         notes.append(f"ONNX Runtime random weights: layer 0 exported once and its ONNX file loaded for all "
                      f"{spec.n_layers} layers (same values in every layer; timings are unaffected)")
+    from dllm.kernels import make_ops
+
     opts = OrtOptions(**ort_options(threads))
     dev = torch.device(device)
     engines = {decl.name: OrtEngine(decl, files[decl.name], dev, opts)
                for decl in declare(spec, dt, with_vproj=with_vproj)}
-    return EngineSet(spec, dt, Backend.ONNXRUNTIME, dev, engines), notes
+    return EngineSet(spec, dt, Backend.ONNXRUNTIME, dev, engines, ops=make_ops(kernels, dev)), notes
 
 
 # -- prompts --------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ def full_forward(engines: EngineSet, ids: torch.Tensor) -> torch.Tensor:
     B, N = ids.shape
     h = engines.embed.run({"ids": ids})["h"]                                  # [B, N, D]
     pos = torch.arange(N, dtype=torch.int32).expand(B, N).contiguous()        # [B, N]
-    empty = torch.zeros(B, N, spec.n_kv_heads, spec.head_dim)                 # overwritten by the scatter
     for i in range(spec.n_layers):
-        o = engines.layer(i).run({"h_rows": h, "pos": pos, "k_cache": empty, "v_cache": empty})
+        # every row is overwritten by the scatter (fused torch layers write these caches in place)
+        kc, vc = (torch.zeros(B, N, spec.n_kv_heads, spec.head_dim) for _ in range(2))
+        o = engines.layer(i).run({"h_rows": h, "pos": pos, "k_cache": kc, "v_cache": vc})
         h = h + o["attn_rows"] + o["mlp_rows"]
     return engines.head.run({"h_rows": h})["logits"]
 
