@@ -55,8 +55,11 @@ def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.de
 
     from dllm.exporter.models.model import DiffusionLM
 
+    from dllm.device import parse_device
+
     spec = source.spec
     dtype = DType(dtype)
+    device = parse_device(device, "device")
     engines = {}
     for decl in declare(spec, dtype, with_vproj=with_vproj):
         module = build_module(decl, source, dtype)
