@@ -134,6 +134,18 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Fail early when ``path`` cannot become a new directory: it is a file, or its folder is not writable."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p} is a file; pass a directory path")
+    ancestor = p if p.is_dir() else _existing_ancestor(p)
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {p}: {ancestor} is a file, not a directory; choose another path")
+    _probe_writable(ancestor, flag, p)
+    return p
+
+
 def _file_mode(path: Path) -> int:
     if path.exists():
         return path.stat().st_mode & 0o777

@@ -100,7 +100,7 @@ def read_stamp(root: Path) -> dict:
 
 def write_stamp(root: Path, entries: dict) -> Path | None:
     """Write the stamp into the directory, or the user's cache where the directory is read-only."""
-    text = json.dumps({"version": STAMP_VERSION, "files": entries}, indent=0, sort_keys=True)
+    text = json.dumps({"version": STAMP_VERSION, "files": entries}, sort_keys=True)
     for path in (root / STAMP, _cache_stamp(root)):
         tmp = None
         try:

@@ -114,15 +114,13 @@ class TrainConfig:
 def check_checkpoint_out(out: Path) -> None:
     """Fail before training when ``out`` cannot receive a new checkpoint: it is a file, it already holds
     files (nothing is overwritten), or its folder is not writable."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a directory for the checkpoint")
+    from dllm.cli_common import check_output_dir
+
+    check_output_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty ({sorted(p.name for p in out.iterdir())[:5]}); a checkpoint is "
                           "written into a new or empty directory only, so nothing there is overwritten: choose "
                           "another --out")
-    from dllm.cli_common import check_output_file
-
-    check_output_file(out / "config.json", "--out")
 
 
 def write_checkpoint_atomically(model, out: Path, tokenizer, dtype, record: dict) -> Path:

@@ -89,7 +89,9 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"cannot read {path} ({e.strerror or e}); it must be a readable file with "
                               f"{what}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, expected an object with {what}")
+        kind = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "a boolean",
+                "NoneType": "null"}[type(data).__name__]
+        raise CheckpointError(f"{path} holds {kind}, not a JSON object; re-download or rewrite {what}")
     return data
 
 
