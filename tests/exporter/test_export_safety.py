@@ -299,3 +299,34 @@ def test_sigkill_at_arbitrary_moments(old_export, ckpt, tmp_path, after_lines, d
     export_checkpoint(ExportConfig(ckpt, out, **dict(NEW, dtype="fp16")))
     assert_user_files_intact(out)
     assert_clean(out)
+
+
+def test_ctrl_c_keeps_the_old_directory_and_the_work_done(old_export, ckpt, tmp_path):
+    from pathlib import Path
+
+    from dllm.exporter.engine_dir import partial_dir
+    from dllm.exporter.export import Status
+
+    out = user_target(old_export, tmp_path)
+    old_manifest = (out / MANIFEST).read_bytes()
+    script = Path(sys.executable).parent / "dllm-export"
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "dllm.exporter.cli"]
+    proc = subprocess.Popen(argv + [str(ckpt), "-o", str(out), "--dtype", "fp16", "--no-validate", "--no-vproj",
+                                    "--max-seq-len", "48"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = partial_dir(out) / ".state" / "onnx"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (state.is_dir() and any(state.iterdir())) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("dllm-export: interrupted: stopped by Ctrl-C; finished subgraphs are "
+                                            "kept; run the same command again to resume")
+    assert "Traceback" not in err
+    assert (out / MANIFEST).read_bytes() == old_manifest and not lock_path(out).exists()
+    assert_user_files_intact(out)
+    events = []
+    export_checkpoint(ExportConfig(ckpt, out, **dict(NEW, dtype="fp16")), progress=events.append)
+    assert any(e.status == Status.SKIPPED for e in events)              # the work before Ctrl-C was kept
+    assert_user_files_intact(out)
+    assert_clean(out)
