@@ -113,7 +113,8 @@ def foreign_files(out: Path) -> list[str]:
 
 
 def _is_ours_dir(rel: str) -> bool:
-    return rel.rstrip("/").split("/")[0] in (ONNX_DIR, PLANS_DIR, TOKENIZER_DIR)
+    """The folders an export creates (an empty one is not worth carrying)."""
+    return rel.rstrip("/") in (ONNX_DIR, PLANS_DIR, TOKENIZER_DIR) or re.fullmatch(rf"{PLANS_DIR}/[^/]+/", rel)
 
 
 def _clashes(foreign: list[str], new_paths: set[str]) -> list[str]:
@@ -415,6 +416,7 @@ class ExportLock:
 
     def __init__(self, out: Path):
         self.out, self.path, self.fd = out, lock_path(out), None
+        self.created: list[Path] = []             # folders made for the output, removed again if left empty
 
     def __enter__(self) -> "ExportLock":
         try:
@@ -422,6 +424,7 @@ class ExportLock:
         except ImportError:                           # no flock (Windows): no lock
             return self
         _check_parents(self.out)
+        self.created = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -461,3 +464,8 @@ class ExportLock:
             pass
         os.close(self.fd)                             # releases the flock
         self.fd = None
+        for folder in self.created:                   # deepest first; a failed export leaves no empty folders
+            try:
+                folder.rmdir()
+            except OSError:
+                break

@@ -330,3 +330,11 @@ def test_ctrl_c_keeps_the_old_directory_and_the_work_done(old_export, ckpt, tmp_
     assert any(e.status == Status.SKIPPED for e in events)              # the work before Ctrl-C was kept
     assert_user_files_intact(out)
     assert_clean(out)
+
+
+def test_a_failed_export_leaves_no_folders_behind(tmp_path):
+    from dllm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a directory"):
+        export_checkpoint(ExportConfig(tmp_path / "no-checkpoint", tmp_path / "a" / "b" / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
