@@ -124,7 +124,8 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     """Fail early when ``path`` cannot become a file: it is a directory, or its folder is not writable."""
     p = Path(path).expanduser()
     if p.is_dir():
-        raise ConfigError(f"{flag} {p} is a directory; pass a file path inside it, e.g. {p / ('out' + (p.suffix or '.json'))}")
+        example = p / ("out" + (p.suffix or ".json"))
+        raise ConfigError(f"{flag} {p} is a directory; pass a file path inside it, e.g. {example}")
     ancestor = p.parent if p.parent.is_dir() else _existing_ancestor(p)
     if not ancestor.is_dir():
         raise ConfigError(f"{flag} {p}: {ancestor} is a file, not a directory; choose another path")

@@ -133,6 +133,7 @@ def load_tokenizer(tokenizer_dir):
         return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:   # JSON errors, Rust panics, OSError: transformers passes them all through
         raise EngineDirError(f"the tokenizer in {tokenizer_dir} does not load ({type(e).__name__}: {str(e)[:200]}); "
-                             "its files are damaged: re-run dllm-export to copy them again") from None
+                             "re-run dllm-export to copy the checkpoint's tokenizer files again, or pass "
+                             "Pipeline(engines, tokenizer=...)") from None
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -26,7 +26,6 @@ import json
 import sys
 import time
 import typing
-from pathlib import Path
 
 import torch
 

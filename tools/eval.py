@@ -60,7 +60,8 @@ class EvalConfig:
         if self.limit <= 0:
             raise ConfigError(f"--limit must be positive, got {self.limit}")
         if self.fewshot < 0:
-            raise ConfigError(f"--fewshot must be at least 0 (solved examples before each question), got {self.fewshot}")
+            raise ConfigError(f"--fewshot must be at least 0 (solved examples before each question), got "
+                              f"{self.fewshot}")
         if self.task == Task.GSM8K and self.data is None:
             raise ConfigError("--task gsm8k reads a local JSONL: pass --data FILE.jsonl "
                               '(one {"question": ..., "answer": "... #### n"} per line)')

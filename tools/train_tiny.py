@@ -15,7 +15,6 @@ character tokenizer of ``build_tokenizer`` and its chat template, plus ``train_c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import json
@@ -93,8 +92,8 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "min_lr_ratio", "time_limit"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
-                raise ConfigError(f"TrainConfig.{name} must be a finite number {'above' if name == 'lr' else 'of at least'}"
-                                  f" 0, got {v}")
+                bound = "above 0" if name == "lr" else "of at least 0"
+                raise ConfigError(f"TrainConfig.{name} must be a finite number {bound}, got {v}")
         if self.d_model % self.heads:
             raise ConfigError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
         if self.max_canvas < self.min_canvas:

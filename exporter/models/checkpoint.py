@@ -312,8 +312,8 @@ class Checkpoint:
         extra = sorted(i for i in layers if i >= self.spec.n_layers)
         if extra:
             raise CheckpointError(f"{self.path}: config.json says {self.spec.n_layers} layers, but the safetensors "
-                                  f"files hold layers up to {extra[-1]} ({max(layers) + 1} in all); set the layer count "
-                                  "in config.json to match the weights")
+                                  f"files hold layers up to {extra[-1]} ({max(layers) + 1} in all); set the layer "
+                                  "count in config.json to match the weights")
 
     def _info(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
         info = self.tensors.get(name)

@@ -4,11 +4,9 @@ backend refuses a checkpoint other than the one exported."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from dllm.errors import EngineDirError, IntegrityError
@@ -43,9 +41,9 @@ def test_pipeline_refuses_before_any_token(copy):
     from dllm.runtime import DecodeConfig, Pipeline
 
     flip(copy / "onnx" / "head.onnx.data", 11, 0x01)
+    cfg = DecodeConfig(gen_length=8, block_length=8, steps=8)
     with pytest.raises(IntegrityError):
-        Pipeline.from_dir(copy, "onnxruntime", intra_op_threads=1).generate([5, 6], DecodeConfig(gen_length=8,
-                                                                                                 block_length=8, steps=8))
+        Pipeline.from_dir(copy, "onnxruntime", intra_op_threads=1).generate([5, 6], cfg)
 
 
 def test_tampered_manifest_fails_on_every_backend(copy):

@@ -76,7 +76,8 @@ CASES = [
     ("llada", extra_layer, r"config.json says 1 layers, but the safetensors files hold layers up to 1"),
     ("llada", as_dtype(torch.int8), r"is stored as I8; weights must be floating point .*export from the original"),
     ("llada", as_dtype(torch.int32), r"is stored as I32; weights must be floating point"),
-    ("llada", write("tokenizer.json", b"{not json"), r"tokenizer files of .* do not load .*re-download tokenizer.json"),
+    ("llada", write("tokenizer.json", b"{not json"),
+     r"tokenizer file .*tokenizer.json is damaged \(JSONDecodeError.*re-download it"),
     ("dream", write("model.safetensors", b"\x07\x00\x00\x00\x00\x00\x00\x00[1,2,3]"),
      r"malformed safetensors header"),
 ]
@@ -95,3 +96,11 @@ def test_bad_checkpoint_is_one_line(ckpts, tmp_path, capsys, arch, edit, message
     assert err.startswith("dllm-export: error:") and re.search(message, err), err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_tokenizer_json_that_is_json_but_not_a_tokenizer(ckpts, tmp_path, capsys):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(ckpts["llada"], broken)
+    (broken / "tokenizer.json").write_text('{"model": 5}')
+    assert main([str(broken), "-o", str(tmp_path / "out"), "--no-validate"]) == 2
+    assert "tokenizer.json is damaged" in capsys.readouterr().err
