@@ -83,3 +83,22 @@ def test_chat_without_template_and_broken_tokenizer(engine_dirs, tmp_path):
     (out / "tokenizer" / "tokenizer.json").write_text("{")
     with pytest.raises(EngineDirError, match=r"the tokenizer in .* does not load \(.*\); re-run dllm-export to copy"):
         Pipeline.from_dir(out, "onnxruntime", intra_op_threads=1).generate("hi", SMALL)
+
+
+def test_bad_pipeline_construction(engine_dirs, tiny_checkpoints, tmp_path):
+    from dllm.errors import BackendError
+
+    with pytest.raises(ConfigError, match=r"device 'bogus' is not a device; use cpu, cuda or cuda:N"):
+        Pipeline.from_dir(engine_dirs["llada"], "onnxruntime", "bogus")
+    with pytest.raises(ConfigError, match=r"device 'cuda:abc' is not a device"):
+        Pipeline.from_checkpoint(tiny_checkpoints["llada"], device="cuda:abc")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match=r"asked for a CUDA device, but this torch build"):
+            Pipeline.from_dir(engine_dirs["llada"], "torch", "cuda")
+    with pytest.raises(ConfigError, match=r"backend 'tflite' is not one of"):
+        Pipeline.from_dir(engine_dirs["llada"], "tflite")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EngineDirError, match=r"is a file, not an engine directory"):
+        Pipeline.from_dir(tmp_path / "file")
+    with pytest.raises(ConfigError, match=r"config must be a DecodeConfig, got dict"):
+        Pipeline.from_dir(engine_dirs["llada"], intra_op_threads=1, verify_hashes=True).generate([5], {"steps": 2})
