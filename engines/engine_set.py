@@ -61,12 +61,13 @@ def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.de
     ``kernels``: ``auto`` (Triton on CUDA, torch twins elsewhere), ``triton``, ``torch`` or ``plain``
     (see dllm.kernels.KernelPath); the fused paths also fuse the layers' own norms, RoPE and MLP gate.
     """
+    from dllm.device import parse_device
     from dllm.engines.torch_backend import TorchEngine
     from dllm.exporter.models.model import DiffusionLM
 
     spec = source.spec
     dtype = DType(dtype)
-    dev = torch.device(device)
+    dev = parse_device(device, "device")
     ops = make_ops(kernels, dev)
     engines = {decl.name: TorchEngine(decl, torch_module(decl, source, dtype, ops), dev)
                for decl in declare(spec, dtype, with_vproj=with_vproj)}

@@ -6,15 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from dllm.errors import DllmError
+from dllm.cli_common import Parser, run_cli
 from dllm.exporter.config import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPT_ROWS, ExportBackend, ExportConfig
 from dllm.exporter.subgraphs import DType
 
-EXIT_ERROR = 2
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="dllm-export",
         description="Export a LLaDA or Dream checkpoint (Hugging Face layout) to an engine directory: per-layer "
                     "ONNX subgraphs with dynamic row count k and canvas length N, validated against PyTorch, "
@@ -109,20 +106,21 @@ def summary(out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     bars = _Bars()
-    try:
+
+    def body() -> None:
         from dllm.exporter.export import export_checkpoint
 
-        cfg = ExportConfig(checkpoint=args.checkpoint, out_dir=args.out, dtype=args.dtype,
-                           max_seq_len=args.max_seq_len, backend=args.backend, opt_rows=args.opt_rows,
-                           validate=args.validate, with_vproj=args.with_vproj)
-        out = export_checkpoint(cfg, progress=bars)
-        bars.close()
+        try:
+            cfg = ExportConfig(checkpoint=args.checkpoint, out_dir=args.out, dtype=args.dtype,
+                               max_seq_len=args.max_seq_len, backend=args.backend, opt_rows=args.opt_rows,
+                               validate=args.validate, with_vproj=args.with_vproj)
+            out = export_checkpoint(cfg, progress=bars)
+        finally:
+            bars.close()
         print(summary(out))
-    except DllmError as e:
-        bars.close()
-        print(f"dllm-export: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+
+    return run_cli("dllm-export", body, interrupted_hint="finished subgraphs are kept; run the same command again "
+                                                         "to resume")
 
 
 if __name__ == "__main__":

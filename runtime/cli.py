@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from dllm.errors import ConfigError, DllmError
+from dllm.cli_common import Parser, run_cli
+from dllm.errors import ConfigError
 
 # flag -> DecodeConfig field; type; help
 _FIELDS = [
@@ -49,7 +50,7 @@ _FIELDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dllm-run", description="Generate with a diffusion LLM from an engine directory.")
+    p = Parser(prog="dllm-run", description="Generate with a diffusion LLM from an engine directory.")
     p.add_argument("engine_dir", help="engine directory from dllm-export (or a checkpoint directory with "
                                       "--backend torch)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, typ, help_ in _FIELDS:
         p.add_argument(flag, type=typ, default=None, help=help_)
     p.add_argument("--apd-block-reset", action="store_true", default=None, help="apd: reset tau at each block")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file of the engine directory against its manifest before loading (by default "
+                        "files unchanged since they were last verified are trusted; sizes are always checked)")
     p.add_argument("--stream", action="store_true", help="print text as it is committed")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, steps, nfe, ...)")
     return p
@@ -76,6 +80,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _prompt(args):
+    if args.chat and args.prompt_ids is not None:
+        raise ConfigError("--chat wraps --prompt text in the chat template and cannot apply to --prompt-ids; "
+                          "pass --prompt TEXT --chat, or the ids of an already formatted prompt without --chat")
     if args.prompt_ids is not None:
         try:
             return [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x != ""]
@@ -98,12 +105,15 @@ def _pipeline(args):
             raise ConfigError(f"{path} is a checkpoint, not an engine directory; export it with "
                               f"`dllm-export {path} OUT` or run it directly with --backend torch")
         return Pipeline.from_checkpoint(path, device=args.device)
-    return Pipeline.from_dir(path, backend=args.backend, device=args.device)
+    return Pipeline.from_dir(path, backend=args.backend, device=args.device, verify_hashes=args.verify)
 
 
 def run(args: argparse.Namespace) -> int:
+    from dllm.device import parse_device
+
     cfg = config_from_args(args)
-    if args.backend != "torch" and not args.device.startswith("cuda"):
+    device = parse_device(args.device, "--device", check_available=args.backend != "tensorrt")
+    if args.backend != "torch" and device.type != "cuda":
         # torch only orchestrates between engine calls here (small ops); its thread pool would compete
         # with the backend's own threads (4-5x slower generation measured on a busy 2-core machine)
         import torch
@@ -133,11 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except DllmError as e:
-        print(f"dllm-run: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("dllm-run", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -173,6 +173,10 @@ class DecodeConfig:
             raise ConfigError(f"{_flag('rho')} must be {ranges['rho'][2]}, got {self.rho}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"{_flag('threshold')} must be {ranges['threshold'][2]}, got {self.threshold}")
+        for name in ("tau0", "tau_min", "tau_max"):      # thresholds on a probability
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{_flag(name)} must be in [0, 1] (a threshold on a token's probability), got {v}")
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"{_flag('eps')} must be in (0, 1) (Dream's last timestep), got {self.eps}")
         if self.softmax_temp <= 0:

@@ -67,8 +67,9 @@ def as_prompt_tensor(prompt_ids, device: torch.device) -> torch.Tensor:
     else:
         try:
             t = torch.tensor(list(prompt_ids), dtype=torch.long)
-        except (TypeError, ValueError):
-            raise ConfigError(f"prompt ids must be a list of ints or a tensor, got {type(prompt_ids).__name__}") from None
+        except (TypeError, ValueError, RuntimeError, OverflowError):   # RuntimeError: an id beyond int64
+            raise ConfigError(f"prompt ids must be a list of ints within the vocabulary or a tensor, got "
+                              f"{type(prompt_ids).__name__} {str(prompt_ids)[:80]}") from None
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2 or t.shape[0] != 1:

@@ -23,6 +23,7 @@ from dllm.errors import ConfigError
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
 from dllm.runtime.loop import DecodeResult, decode_steps
+from dllm.runtime.prompts import check_ids, encode_chat, encode_text, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -69,7 +70,11 @@ class Pipeline:
     @classmethod
     def from_dir(cls, engine_dir: str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu",
                  **options) -> "Pipeline":
-        """Open an engine directory (``dllm-export`` output) on ``backend`` and ``device``."""
+        """Open an engine directory (``dllm-export`` output) on ``backend`` and ``device``.
+
+        ``options`` go to ``dllm.engines.open_engine_dir``: ``verify_hashes=True`` hashes every file
+        against the manifest (the default trusts the verified stamp for unchanged files), and backend
+        settings such as ``intra_op_threads``."""
         try:
             from dllm.engines.loader import open_engine_dir
         except ImportError as e:   # pragma: no cover - the loader ships with the package
@@ -98,38 +103,27 @@ class Pipeline:
             if tdir is None or not Path(tdir).is_dir():
                 raise ConfigError("text prompts need a tokenizer, and this engine set has none; pass "
                                   "Pipeline(engines, tokenizer=...) or prompt with token ids")
-            from transformers import AutoTokenizer
-            from transformers.utils import logging as hf_logging
-
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()   # config.json of an unknown model type warns; harmless here
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(tdir), local_files_only=True,
-                                                                trust_remote_code=False)
-            finally:
-                hf_logging.set_verbosity(verbosity)
+            self._tokenizer = load_tokenizer(tdir)
         return self._tokenizer
 
     def encode(self, prompt) -> list[int]:
         """Token ids of a prompt: ids pass through, text is tokenized, chat messages go through the
-        tokenizer's chat template with ``add_generation_prompt=True``."""
+        tokenizer's chat template with ``add_generation_prompt=True``. Checked in ``dllm.runtime.prompts``
+        (one prompt, ids in the vocabulary, UTF-8 text; unknown characters warn)."""
         if isinstance(prompt, torch.Tensor):
-            return [int(x) for x in prompt.reshape(-1).tolist()]
+            return check_ids(prompt, self.spec.vocab_size)
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+            return encode_text(self.tokenizer, prompt)
         if isinstance(prompt, dict):
             prompt = [prompt]
-        if isinstance(prompt, (list, tuple)):
-            if all(isinstance(m, dict) for m in prompt) and prompt:
-                for m in prompt:
-                    if "role" not in m or "content" not in m:
-                        raise ConfigError(f"chat messages need 'role' and 'content' keys, got {sorted(m)}")
-                out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-                if hasattr(out, "keys") and "input_ids" in out:    # newer transformers may return a dict
-                    out = out["input_ids"]
-                return [int(x) for x in out]
-            if all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
-                return list(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt:
+            if all(isinstance(m, dict) for m in prompt):
+                where = f"the tokenizer in {self.engines.tokenizer_dir}" if self._tokenizer is None else "the tokenizer"
+                return encode_chat(self.tokenizer, prompt, where)
+            if not any(isinstance(m, dict) for m in prompt):
+                return check_ids(prompt, self.spec.vocab_size)
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise ConfigError("the prompt is empty; pass text, chat messages or at least one token id")
         raise ConfigError(f"a prompt is text, a list of token ids, a tensor of ids or a list of chat messages "
                           f"({{'role': ..., 'content': ...}}); got {type(prompt).__name__}")
 

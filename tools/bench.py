@@ -26,11 +26,12 @@ import json
 import sys
 import time
 import typing
-from pathlib import Path
 
 import torch
 
-from dllm.errors import ConfigError, DllmError
+from dllm.cli_common import Parser, check_output_file, run_cli, write_text
+from dllm.device import parse_device
+from dllm.errors import ConfigError
 from dllm.runtime import CachePolicyKind, DecodeConfig, Pipeline, Proxy, decode, method_config
 from dllm.tools.bench_report import (PeakMemory, command_line, format_table, machine_info, median, percentile, plot,
                                      weight_read_floor)
@@ -116,6 +117,11 @@ class BenchConfig:
             raise ConfigError(f"--warmup must be at least 0, got {self.warmup}")
         if self.prompt_len is not None and self.prompt_len < 1:
             raise ConfigError(f"--prompt-len must be at least 1, got {self.prompt_len}")
+        generated = ("arithmetic", "sorting")
+        unknown = [t for t in self.tasks if t not in generated]
+        if not self.tasks or unknown:
+            raise ConfigError(f"--tasks {','.join(self.tasks)!r}: task prompts come from {list(generated)}; "
+                              f"pass a comma-separated subset, e.g. --tasks arithmetic")
 
     def method_configs(self) -> dict[str, DecodeConfig]:
         return {m: parse_method(m, self.decode) for m in self.methods}
@@ -273,7 +279,7 @@ def _decode_fields() -> list[tuple[str, type, tuple | None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dllm-bench", description="Benchmark decoding methods side by side "
+    p = Parser(prog="dllm-bench", description="Benchmark decoding methods side by side "
                                 "(speed, steps, rows recomputed, accuracy against full).")
     p.add_argument("engine_dir", nargs="?", help="engine directory from dllm-export (omit with --random-weights)")
     p.add_argument("--random-weights", metavar="SHAPE", help="llada-8b | dream-7b | SPEC.json: random weights")
@@ -289,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch", "plain"],
                    help="the work around the engines (and inside torch layers): auto = Triton kernels on CUDA, "
                         "their torch twins on the CPU; plain = the unfused torch path (default auto)")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file of the engine directory against its manifest before loading (by default "
+                        "files unchanged since they were last verified are trusted; sizes are always checked)")
     p.add_argument("--share-layer-onnx", action="store_true", default=None,
                    help="random weights on onnxruntime: export one layer and load its file for every layer "
                         "(default: only when the layers exceed 1 GiB)")
@@ -321,6 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before any engine loads: the device, output paths, matplotlib for --plot."""
+    parse_device(args.device, "--device", check_available=args.backend != "tensorrt")
+    if args.threads is not None and args.threads < 0:
+        raise ConfigError(f"--threads must be at least 0 (0 = every core), got {args.threads}")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib, which is not installed; pip install 'dllm-deploy[plot]' "
+                              "(or drop --plot)") from None
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     values = {name: getattr(args, name) for name, _, _ in _decode_fields() if getattr(args, name) is not None}
     values.setdefault("gen_length", 64)
@@ -346,11 +371,12 @@ def open_source(args: argparse.Namespace, cfg: BenchConfig) -> EngineSource:
         raise ConfigError("--layers and --dtype apply to --random-weights only; an engine directory has its "
                           "own (re-export with dllm-export --dtype to change it)")
     return open_engine_dir_source(args.engine_dir, args.backend, args.device, args.threads, cuda_graphs,
-                                  args.kernels)
+                                  args.kernels, verify=args.verify)
 
 
 def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
     """Run the benchmark the parsed flags describe and return the report (also written/plotted if asked)."""
+    check_args(args)
     cfg = config_from_args(args)
     if args.backend != "torch" and not args.device.startswith("cuda"):
         # torch only orchestrates between engine calls (small ops): its thread pool costs more than it saves
@@ -407,28 +433,30 @@ def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
 
 
 def write_outputs(report: dict, args: argparse.Namespace, log=print) -> None:
-    """The JSON report and the plot, where the flags ask for them."""
+    """The JSON report and the plot, where the flags ask for them (each written whole or not at all)."""
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text(args.json, json.dumps(report, indent=2) + "\n", "--json")
         log(f"[bench] wrote {args.json}")
     if args.plot:
-        log(f"[bench] wrote {plot(report, args.plot)}")
+        try:
+            log(f"[bench] wrote {plot(report, args.plot)}")
+        except OSError as e:
+            raise ConfigError(f"--plot {args.plot}: could not write it ({e.strerror or e}); choose a writable file "
+                              "path") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
-    try:
+
+    def body() -> None:
         report = bench(args, argv, log=log)
         for note in report["notes"]:
             log(f"[bench] note: {note}")
         print(format_table(report["methods"]))
         write_outputs(report, args, log=log)
-    except DllmError as e:
-        print(f"dllm-bench: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("dllm-bench", body)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ def ort_options(threads: int | None) -> dict:
 
 
 def open_engine_dir_source(path: str, backend: str, device: str, threads: int | None,
-                           cuda_graphs: bool, kernels: str = "auto") -> EngineSource:
-    """An exported engine directory on ``backend``/``device``."""
+                           cuda_graphs: bool, kernels: str = "auto", verify: bool = False) -> EngineSource:
+    """An exported engine directory on ``backend``/``device`` (``verify``: hash every file first)."""
     from dllm.engines.loader import open_engine_dir
     from dllm.exporter.manifest import read_manifest
 
@@ -84,7 +84,7 @@ def open_engine_dir_source(path: str, backend: str, device: str, threads: int | 
         options = ort_options(threads)
     elif backend == "torch" and cuda_graphs:
         options = {"cuda_graphs": True}
-    engines = open_engine_dir(root, backend, device, kernels=kernels, **options)
+    engines = open_engine_dir(root, backend, device, kernels=kernels, verify_hashes=verify, **options)
     desc = {"engine_dir": str(root.absolute()), "dtype": manifest.dtype, "model": manifest.model.to_dict(),
             "checkpoint": manifest.source.get("checkpoint"), "random_weights": False}
     return EngineSource(engines, desc, max_seq_len=manifest.max_seq_len)
@@ -190,6 +190,9 @@ def make_prompts(engines: EngineSet, tokenizer, n: int, prompt_len: int | None, 
     """
     if n < 1:
         raise ConfigError(f"--num-prompts must be at least 1, got {n}")
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        return _random_prompts(engines.spec, n, prompt_len or 64, seed,
+                               "random token ids (the tokenizer has no chat template for task prompts)")
     if tokenizer is not None:
         try:
             from dllm.tools import tasks as task_mod

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from dllm.errors import ConfigError, DllmError
+from dllm.cli_common import Parser, check_output_file, run_cli, write_text
+from dllm.errors import ConfigError
 from dllm.tools.tasks import FEWSHOT_DEFAULT, Problem, Split, Task, extract_answer, generate, is_correct, load_gsm8k
 
 REFERENCE = "reference"
@@ -49,6 +50,7 @@ class EvalConfig:
     fewshot: int = FEWSHOT_DEFAULT
     backend: str = "onnxruntime"
     device: str = "cpu"
+    verify: bool = False               # hash every engine-directory file before loading
 
     def __post_init__(self):
         object.__setattr__(self, "task", Task(self.task))
@@ -57,6 +59,9 @@ class EvalConfig:
             raise ConfigError("--methods is empty; give e.g. full,dcu+apd or reference")
         if self.limit <= 0:
             raise ConfigError(f"--limit must be positive, got {self.limit}")
+        if self.fewshot < 0:
+            raise ConfigError(f"--fewshot must be at least 0 (solved examples before each question), got "
+                              f"{self.fewshot}")
         if self.task == Task.GSM8K and self.data is None:
             raise ConfigError("--task gsm8k reads a local JSONL: pass --data FILE.jsonl "
                               '(one {"question": ..., "answer": "... #### n"} per line)')
@@ -72,7 +77,11 @@ class EvalConfig:
 def load_problems(cfg: EvalConfig) -> list[Problem]:
     """The evaluation set: a fresh seeded test split for generated tasks, the JSONL for gsm8k."""
     if cfg.task == Task.GSM8K:
-        return load_gsm8k(cfg.data, fewshot=cfg.fewshot)[:cfg.limit]
+        problems = load_gsm8k(cfg.data, fewshot=cfg.fewshot)[:cfg.limit]
+        if not problems:
+            raise ConfigError(f"--data {cfg.data} has no problems left after the {cfg.fewshot} few-shot rows; add "
+                              "rows or lower --fewshot")
+        return problems
     return generate(cfg.task, cfg.limit, seed=cfg.seed, split=Split.TEST)
 
 
@@ -120,8 +129,9 @@ class ReferenceRunner:
         self.generate = reference.generate
 
     def _prompt_ids(self, problem: Problem) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        from dllm.runtime.prompts import encode_chat
+
+        return encode_chat(self.tokenizer, problem.messages(), "the checkpoint's tokenizer")
 
     @torch.no_grad()
     def __call__(self, problem: Problem):
@@ -147,7 +157,7 @@ def open_pipeline(cfg: EvalConfig):
                               f"`dllm-export {cfg.engine_dir} -o OUT`, pass --backend torch, or evaluate "
                               "only --methods reference")
         return Pipeline.from_checkpoint(cfg.engine_dir, device=cfg.device)
-    return Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, device=cfg.device)
+    return Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, device=cfg.device, verify_hashes=cfg.verify)
 
 
 def build_runners(cfg: EvalConfig, base) -> dict:
@@ -212,7 +222,7 @@ def format_table(report: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from dllm.runtime.cli import _FIELDS   # the decode flags of dllm-run, spelled the same way
 
-    p = argparse.ArgumentParser(prog="dllm-eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="dllm-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("engine_dir", nargs="?", type=Path, help="engine directory (or checkpoint with --backend torch)")
     p.add_argument("--task", required=True, choices=[t.value for t in Task])
     p.add_argument("--data", type=Path, help="gsm8k: local JSONL in the GSM8K format")
@@ -226,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime", choices=["torch", "onnxruntime", "tensorrt"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the report here")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file of the engine directory against its manifest before loading (by default "
+                        "files unchanged since they were last verified are trusted; sizes are always checked)")
     for flag, typ, help_ in _FIELDS:
         p.add_argument(flag, type=typ, default=None, help=help_)
     return p
@@ -233,10 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(a: argparse.Namespace):
     """(EvalConfig, base DecodeConfig) from parsed flags."""
+    from dllm.device import parse_device
     from dllm.runtime import DecodeConfig
     from dllm.runtime.cli import _FIELDS
 
     task = Task(a.task)
+    parse_device(a.device, "--device", check_available=a.backend != "tensorrt")
+    if a.json is not None:
+        check_output_file(a.json, "--json")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     reference_dir = a.reference
     if a.engine_dir is not None and is_checkpoint_dir(a.engine_dir) and reference_dir is None:
@@ -247,34 +264,35 @@ def config_from_args(a: argparse.Namespace):
     if engine_dir is not None and not engine_dir.is_dir():
         raise ConfigError(f"{engine_dir} is not a directory; pass an engine directory from dllm-export "
                           "or a checkpoint directory")
+    if reference_dir is not None and not reference_dir.is_dir():
+        raise ConfigError(f"--reference {reference_dir} is not a directory; pass the checkpoint directory "
+                          "(config.json, *.safetensors)")
     fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS}
     values = dict(TASK_DECODE[task])
     values.update({f: getattr(a, f) for f in fields if getattr(a, f) is not None})
     base = DecodeConfig(**values)
     cfg = EvalConfig(task=task, methods=tuple(methods), engine_dir=engine_dir, reference_dir=reference_dir,
                      data=a.data, limit=a.limit, seed=a.seed_problems, fewshot=a.fewshot, backend=a.backend,
-                     device=a.device)
+                     device=a.device, verify=a.verify)
     return cfg, base
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg, base = config_from_args(args)
         if cfg.backend != "torch" and not cfg.device.startswith("cuda"):
             # torch only orchestrates between engine calls here; its thread pool would compete with the
             # backend's own threads (as in dllm-run and dllm-bench)
             torch.set_num_threads(1)
         report = evaluate(cfg, base, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except DllmError as e:
-        print(f"dllm-eval: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"report written to {args.json}", file=sys.stderr)
-    return 0
+        print(format_table(report))
+        if args.json:
+            write_text(args.json, json.dumps(report, indent=1), "--json")
+            print(f"report written to {args.json}", file=sys.stderr)
+
+    return run_cli("dllm-eval", body)
 
 
 if __name__ == "__main__":

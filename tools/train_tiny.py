@@ -15,11 +15,11 @@ character tokenizer of ``build_tokenizer`` and its chat template, plus ``train_c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import enum
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dllm.cli_common import Parser, run_cli
 from dllm.errors import ConfigError
 from dllm.spec import Arch, ModelSpec
 from dllm.exporter.models.model import DiffusionLM
@@ -85,11 +86,19 @@ class TrainConfig:
         for name in ("steps", "d_model", "layers", "heads", "mlp_mult", "batch", "min_canvas", "threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "eval_problems"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be at least 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "time_limit"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                bound = "above 0" if name == "lr" else "of at least 0"
+                raise ConfigError(f"TrainConfig.{name} must be a finite number {bound}, got {v}")
         if self.d_model % self.heads:
             raise ConfigError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
         if self.max_canvas < self.min_canvas:
             raise ConfigError(f"max_canvas ({self.max_canvas}) < min_canvas ({self.min_canvas})")
-        if not 0.0 <= self.tight_frac <= 1.0:
+        if not 0.0 <= self.tight_frac <= 1.0:   # also false for nan
             raise ConfigError(f"tight_frac must be in [0, 1], got {self.tight_frac}")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
@@ -99,6 +108,38 @@ class TrainConfig:
     def spec(self) -> ModelSpec:
         return tiny_spec(Arch.LLADA, n_layers=self.layers, d_model=self.d_model, n_heads=self.heads,
                          mlp_hidden=self.mlp_mult * self.d_model, max_seq_len=512)
+
+
+def check_checkpoint_out(out: Path) -> None:
+    """Fail before training when ``out`` cannot receive a new checkpoint: it is a file, it already holds
+    files (nothing is overwritten), or its folder is not writable."""
+    from dllm.cli_common import check_output_dir
+
+    check_output_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty ({sorted(p.name for p in out.iterdir())[:5]}); a checkpoint is "
+                          "written into a new or empty directory only, so nothing there is overwritten: choose "
+                          "another --out")
+
+
+def write_checkpoint_atomically(model, out: Path, tokenizer, dtype, record: dict) -> Path:
+    """The checkpoint appears at ``out`` whole or not at all: written beside it, then renamed."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        save_checkpoint(model, tmp, tokenizer=tokenizer, dtype=dtype)
+        (tmp / "train_config.json").write_text(json.dumps(record, indent=2))
+        tmp.chmod(0o755)
+        if out.is_dir():
+            out.rmdir()                      # empty (checked at start); fails loudly if that changed
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -209,6 +250,7 @@ def quick_accuracy(model: DiffusionLM, tokenizer, problems: list[Problem], **dec
 # -- training ---------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, log=print) -> Path:
     """Train per ``cfg`` and write the checkpoint to ``cfg.out``; returns the directory."""
+    check_checkpoint_out(cfg.out)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device.value)
@@ -264,8 +306,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             sys.stdout.flush()
     else:
         step = cfg.steps
-    out = save_checkpoint(model.cpu().eval(), cfg.out, tokenizer=tokenizer, dtype=getattr(torch, cfg.save_dtype))
-    (out / "train_config.json").write_text(json.dumps(config_record(cfg, step, time.time() - start), indent=2))
+    out = write_checkpoint_atomically(model.cpu().eval(), cfg.out, tokenizer, getattr(torch, cfg.save_dtype),
+                                      config_record(cfg, step, time.time() - start))
     log(f"[train] {step} steps in {time.time() - start:.0f}s; checkpoint written to {out}")
     return out
 
@@ -281,7 +323,7 @@ def config_record(cfg: TrainConfig, steps_done: int, seconds: float) -> dict:
 
 def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig(out=Path("."))
-    ap = argparse.ArgumentParser(prog="dllm-train-tiny", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="dllm-train-tiny", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="checkpoint directory to write")
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--seed", type=int, default=d.seed)
@@ -308,12 +350,16 @@ def parse_args(argv=None) -> TrainConfig:
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default=d.save_dtype)
     a = ap.parse_args(argv)
+    try:
+        lo, _, hi = a.sort_len.partition("-")
+        sort_min, sort_max = int(lo), int(hi or lo)
+    except ValueError:
+        raise ConfigError(f"--sort-len {a.sort_len!r} is not a range of integers like 3-5") from None
     return TrainConfig(out=Path(a.out), steps=a.steps, seed=a.seed, d_model=a.d_model, layers=a.layers,
                        heads=a.heads, mlp_mult=a.mlp_mult, batch=a.batch, lr=a.lr, warmup=a.warmup,
                        min_canvas=a.min_canvas, max_canvas=a.max_canvas, tight_frac=a.tight_frac, loss=a.loss,
                        gen=GenConfig(max_operand=a.max_operand, ops=tuple(a.ops),
-                                     sort_min_len=int(a.sort_len.split("-")[0]),
-                                     sort_max_len=int(a.sort_len.split("-")[-1]),
+                                     sort_min_len=sort_min, sort_max_len=sort_max,
                                      sort_max_value=a.sort_max_value),
                        device=a.device,
                        time_limit=a.time_limit, eval_every=a.eval_every, threads=a.threads,
@@ -321,13 +367,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-        train(cfg, log=lambda s: print(s, flush=True))
-    except ConfigError as e:
-        print(f"dllm-train-tiny: {e}", file=sys.stderr)
-        return 2
-    return 0
+    def body() -> None:
+        train(parse_args(argv), log=lambda s: print(s, flush=True))
+
+    return run_cli("dllm-train-tiny", body)
 
 
 if __name__ == "__main__":
