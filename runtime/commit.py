@@ -67,7 +67,7 @@ class CommitPolicy(abc.ABC):
         """logits [B, R, V] and current ids [B, R] of positions [lo, hi) -> (transfer [B, R] bool, x0 [B, R])."""
 
     # -- shared pieces ------------------------------------------------------
-    def real(self, transfer: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def without_mask_tokens(self, transfer: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(transfer, x0) without the positions whose token is the mask itself. The reference decoders
         write such a token and the position stays masked; leaving it out of ``transfer`` writes the same
         canvas and keeps the loop's count of the block's masks exact (random models do predict it)."""
@@ -151,7 +151,7 @@ class LladaSchedule(CommitPolicy):
         transfer = torch.zeros((B, N), dtype=torch.bool, device=conf.device)
         if k > 0:
             transfer.scatter_(1, torch.topk(full, k, dim=-1).indices, True)
-        return self.real(transfer[:, lo:lo + R], x0)
+        return self.without_mask_tokens(transfer[:, lo:lo + R], x0)
 
 
 class DreamSchedule(CommitPolicy):
@@ -174,7 +174,7 @@ class DreamSchedule(CommitPolicy):
         x0[cand] = tok
         k = dream_count(view.block_masks / logits.shape[0], view.step_in_block, self.cfg.steps_per_block,
                         self.cfg.eps)
-        return self.real(self.top_count(conf.to(logits.dtype), cand, k, view), x0)
+        return self.without_mask_tokens(self.top_count(conf.to(logits.dtype), cand, k, view), x0)
 
     def dream_tokens(self, mask_logits: torch.Tensor, alg: Alg) -> tuple[torch.Tensor, torch.Tensor]:
         """Dream's ``sample_tokens`` on block-mask rows [M, V] -> (confidence by ``alg`` [M], token [M])."""
@@ -221,7 +221,7 @@ class DreamSchedule(CommitPolicy):
         x0[cand] = tok
         transfer = torch.zeros_like(cand)
         transfer[cand] = move
-        return self.real(transfer, x0)
+        return self.without_mask_tokens(transfer, x0)
 
 
 # -- Fast-dLLM ---------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class ThresholdCommit(CommitPolicy):
         cand = self.candidates(ids, view.start, view)
         x0 = self.sample(logits, cand, view.start, view)
         conf = self.confidence(logits, x0).masked_fill(~cand, NEG_INF)         # [B, R]
-        return self.real(_with_top1(cand & (conf >= self.cfg.threshold), conf, cand), x0)
+        return self.without_mask_tokens(_with_top1(cand & (conf >= self.cfg.threshold), conf, cand), x0)
 
 
 class FactorCommit(CommitPolicy):
@@ -246,7 +246,7 @@ class FactorCommit(CommitPolicy):
         cand = self.candidates(ids, view.start, view)
         x0 = self.sample(logits, cand, view.start, view)
         conf = self.confidence(logits, x0).masked_fill(~cand, NEG_INF)         # [B, R]
-        return self.real(factor_transfer(conf, cand, self.cfg.factor), x0)
+        return self.without_mask_tokens(factor_transfer(conf, cand, self.cfg.factor), x0)
 
 
 def factor_transfer(conf: torch.Tensor, cand: torch.Tensor, factor: float) -> torch.Tensor:
@@ -283,7 +283,7 @@ class _FirstPositionStep:
         x0[cand] = tok
         transfer = torch.zeros_like(cand)
         transfer[:, 0] = cand[:, 0]                                             # row 0: the block start
-        return self.real(transfer, x0)
+        return self.without_mask_tokens(transfer, x0)
 
     @staticmethod
     def cached_step_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -344,7 +344,7 @@ class FastDllmDreamThreshold(_FirstPositionStep, DreamSchedule):
             keep[:, 0] = True
             self.carry = int((~keep).sum())                                         # host sync: the next cap
             transfer.scatter_(1, sel, keep)
-        return self.real(transfer[:, lo:lo + R], x0)
+        return self.without_mask_tokens(transfer[:, lo:lo + R], x0)
 
 
 # -- APD ---------------------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ class ApdCommit(CommitPolicy):
         self.prev_p[:, g0:g0 + R] = p
         conf = conf.masked_fill(~cand, NEG_INF)
         tau = self.tau if self.tau.dim() == 0 else self.tau[:, g0:g0 + R]
-        return self.real(_with_top1(cand & (conf >= tau), conf, cand), x0)
+        return self.without_mask_tokens(_with_top1(cand & (conf >= tau), conf, cand), x0)
 
     def _update(self, c, H, cand, g0):
         """tau -= alpha * c, then += beta * H (the reference's order of float64 operations)."""

@@ -50,13 +50,13 @@ APD_CASES = [  # mode, tau0, beta, temperature, remasking, several tokens per st
 APD_PROMPTS = {"llada": (5, 3), "dream": (7, 0)}
 
 
-def _apd(arch, model, engines, case, P=None, seed=None):
+def _apd(arch, model, engines, case, P=None, seed=None, **sampling):
     mode, tau0, beta, T, remasking, multi = case
     prompt = _prompt(model.spec, *((P, seed) if P is not None else APD_PROMPTS[arch]))
     ref = R.apd_generate(model, prompt, R.ApdConfig(gen_length=32, block_length=8, steps=32, mode=mode, tau0=tau0,
-                                                    beta=beta, temperature=T, remasking=remasking, seed=3))
+                                                    beta=beta, temperature=T, remasking=remasking, seed=3, **sampling))
     res = decode(engines, prompt, DecodeConfig(gen_length=32, block_length=8, commit="apd", apd_mode=mode, tau0=tau0,
-                                               beta=beta, temperature=T, remasking=remasking, seed=3))
+                                               beta=beta, temperature=T, remasking=remasking, seed=3, **sampling))
     _assert_same(res, ref)
     if multi:
         assert max(res.tokens_per_step) > 1
@@ -75,6 +75,12 @@ def test_apd_equals_generate_pd_torch(arch, case, tiny_models, torch_engines):
 @pytest.mark.parametrize("case", [APD_CASES[0], APD_CASES[3]], ids=lambda c: "-".join(map(str, c[:5])))
 def test_apd_equals_generate_pd_onnxruntime(arch, case, tiny_models, ort_engines):
     _apd(arch, tiny_models[arch], ort_engines[arch], case)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_apd_with_top_p_top_k_equals_generate_pd(arch, tiny_models, torch_engines):
+    _apd(arch, tiny_models[arch], torch_engines[arch], ("global", 0.3, 0.01, 0.9, "low_confidence", True),
+         top_p=0.9, top_k=10)
 
 
 def test_apd_global_threshold_carries_across_blocks(tiny_models, torch_engines):
@@ -128,15 +134,24 @@ def test_dream_top_k_matters_at_temperature_zero(tiny_models, torch_engines):
 
 
 # -- LLaDA's top-p / top-k -----------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [dict(temperature=0.9, top_k=3), dict(temperature=1.0, top_p=0.8, remasking="random"),
-                                dict(temperature=0.7, top_p=0.9, top_k=10)], ids=["top_k", "top_p-random", "both"])
-def test_llada_top_p_top_k_equal_the_reference(kw, tiny_models, torch_engines):
-    prompt = _prompt(tiny_models["llada"].spec)
-    ref = R.llada_generate(tiny_models["llada"], prompt, R.LladaConfig(gen_length=32, block_length=8, steps=8,
-                                                                         seed=5, **kw))
-    res = decode(torch_engines["llada"], prompt, DecodeConfig(gen_length=32, block_length=8, steps=8, seed=5, **kw))
+def _llada_sampling(model, engines, steps, kw):
+    prompt = _prompt(model.spec)
+    ref = R.llada_generate(model, prompt, R.LladaConfig(gen_length=32, block_length=8, steps=steps, seed=5, **kw))
+    res = decode(engines, prompt, DecodeConfig(gen_length=32, block_length=8, steps=steps, seed=5, **kw))
     _assert_same(res, ref)
-    assert max(res.tokens_per_step) == 4
+    assert max(res.tokens_per_step) == 32 // steps
+
+
+@pytest.mark.parametrize("steps,kw", [(8, dict(temperature=0.9, top_k=3)),
+                                      (8, dict(temperature=1.0, top_p=0.8, remasking="random")),
+                                      (32, dict(temperature=0.7, top_p=0.9, top_k=10))],
+                         ids=["top_k", "top_p-random", "both-one-per-step"])
+def test_llada_top_p_top_k_equal_the_reference(steps, kw, tiny_models, torch_engines):
+    _llada_sampling(tiny_models["llada"], torch_engines["llada"], steps, kw)
+
+
+def test_llada_top_p_top_k_equal_the_reference_onnxruntime(tiny_models, ort_engines):
+    _llada_sampling(tiny_models["llada"], ort_engines["llada"], 8, dict(temperature=0.8, top_p=0.9, top_k=20))
 
 
 def test_top_k_one_is_greedy(tiny_models, torch_engines):
@@ -155,6 +170,7 @@ def test_top_k_one_is_greedy(tiny_models, torch_engines):
 # -- Fast-dLLM's Dream port --------------------------------------------------------------------------------
 PORT_CASES = [  # cache, threshold (None = schedule), sampling
     ("dual", None, dict()),
+    ("prefix", None, dict(steps=32)),                         # S = 8 steps for 8 positions: one per step
     ("prefix", None, dict(alg="entropy")),
     ("dual", None, dict(alg_temp=0.3, temperature=0.5)),
     ("prefix", 0.9, dict()),
@@ -164,12 +180,15 @@ PORT_CASES = [  # cache, threshold (None = schedule), sampling
 ]
 
 
-def _port(model, engines, case, preset=False):
+def _port(model, engines, case):
     cache, thr, kw = case
+    kw = dict(kw)
+    steps = kw.pop("steps", 16)
     prompt = _prompt(model.spec)
-    ref = R.fastdllm_dream_generate(model, prompt, R.FastDllmDreamConfig(gen_length=32, block_length=8, steps=16,
+    ref = R.fastdllm_dream_generate(model, prompt, R.FastDllmDreamConfig(gen_length=32, block_length=8, steps=steps,
                                                                             seed=5, cache=cache, threshold=thr, **kw))
-    base = DecodeConfig(gen_length=32, block_length=8, steps=16, seed=5, threshold=0.9 if thr is None else thr, **kw)
+    base = DecodeConfig(gen_length=32, block_length=8, steps=steps, seed=5, threshold=0.9 if thr is None else thr,
+                        **kw)
     name = f"fastdllm-dream-{cache}" + ("+threshold" if thr is not None else "")
     cfg = method_config(name, base)
     res = decode(engines, prompt, cfg)
@@ -181,12 +200,14 @@ def _port(model, engines, case, preset=False):
 @pytest.mark.parametrize("case", PORT_CASES, ids=lambda c: f"{c[0]}-thr{c[1]}-" + "-".join(f"{k}{v}" for k, v in c[2].items()))
 def test_fastdllm_dream_port_equals_its_reference_torch(case, tiny_models, torch_engines):
     res = _port(tiny_models["dream"], torch_engines["dream"], case)
+    steps = case[2].get("steps", 16)
     if case[1] is None:
-        assert res.steps == 16                                            # S = 4 steps per block, first one included
-    assert max(res.tokens_per_step) > 1
+        assert res.steps == steps                                         # S steps per block, the first included
+    if steps == 16:
+        assert max(res.tokens_per_step) > 1                               # steps == 32: 32 steps for 32 tokens
 
 
-@pytest.mark.parametrize("case", [PORT_CASES[0], PORT_CASES[5]], ids=["dual-schedule", "dual-threshold"])
+@pytest.mark.parametrize("case", [PORT_CASES[0], PORT_CASES[6]], ids=["dual-schedule", "dual-threshold"])
 def test_fastdllm_dream_port_equals_its_reference_onnxruntime(case, tiny_models, ort_engines):
     _port(tiny_models["dream"], ort_engines["dream"], case)
 
@@ -212,15 +233,18 @@ def test_fastdllm_dream_port_errors(torch_engines):
 
 
 # -- classifier-free guidance -----------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [dict(cfg_scale=1.5), dict(cfg_scale=1.0, temperature=0.5, remasking="random")],
-                         ids=["greedy", "sampled"])
-def test_guidance_equals_the_reference_torch(kw, tiny_models, torch_engines):
+@pytest.mark.parametrize("steps,kw", [(16, dict(cfg_scale=1.5)),
+                                      (16, dict(cfg_scale=1.0, temperature=0.5, remasking="random")),
+                                      (32, dict(cfg_scale=0.5, temperature=0.8, top_k=5))],
+                         ids=["greedy", "sampled", "one-per-step"])
+def test_guidance_equals_the_reference_torch(steps, kw, tiny_models, torch_engines):
     prompt = _prompt(tiny_models["llada"].spec)
-    ref = R.llada_generate(tiny_models["llada"], prompt, R.LladaConfig(gen_length=32, block_length=8, steps=16,
+    ref = R.llada_generate(tiny_models["llada"], prompt, R.LladaConfig(gen_length=32, block_length=8, steps=steps,
                                                                          seed=5, **kw))
-    res = decode(torch_engines["llada"], prompt, DecodeConfig(gen_length=32, block_length=8, steps=16, seed=5, **kw))
+    res = decode(torch_engines["llada"], prompt, DecodeConfig(gen_length=32, block_length=8, steps=steps, seed=5,
+                                                              **kw))
     _assert_same(res, ref)
-    assert res.nfe == 16
+    assert res.nfe == steps and max(res.tokens_per_step) == 32 // steps
     assert res.rows_per_step[0] == [2 * (7 + 32)] * 2                    # both canvases, every row
 
 
