@@ -42,9 +42,14 @@ _FIELDS = [
     ("--tau-min", float, "apd: clamp threshold from below (default off)"),
     ("--tau-max", float, "apd: clamp threshold from above (default off)"),
     ("--remasking", str, "low_confidence | random (default low_confidence)"),
-    ("--alg", str, "Dream schedule confidence: maskgit_plus | topk_margin | entropy"),
+    ("--alg", str, "Dream schedule confidence: maskgit_plus | topk_margin | entropy | origin"),
+    ("--alg-temp", float, "Dream schedule: > 0 draws the committed positions from softmax(conf/alg-temp) "
+                          "(default 0)"),
     ("--eps", float, "Dream schedule: last timestep (default 1e-3)"),
     ("--temperature", float, "sampling temperature, 0 = greedy (default 0)"),
+    ("--top-p", float, "sample from the smallest token set with this mass (default off)"),
+    ("--top-k", int, "sample from the k most likely tokens (default off; Dream's own code uses 50)"),
+    ("--cfg-scale", float, "classifier-free guidance scale, prompt masked in the second pass (default 0 = off)"),
     ("--seed", int, "random seed (default 0)"),
 ]
 
@@ -65,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="hash every file of the engine directory against its manifest before loading (by default "
                         "files unchanged since they were last verified are trusted; sizes are always checked)")
+    p.add_argument("--fastdllm-dream", action="store_true", default=None,
+                   help="Dream with --cache prefix/dual: reproduce Fast-dLLM's Dream port")
     p.add_argument("--stream", action="store_true", help="print text as it is committed")
     p.add_argument("--json", action="store_true", help="print one JSON object (ids, text, steps, nfe, ...)")
     return p
@@ -74,7 +81,7 @@ def config_from_args(args: argparse.Namespace):
     """DecodeConfig from the parsed flags (only the flags given; the rest keep their defaults)."""
     from dllm.runtime.config import DecodeConfig
 
-    fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS} | {"apd_block_reset"}
+    fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS} | {"apd_block_reset", "fastdllm_dream"}
     values = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     return DecodeConfig(**values)
 

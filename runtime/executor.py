@@ -171,26 +171,28 @@ class Executor:
             if key is not None and self.step_graphs.seen(key):
                 self.step_graphs.capture(key, lambda: self._step_body(cache, graphed_commit, view, lo, hi, False))
         if commit_key is None:                  # the commit runs eagerly on the head's logits
-            self._commit(commit, logits, view, lo, hi)
+            self.apply_commit(commit, logits, view, lo, hi)
         cache.after_step()
         commit.after_step(view)
         engine_s = time.perf_counter() - t0
-        return StepOutcome(self._read_committed(lo, hi), StepStats(rows, engine_s))
+        return StepOutcome(self.read_committed(lo, hi), StepStats(rows, engine_s))
 
     def _step_body(self, cache, commit, view, lo, hi, layer_graphs: bool):
         logits, rows = self._forward(cache, view, lo, hi, layer_graphs)
         if commit is not None:
-            self._commit(commit, logits, view, lo, hi)
+            self.apply_commit(commit, logits, view, lo, hi)
         return rows, logits
 
-    def _commit(self, commit: CommitPolicy, logits: torch.Tensor, view: StepView, lo: int, hi: int) -> None:
+    def apply_commit(self, commit: CommitPolicy, logits: torch.Tensor, view: StepView, lo: int, hi: int) -> None:
+        """Let ``commit`` pick tokens from the logits of positions [lo, hi) and write them into the canvas."""
         with self._region("commit"):
             ids = self.canvas[:, lo:hi]
             transfer, x0 = commit.select(logits, ids, view)                   # [B, R] each
             self.canvas[:, lo:hi] = torch.where(transfer, x0, ids)
             self.transfer[:, :hi - lo].copy_(transfer)
 
-    def _read_committed(self, lo: int, hi: int) -> list[int]:
+    def read_committed(self, lo: int, hi: int) -> list[int]:
+        """The positions the last ``apply_commit`` committed (waits for the device: the step's one sync)."""
         R = hi - lo
         if self.pinned is not None:
             self.pinned[:, :R].copy_(self.transfer[:, :R], non_blocking=True)

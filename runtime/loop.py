@@ -26,6 +26,7 @@ from dllm.engines.engine_set import EngineSet
 from dllm.errors import ConfigError
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
+from dllm.runtime.guidance import GuidedExecutor
 from dllm.runtime.view import StepView
 
 
@@ -127,6 +128,8 @@ def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor:
     prompt = as_prompt_tensor(prompt_ids, device)
     check_prompt(prompt, engines, cfg, max_seq_len)
     executor = executor or Executor(engines)
+    if cfg.cfg_scale > 0:                     # classifier-free guidance: a twin runs the prompt-masked canvas
+        executor = GuidedExecutor(executor, cfg)
     B, P, G = 1, prompt.shape[1], cfg.gen_length
     N = P + G
     t_start = time.perf_counter()

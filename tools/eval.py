@@ -122,10 +122,11 @@ class ReferenceRunner:
         c = decode_config
         common = dict(gen_length=c.gen_length, block_length=c.block_length, steps=c.steps,
                       temperature=c.temperature, seed=c.seed)
+        common.update(top_p=c.top_p, top_k=c.top_k)
         if self.spec.arch == Arch.LLADA:
-            self.ref_cfg = reference.LladaConfig(remasking=c.remasking.value, **common)
+            self.ref_cfg = reference.LladaConfig(remasking=c.remasking.value, cfg_scale=c.cfg_scale, **common)
         else:
-            self.ref_cfg = reference.DreamConfig(alg=c.alg.value, eps=c.eps, **common)
+            self.ref_cfg = reference.DreamConfig(alg=c.alg.value, eps=c.eps, alg_temp=c.alg_temp, **common)
         self.generate = reference.generate
 
     def _prompt_ids(self, problem: Problem) -> list[int]:

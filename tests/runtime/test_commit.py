@@ -220,3 +220,32 @@ def test_fused_statistics_commit_what_the_plain_path_commits(path, cls, cfg):
             p.after_step(view)
         ids[:, lo - P:hi - P] = torch.where(t1, x1, ids[:, lo - P:hi - P])
     assert fused.ops.launches > 0
+
+
+def test_apd_global_ignores_rows_without_a_previous_distribution(monkeypatch):
+    """Global mode reads logits of the block and the next one. At a block's first step the next block's rows
+    have no previous distribution yet (never computed), so their H is whatever the buffer held: here NaN,
+    as uninitialised memory may be (and large fresh allocations are zeros: H = 1 - 0/0 = NaN too). Only the
+    block's masks may enter the means; tau must stay the reference's value and several tokens must go."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(math.nan))
+    G, P, bl = 12, 4, 4
+    p = _policy(ApdCommit, P=P, G=G, block_length=bl, apd_mode="global", tau0=0.5, alpha=0.01, beta=0.02)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, G, 10, generator=g) * 4                   # one step's logits of every gen row
+    ids = torch.full((1, G), MASK)
+    view = _view(P=P, G=G, start=P, end=P + bl)
+    lo, hi = p.logit_range(view)
+    p.select(logits[:, lo - P:hi - P], ids[:, lo - P:hi - P], view)  # step 1 stores rows [0, 8)
+    p.after_step(view)
+    ids[:, :bl] = 7                                                   # block 0 done
+    view = _view(P=P, G=G, start=P + bl, end=P + 2 * bl, step=2)
+    lo, hi = p.logit_range(view)                                      # rows [4, 12): 8..11 never seen
+    logits2 = torch.randn(1, G, 10, generator=g) * 4
+    t, _ = p.select(logits2[:, lo - P:hi - P], ids[:, lo - P:hi - P], view)
+    c, H = _c_and_H(_probs(logits2[:, bl:2 * bl]), _probs(logits[:, bl:2 * bl]))
+    expected = 0.5 - 0.01 * c.mean() + 0.02 * H.mean()
+    assert torch.isfinite(p.tau) and torch.allclose(p.tau, expected)
+    conf, x0 = _probs(logits2[:, bl:2 * bl]).max(-1)
+    want = ((conf >= expected) | (conf == conf.max())) & (x0 != MASK)   # a drawn mask token stays a mask
+    assert t[0, :bl].tolist() == want[0].tolist() and int(t.sum()) > 1

@@ -129,7 +129,7 @@ def test_step_bodies_have_no_host_sync(method, kernels, tiny_models):
         with no_host_sync():
             ex._step_body(cache, commit, view, lo, hi, layer_graphs=False)
         assert (_host_state(cache), _host_state(commit)) == before
-        committed = ex._read_committed(lo, hi)
+        committed = ex.read_committed(lo, hi)
         cache.after_step()
         commit.after_step(view)
         view.block_masks -= len(committed)
