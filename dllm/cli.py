@@ -1,5 +1,6 @@
-"""What every ``dllm-*`` command shares: ``--version``, ``--threads``, one spelling per choice, the way
-defaults are shown, short warnings and progress lines that suit logs.
+"""What every ``dllm-*`` command shares in its flags: ``--version``, ``--threads``, one spelling per choice,
+the way defaults are shown, and progress lines that suit logs (errors, exit codes and one-line warnings:
+``dllm.cli_common``).
 
 Light on purpose (no torch): every command builds its parser from here before anything heavy loads,
 so ``--help`` and ``--version`` answer at once.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import enum
 import sys
-import warnings
 
 THREADS_HELP = ("CPU threads {what} (default {default}: chosen so that a loaded machine does not slow the run "
                 "down). Raise it for models of hundreds of millions of parameters on a CPU with idle cores{gpu}")
@@ -73,14 +73,6 @@ def show(value) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
-
-
-def short_warnings(prog: str) -> None:
-    """Print warnings as one line, ``prog: warning: message``, instead of Python's file:line form."""
-    def show_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"{prog}: warning: {message}", file=file or sys.stderr, flush=True)
-
-    warnings.showwarning = show_warning
 
 
 class Progress:

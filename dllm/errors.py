@@ -31,3 +31,11 @@ class EngineDirError(DllmError):
 
 class BackendError(DllmError):
     """A backend is not installed, or a feed does not match a declaration."""
+
+
+class IntegrityError(EngineDirError):
+    """A file of an engine directory differs from what its manifest recorded (size or sha256)."""
+
+
+class DllmWarning(UserWarning):
+    """Something was accepted but changed on the way (e.g. characters the tokenizer does not know)."""

@@ -24,6 +24,12 @@ class Backend(str, enum.Enum):
 
 
 class Engine(abc.ABC):
+    # True when a layer engine also writes its k/v rows into the k_cache/v_cache it is fed (the torch
+    # backend's fused layers); the executor then skips its own scatter of them
+    writes_cache = False
+    # True when ``run`` accepts buffers for some outputs only (the rest come back freshly allocated)
+    partial_out = False
+
     def __init__(self, decl: SubgraphDecl, device: torch.device | str = "cpu"):
         self.decl = decl
         self.device = torch.device(device)
@@ -73,10 +79,18 @@ class Engine(abc.ABC):
         return sizes
 
     def check_outputs(self, out: dict[str, torch.Tensor], sizes: dict[str, int]) -> None:
-        """Validate preallocated output buffers: every declared name, shape, dtype, device, contiguous."""
+        """Validate preallocated output buffers: every declared name (a subset where the backend allows
+        it, see ``partial_out``), shape, dtype, device, contiguous."""
+        declared = {o.name for o in self.decl.outputs}
+        unknown = sorted(set(out) - declared)
+        if unknown:
+            raise BackendError(f"{self.decl.name}: output buffers {unknown} are not outputs of this subgraph; "
+                               f"expected {sorted(declared)}")
         for t in self.decl.outputs:
             shape = t.shape(sizes)
             if t.name not in out:
+                if self.partial_out:
+                    continue
                 raise BackendError(f"{self.decl.name}: output buffers {sorted(out)} lack {t.name!r}; "
                                    f"expected {sorted(o.name for o in self.decl.outputs)}")
             x = out[t.name]

@@ -10,7 +10,8 @@ import torch
 from dllm.spec import ModelSpec
 from dllm.threads import resolve_threads, torch_threads_for
 from dllm.engines.base import Backend, Engine
-from dllm.exporter.subgraphs import DType, build_module, declare, layer_name, vproj_name
+from dllm.exporter.subgraphs import DType, Kind, build_module, declare, layer_name, vproj_name
+from dllm.kernels import KernelPath, make_ops
 
 
 @dataclasses.dataclass
@@ -21,18 +22,25 @@ class EngineSet:
     device: torch.device
     engines: dict[str, Engine]
     tokenizer_dir: Path | None = None
-    # torch on CUDA: the executor captures each layer's step (selection, engine, scatters) as a
-    # CUDA graph per row-count shape and replays it (see runtime/executor.py)
+    # torch on CUDA: the executor captures whole steps (and, where a step's shape is new, single layers)
+    # as CUDA graphs and replays them (see runtime/executor.py)
     cuda_graphs: bool = False
     # CPU threads of one generation (dllm.threads): ONNX Runtime's intra-op threads, or torch's with
     # the torch backend on the CPU; None: the default
     threads: int | None = None
+    # the fused work around the engines (dllm.kernels.KernelOps: Triton kernels or their torch twins);
+    # None: the plain unfused path
+    ops: object | None = None
 
     @property
     def torch_threads(self) -> int | None:
         """Torch's CPU threads while these engines decode (None: leave torch alone)."""
         threads = resolve_threads(self.threads, self.backend.value)
         return torch_threads_for(self.backend.value, torch.device(self.device).type, threads)
+
+    @property
+    def kernel_path(self) -> KernelPath:
+        return KernelPath.PLAIN if self.ops is None else self.ops.path
 
     @property
     def embed(self) -> Engine:
@@ -56,24 +64,40 @@ class EngineSet:
 
 def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.device = "cpu",
                      with_vproj: bool = True, tokenizer_dir: Path | None = None,
-                     cuda_graphs: bool = False, threads: int | None = None) -> EngineSet:
+                     cuda_graphs: bool = False, threads: int | None = None,
+                     kernels: KernelPath | str = KernelPath.AUTO) -> EngineSet:
     """Torch engines straight from a ``DiffusionLM`` or a ``Checkpoint`` (no engine directory needed).
 
-    ``cuda_graphs`` (CUDA only): the executor replays per-layer CUDA graphs; see EngineSet.
+    ``cuda_graphs`` (CUDA only): the executor replays CUDA graphs of whole steps; see EngineSet.
     ``threads``: torch's CPU threads while decoding on the CPU (``dllm.threads``; None: the default).
+    ``kernels``: ``auto`` (Triton on CUDA, torch twins elsewhere), ``triton``, ``torch`` or ``plain``
+    (see dllm.kernels.KernelPath); the fused paths also fuse the layers' own norms, RoPE and MLP gate.
     """
+    from dllm.device import parse_device
     from dllm.engines.torch_backend import TorchEngine
-
     from dllm.exporter.models.model import DiffusionLM
 
     spec = source.spec
     dtype = DType(dtype)
-    engines = {}
-    for decl in declare(spec, dtype, with_vproj=with_vproj):
-        module = build_module(decl, source, dtype)
-        engines[decl.name] = TorchEngine(decl, module, device)
+    dev = parse_device(device, "device")
+    ops = make_ops(kernels, dev)
+    engines = {decl.name: TorchEngine(decl, torch_module(decl, source, dtype, ops), dev)
+               for decl in declare(spec, dtype, with_vproj=with_vproj)}
     if tokenizer_dir is None and not isinstance(source, DiffusionLM):
         tokenizer_dir = source.path
-    dev = torch.device(device)
     return EngineSet(spec, dtype, Backend.TORCH, dev, engines, tokenizer_dir,
-                     cuda_graphs=cuda_graphs and dev.type == "cuda", threads=resolve_threads(threads, "torch"))
+                     cuda_graphs=cuda_graphs and dev.type == "cuda", threads=resolve_threads(threads, "torch"),
+                     ops=ops)
+
+
+def torch_module(decl, source, dtype: DType | str, ops=None):
+    """The torch backend's module for one subgraph: the exported module, or with ``ops`` (KernelOps) its
+    fused twin for layers and the head (engines/torch_fused.py)."""
+    from dllm.engines.torch_fused import FusedHeadModule, FusedLayerModule
+
+    module = build_module(decl, source, dtype)
+    if ops is not None and decl.kind == Kind.LAYER:
+        return FusedLayerModule(module.layer, ops)
+    if ops is not None and decl.kind == Kind.HEAD:
+        return FusedHeadModule(module.norm, module.lm_head, ops)
+    return module

@@ -2,12 +2,15 @@
 
 ``open_engine_dir(path, backend, device, **options)``:
 
-- reads ``manifest.json`` (format and schema version checked by ``read_manifest``);
-- ``onnxruntime``: one ``OrtEngine`` per subgraph from ``onnx/<name>.onnx`` (files checked, hashes optionally);
+- reads ``manifest.json`` (format and schema version checked by ``read_manifest``) and checks it against
+  itself and the directory, then the size and content of every file the backend reads
+  (``dllm.exporter.integrity``: sha256 on a verified stamp by default, every byte with ``verify_hashes``);
+- ``onnxruntime``: one ``OrtEngine`` per subgraph from ``onnx/<name>.onnx``;
 - ``tensorrt``: one ``TrtEngine`` per subgraph from ``plans/<device tag>/<name>.plan``, where the device tag
   names this GPU and TensorRT version (``dllm.engines.trt_build.device_tag``);
 - ``torch``: the PyTorch subgraph modules rebuilt from the checkpoint the directory was exported from
-  (``manifest.source["checkpoint"]``, or ``checkpoint=``), for reference runs;
+  (``manifest.source["checkpoint"]``, or ``checkpoint=``), for reference runs; its weights must be
+  the ones exported (fingerprint recorded in the manifest; every byte with ``verify_hashes``);
 - ``tokenizer_dir`` is ``path/tokenizer``.
 
 Backend modules are imported only when asked for, so a Jetson install without ONNX Runtime (or a CPU
@@ -23,11 +26,14 @@ from pathlib import Path
 
 import torch
 
-from dllm.errors import BackendError, ConfigError, EngineDirError
+from dllm.device import parse_device
+from dllm.errors import ConfigError, EngineDirError
 from dllm.engines.base import Backend
 from dllm.engines.engine_set import EngineSet
+from dllm.exporter.integrity import check_consistency, onnx_checks, plan_checks, tokenizer_checks, verify_files
 from dllm.exporter.manifest import Manifest, read_manifest
 from dllm.exporter.subgraphs import DType
+from dllm.kernels import KernelPath, make_ops
 from dllm.threads import resolve_threads, usable_cores
 
 TOKENIZER_DIR = "tokenizer"
@@ -88,27 +94,8 @@ def available_backends() -> dict[Backend, BackendStatus]:
     return out
 
 
-def _check_onnx_files(root: Path, manifest: Manifest, verify_hashes: bool) -> dict[str, Path]:
-    paths = {}
-    missing = []
-    for entry in manifest.subgraphs:
-        path = root / entry.onnx
-        if not path.exists():
-            missing.append(entry.onnx)
-            continue
-        paths[entry.decl.name] = path
-        if verify_hashes:
-            from dllm.exporter.engine_dir import files_sha256
-
-            data = path.with_name(path.name + ".data")      # the exporter's external-data file
-            got = files_sha256([path] + ([data] if data.exists() else []))
-            if got != entry.sha256:
-                raise EngineDirError(f"{path} (with its .data file) has sha256 {got[:16]}..., the manifest recorded "
-                                     f"{entry.sha256[:16]}...; the file changed after export, re-run dllm-export")
-    if missing:
-        raise EngineDirError(f"{root} lacks ONNX files {missing} listed in {root / 'manifest.json'}; "
-                             "the directory is incomplete, re-run dllm-export")
-    return paths
+def _onnx_files(root: Path, manifest: Manifest) -> dict[str, Path]:
+    return {entry.decl.name: root / entry.onnx for entry in manifest.subgraphs}
 
 
 def _plan_files(root: Path, manifest: Manifest, tag: str) -> dict[str, Path]:
@@ -133,14 +120,6 @@ def _plan_files(root: Path, manifest: Manifest, tag: str) -> dict[str, Path]:
     return paths
 
 
-def _resolve_device(device: torch.device | str) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {device} asked for, but torch sees no CUDA device "
-                           f"(torch {torch.__version__}); use device='cpu'")
-    return device
-
-
 def _options(cls, options: dict, backend: Backend):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(options) - names
@@ -154,11 +133,12 @@ def _open_onnxruntime(root, manifest, device, verify_hashes, options):
 
     import_onnxruntime()   # the install hint before any file work
     opts = _options(OrtOptions, options, Backend.ONNXRUNTIME)
-    paths = _check_onnx_files(root, manifest, verify_hashes)
+    verify_files(root, onnx_checks(manifest), full=verify_hashes)
+    paths = _onnx_files(root, manifest)
     return {s.decl.name: OrtEngine(s.decl, paths[s.decl.name], device, opts) for s in manifest.subgraphs}
 
 
-def _open_tensorrt(root, manifest, device, plan_tag, options):
+def _open_tensorrt(root, manifest, device, plan_tag, verify_hashes, options):
     from dllm.engines.trt_backend import DeviceScratch, TrtEngine, import_tensorrt, require_gpu
 
     if options:
@@ -168,16 +148,17 @@ def _open_tensorrt(root, manifest, device, plan_tag, options):
         from dllm.engines.trt_build import device_tag
         plan_tag = device_tag()
     paths = _plan_files(root, manifest, plan_tag)
+    verify_files(root, plan_checks(manifest, plan_tag), full=verify_hashes)
     require_gpu(device)
     scratch = DeviceScratch(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
     return {s.decl.name: TrtEngine(s.decl, paths[s.decl.name], device, manifest.profiles, scratch, trt)
             for s in manifest.subgraphs}
 
 
-def _open_torch(root, manifest, device, checkpoint, options):
+def _open_torch(root, manifest, device, checkpoint, verify_hashes, options, ops):
+    from dllm.engines.engine_set import torch_module
     from dllm.engines.torch_backend import TorchEngine
     from dllm.exporter.models.checkpoint import Checkpoint
-    from dllm.exporter.subgraphs import build_module
 
     unknown = set(options) - {"cuda_graphs"}
     if unknown:
@@ -194,21 +175,40 @@ def _open_torch(root, manifest, device, checkpoint, options):
     if ckpt.spec != manifest.model:
         raise EngineDirError(f"checkpoint {path} is a different model than {root} was exported from: "
                              f"{ckpt.spec} vs {manifest.model}; pass the checkpoint it was exported from")
-    return {s.decl.name: TorchEngine(s.decl, build_module(s.decl, ckpt, manifest.dtype), device)
+    _check_same_weights(root, manifest, path, verify_hashes)
+    verify_files(root, tokenizer_checks(manifest), full=verify_hashes)
+    return {s.decl.name: TorchEngine(s.decl, torch_module(s.decl, ckpt, manifest.dtype, ops), device)
             for s in manifest.subgraphs}
+
+
+def _check_same_weights(root: Path, manifest: Manifest, checkpoint: Path, full: bool) -> None:
+    """The checkpoint holds the weights the directory was exported from (fingerprint, or every byte)."""
+    from dllm.exporter.identity import checkpoint_fingerprint, checkpoint_sha256
+
+    for key, compute in (("weights_fingerprint", checkpoint_fingerprint),) + \
+            ((("weights_sha256", checkpoint_sha256),) if full else ()):
+        recorded = manifest.source.get(key)
+        if recorded is not None and compute(checkpoint) != recorded:
+            raise EngineDirError(f"checkpoint {checkpoint} holds other weights than the ones {root} was exported "
+                                 f"from ({key} differs); pass the checkpoint it was exported from "
+                                 f"(checkpoint=PATH), or re-export this one with dllm-export")
 
 
 def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ONNXRUNTIME,
                     device: torch.device | str = "cpu", *, verify_hashes: bool = False,
                     plan_tag: str | None = None, checkpoint: str | os.PathLike | None = None,
-                    threads: int | None = None, **options) -> EngineSet:
+                    threads: int | None = None, kernels: KernelPath | str = KernelPath.AUTO,
+                    **options) -> EngineSet:
     """Load every subgraph of an engine directory on ``backend`` and ``device``.
 
     threads: CPU threads of one generation (``dllm.threads``; None: the default): ONNX Runtime's
         intra-op threads on the CPU, or torch's with the torch backend on the CPU.
-    verify_hashes: check each ONNX file (and its external data) against the manifest's sha256 (onnxruntime).
+    verify_hashes: hash every file the backend reads (and, for torch, every checkpoint tensor) against the
+        manifest, instead of trusting files the verified stamp vouches for; sizes are always checked.
     plan_tag: tensorrt only; load ``plans/<plan_tag>/`` instead of this device's tag.
     checkpoint: torch only; the checkpoint directory, when it moved since export.
+    kernels: how the work around the engines runs (dllm.kernels.KernelPath): ``auto`` (Triton kernels on
+        CUDA, their torch twins on the CPU), ``triton``, ``torch`` or ``plain`` (the unfused path).
     options: backend settings: ``OrtOptions`` fields for onnxruntime (``optimized_model_dir``,
         ``allow_spinning``, ...; ``intra_op_threads`` is accepted as another name for ``threads``),
         ``cuda_graphs`` for torch.
@@ -224,16 +224,20 @@ def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ON
     if backend == Backend.ONNXRUNTIME:
         options["intra_op_threads"] = threads
     manifest = read_manifest(root)
+    check_consistency(root, manifest)
     if backend == Backend.TENSORRT:   # checks the GPU itself, after telling which plans are missing
-        device = torch.device(device)
-        engines = _open_tensorrt(root, manifest, device, plan_tag, options)
+        device = parse_device(device, "device", check_available=False)
+        engines = _open_tensorrt(root, manifest, device, plan_tag, verify_hashes, options)
     elif backend == Backend.ONNXRUNTIME:
-        device = _resolve_device(device)
+        device = parse_device(device, "device")
         engines = _open_onnxruntime(root, manifest, device, verify_hashes, options)
     else:
-        device = _resolve_device(device)
-        engines = _open_torch(root, manifest, device, checkpoint, options)
+        device = parse_device(device, "device")
+    ops = make_ops(kernels, device)
+    if backend == Backend.TORCH:
+        engines = _open_torch(root, manifest, device, checkpoint, verify_hashes, options, ops)
     tokenizer = root / TOKENIZER_DIR
     cuda_graphs = backend == Backend.TORCH and bool(options.get("cuda_graphs")) and device.type == "cuda"
     return EngineSet(manifest.model, DType(manifest.dtype), backend, device, engines,
-                     tokenizer if tokenizer.is_dir() else None, cuda_graphs=cuda_graphs, threads=threads)
+                     tokenizer if tokenizer.is_dir() else None, cuda_graphs=cuda_graphs, threads=threads,
+                     ops=ops)

@@ -10,10 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from dllm.cli import Progress, add_choice, add_common, short_warnings
-from dllm.errors import DllmError
+from dllm.cli import Progress, add_choice, add_common
+from dllm.cli_common import Parser, run_cli
 
-EXIT_ERROR = 2
 # The choices, spelled here so that --help needs no torch (a test checks them against DType and ExportBackend).
 DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("onnx", "tensorrt")
@@ -22,7 +21,7 @@ DEFAULT_OPT_ROWS = 32         # = dllm.exporter.config.DEFAULT_OPT_ROWS
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="dllm-export",
         description="Export a LLaDA or Dream checkpoint (Hugging Face layout) to an engine directory: per-layer "
                     "ONNX subgraphs with dynamic row count k and canvas length N, validated against PyTorch, "
@@ -129,27 +128,27 @@ def summary(out: Path, progress: _Progress | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    short_warnings("dllm-export")
     bars = _Progress()
-    try:
+
+    def body() -> None:
         from dllm.exporter.config import ExportConfig
         from dllm.exporter.export import export_checkpoint
         from dllm.exporter.hub import resolve_checkpoint
         from dllm.threads import resolve_threads, torch_threads
 
-        checkpoint = resolve_checkpoint(args.checkpoint, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        cfg = ExportConfig(checkpoint=checkpoint, out_dir=args.out, dtype=args.dtype,
-                           max_seq_len=args.max_seq_len, backend=args.backend, opt_rows=args.opt_rows,
-                           validate=args.validate, with_vproj=args.with_vproj)
-        with torch_threads(resolve_threads(args.threads, "torch")):
-            out = export_checkpoint(cfg, progress=bars)
-        bars.close()
+        try:
+            checkpoint = resolve_checkpoint(args.checkpoint, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+            cfg = ExportConfig(checkpoint=checkpoint, out_dir=args.out, dtype=args.dtype,
+                               max_seq_len=args.max_seq_len, backend=args.backend, opt_rows=args.opt_rows,
+                               validate=args.validate, with_vproj=args.with_vproj)
+            with torch_threads(resolve_threads(args.threads, "torch")):
+                out = export_checkpoint(cfg, progress=bars)
+        finally:
+            bars.close()
         print(summary(out, bars))
-    except DllmError as e:
-        bars.close()
-        print(f"dllm-export: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+
+    return run_cli("dllm-export", body, interrupted_hint="finished subgraphs are kept; run the same command again "
+                                                         "to resume")
 
 
 if __name__ == "__main__":

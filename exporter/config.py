@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from pathlib import Path
 
 from dllm.errors import ConfigError
@@ -65,9 +66,19 @@ class ExportConfig:
         if self.opset not in SUPPORTED_OPSETS:
             raise ConfigError(f"opset {self.opset} is not supported; use one of {list(SUPPORTED_OPSETS)} "
                               "(what TensorRT 10.3 on JetPack 6 parses and this exporter is tested with)")
-        if self.out_dir == self.checkpoint or self.checkpoint in self.out_dir.parents:
-            raise ConfigError(f"output {self.out_dir} is inside the checkpoint {self.checkpoint}; "
-                              "choose an output directory outside it")
+        self._check_apart()
+
+    def _check_apart(self) -> None:
+        """The output and the checkpoint must not contain each other (an export replaces its output whole),
+        also through symbolic links."""
+        for out, ckpt in ((self.out_dir, self.checkpoint), (Path(os.path.realpath(self.out_dir)),
+                                                            Path(os.path.realpath(self.checkpoint)))):
+            if out == ckpt or ckpt in out.parents:
+                raise ConfigError(f"output {self.out_dir} is inside the checkpoint {self.checkpoint}; choose an "
+                                  "output directory outside it")
+            if out in ckpt.parents:
+                raise ConfigError(f"the checkpoint {self.checkpoint} is inside the output {self.out_dir}, which an "
+                                  "export replaces; choose an output directory that does not contain the checkpoint")
 
     def resolve_max_seq_len(self, model_limit: int) -> int:
         """The canvas length to export for, checked against the model's own limit."""

@@ -13,6 +13,7 @@ import enum
 import gc
 import hashlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ from typing import Callable
 from dllm.errors import CheckpointError
 from dllm.generation import generation_defaults_from_checkpoint
 from dllm.exporter.config import BuildConfig, ExportBackend, ExportConfig
-from dllm.exporter.engine_dir import (ONNX_DIR, PLANS_DIR, WorkRecords, copy_tokenizer, files_sha256, finalize,
-                                      link_or_copy, prepare_output)
+from dllm.exporter.engine_dir import (ONNX_DIR, PLANS_DIR, ExportLock, WorkRecords, copy_tokenizer, files_sha256,
+                                      finalize, link_or_copy, prepare_output)
+from dllm.exporter.identity import checkpoint_identity
 from dllm.exporter.manifest import Manifest, SubgraphEntry
 from dllm.exporter.onnx_export import EXPORT_SIZES, data_path, export_subgraph
 from dllm.exporter.subgraphs import Kind, SubgraphDecl, build_module, declare
@@ -60,7 +62,7 @@ def open_checkpoint(path: Path):
     """The checkpoint at ``path`` with every tensor present and shaped as config.json says."""
     from dllm.exporter.models.checkpoint import Checkpoint
 
-    if not (path / "config.json").is_file() and path.is_dir():
+    if path.is_dir() and not os.path.lexists(path / "config.json"):     # a broken or looping link: read it and say so
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json); pass the directory that "
                               "holds config.json, *.safetensors and the tokenizer files")
     ckpt = Checkpoint(path)
@@ -120,7 +122,13 @@ def export_checkpoint(cfg: ExportConfig, progress: Progress | None = None) -> Pa
 
     Raises CheckpointError, ConfigError, ExportError, ValidationError or BackendError (all DllmError)
     with a message that says what to change. Unchanged subgraphs of a previous run are reused.
+    A second export into the same ``out_dir`` at the same time fails at once (ExportError).
     """
+    with ExportLock(cfg.out_dir):
+        return _export(cfg, progress)
+
+
+def _export(cfg: ExportConfig, progress: Progress | None) -> Path:
     progress = progress or (lambda event: None)
     ckpt = open_checkpoint(cfg.checkpoint)
     spec = ckpt.spec
@@ -182,7 +190,8 @@ def export_checkpoint(cfg: ExportConfig, progress: Progress | None = None) -> Pa
     manifest = Manifest(
         model=spec, dtype=cfg.dtype.value, max_seq_len=max_seq_len, subgraphs=tuple(entries),
         profiles=build.profiles, plans=plans,
-        source={"checkpoint": str(cfg.checkpoint), "config_sha256": files_sha256([cfg.checkpoint / "config.json"])},
+        source={"checkpoint": str(cfg.checkpoint), "config_sha256": files_sha256([cfg.checkpoint / "config.json"]),
+                **checkpoint_identity(cfg.checkpoint)},
         tools=tool_versions(trt_mod),
         build={"backend": cfg.backend.value, "exporter": "torch.onnx.export(dynamo=False)", "opset": cfg.opset,
                "export_sizes": EXPORT_SIZES, "with_vproj": cfg.with_vproj, "opt_rows": cfg.opt_rows,
@@ -190,7 +199,7 @@ def export_checkpoint(cfg: ExportConfig, progress: Progress | None = None) -> Pa
                "validation": validation if cfg.validate else {}, "export_seconds": export_seconds,
                "external_data": "<onnx file>.data", "tensorrt": build_info},
         generation=generation_defaults_from_checkpoint(cfg.checkpoint).to_dict())
-    return finalize(tmp, cfg.out_dir, manifest, keep)
+    return finalize(tmp, cfg.out_dir, manifest, keep, records)
 
 
 def _build_plans(entries: list[SubgraphEntry], build: BuildConfig, trt_mod, tag: str, tmp: Path,

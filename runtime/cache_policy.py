@@ -4,8 +4,14 @@ Pure logic (no engines). Per step the loop calls ``begin_step(view)``; then for 
 executor asks ``rows(layer, scores)``, having first computed the change scores ``d [B, G]`` of
 that layer's gen rows when ``wants_scores(layer)`` and the policy has a ``proxy``. ``rows``
 returns None (every row) or a sorted int64 tensor of absolute positions on the device.
-Rows not recomputed still get ``h + attn_cache + mlp_cache`` (cached residual deltas, A.1).
+Rows not recomputed still get ``h + attn_cache + mlp_cache`` (cached residual deltas).
 Every policy fully recomputes step 1, so the executor's caches never need zeroing.
+
+``row_floor(layer)`` tells the executor, before the step runs, the lowest row a layer recomputes
+(None: every row), so it can skip the residual update of rows nothing reads again this step.
+``layer_key`` names what fixes a layer's work apart from device buffers, so steps can be captured
+as CUDA graphs and replayed. Row selection goes through ``self.ops`` (dllm.kernels) when the
+executor has fused kernels; ties in the change scores go to the lower row on every path.
 
 | policy       | rows of layer l at step t                                                  | source |
 |--------------|----------------------------------------------------------------------------|--------|
@@ -35,6 +41,7 @@ def region_refresh(step: int, interval: int) -> bool:
 
 class CachePolicy(abc.ABC):
     proxy: Proxy | None = None           # change score the executor computes when wants_scores()
+    ops = None                           # dllm.kernels.KernelOps, set by the executor (None: plain torch)
 
     def reset(self, n_layers: int, prompt_len: int, gen_len: int, device: torch.device) -> None:
         """Start a new generation."""
@@ -53,11 +60,20 @@ class CachePolicy(abc.ABC):
         return False
 
     def end_step(self) -> None:
-        """Called after the last layer of every step."""
+        """Device work after the last layer of every step (recorded in the step's CUDA graph)."""
+
+    def after_step(self) -> None:
+        """Host-side bookkeeping after every step, outside any CUDA graph: ``rows``/``end_step`` must not
+        change host state they read, since a replayed graph runs none of their Python."""
 
     @abc.abstractmethod
     def rows(self, layer: int, scores: torch.Tensor | None) -> torch.Tensor | None:
         """Rows layer ``layer`` recomputes: None = all, else sorted int64 positions [k] on the device."""
+
+    def row_floor(self, layer: int) -> int | None:
+        """The lowest canvas row ``layer`` recomputes this step, or None when it recomputes every row.
+        0 is always safe (it only costs residual updates of rows nobody reads)."""
+        return 0
 
     def layer_key(self, layer: int, scored: bool) -> tuple | None:
         """What fixes this step's work in ``layer`` apart from device tensors (row counts, flags).
@@ -72,14 +88,29 @@ class CachePolicy(abc.ABC):
         # memoized: a captured graph keeps reading the same tensor on every replay
         r = self._ranges.get((lo, hi))
         if r is None:
+            if torch.device(self.device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"rows [{lo}, {hi}) were first asked for during CUDA graph capture; a "
+                                   "step must run eagerly with the same key before it is captured")
             r = self._ranges[(lo, hi)] = torch.arange(lo, hi, device=self.device)
         return r
+
+    def _select(self, d: torch.Tensor, window: torch.Tensor | None, k: int) -> torch.Tensor:
+        """``window`` plus the k gen rows with the largest scores d [G] (ties: lower row), as sorted
+        absolute positions."""
+        if self.ops is not None:
+            return self.ops.select_rows(d, window, k, self.P)
+        from dllm.kernels.select import select_rows_torch
+
+        return select_rows_torch(d, window, k, self.P)
 
 
 class FullPolicy(CachePolicy):
     """Every row, every layer: the reference."""
 
     def rows(self, layer, scores):
+        return None
+
+    def row_floor(self, layer):
         return None
 
     def layer_key(self, layer, scored):
@@ -99,6 +130,9 @@ class _BlockCachePolicy(CachePolicy):
 
     def rows(self, layer, scores):
         return self._rows
+
+    def row_floor(self, layer):
+        return None if self._rows is None else self._span[0]
 
     def layer_key(self, layer, scored):
         return ("all",) if self._rows is None else ("rows", self._span)
@@ -141,14 +175,18 @@ class DllmCachePolicy(CachePolicy):
     def layer_key(self, layer, scored):
         return (layer == 0, self.refresh_prompt, self.refresh_gen, self.k, scored)
 
+    def row_floor(self, layer):
+        if layer == 0 or (self.refresh_prompt and self.refresh_gen):
+            return None
+        return 0 if self.refresh_prompt else self.P
+
     def rows(self, layer, scores):
         if layer == 0 or (self.refresh_prompt and self.refresh_gen):
             return None
         if self.refresh_gen:
             gen = self._gen
         else:
-            d = scores.mean(0)                                                # [G]
-            gen = torch.topk(d, self.k).indices.sort().values + self.P        # most-changed V
+            gen = self._select(scores.mean(0), None, self.k)                  # the k most-changed V rows
         return gen if self._prompt is None else torch.cat([self._prompt, gen])
 
 
@@ -198,7 +236,7 @@ class DcuPolicy(CachePolicy):
         if self.refresh_prompt and self.refresh_gen:
             self.full_step = True
         self.budgets = self.allocate()
-        self.window.copy_(self.window_rows(view.key_pos))
+        torch.add(self._win_base, self.window_start(view.key_pos), out=self.window)   # in place: graphs read it
         self._prompt = self._range(0, self.P) if self.refresh_prompt else None
         self._gen = self._range(self.P, self.N) if self.refresh_gen else None
         # this step's layer scores start empty; the previous step's feed allocate() next step.
@@ -211,14 +249,19 @@ class DcuPolicy(CachePolicy):
         """Keep this step's layer scores for the next step's allocation (if any layer was scored)."""
         if self._scored_this_step:
             self.scores.copy_(self._new_scores)
+
+    def after_step(self) -> None:
+        if self._scored_this_step:
             self.has_scores = True
 
+    def window_start(self, key_pos: int) -> int:
+        """First gen row of the window [win_size] centred on key_pos - P, shifted to stay inside [0, G)."""
+        start = key_pos - self.P - self.cfg.window // 2
+        return max(0, min(start, self.G - self.win_size))
+
     def window_rows(self, key_pos: int) -> torch.Tensor:
-        """Gen-relative window [win_size] centred on key_pos - P, shifted to stay inside [0, G) (A.5)."""
-        c = key_pos - self.P
-        start = c - self.cfg.window // 2
-        start = max(0, min(start, self.G - self.win_size))
-        return self._win_base + start
+        """The gen-relative window rows for ``key_pos`` (what ``begin_step`` puts in ``self.window``)."""
+        return self._win_base + self.window_start(key_pos)
 
     def allocate(self) -> list[int]:
         """k_l per layer (index 0 unused: layer 0 is full). One host sync per step at most."""
@@ -248,27 +291,26 @@ class DcuPolicy(CachePolicy):
         full = layer == 0 or self.full_step
         return (full, self.refresh_prompt, self.refresh_gen, None if full else self.budgets[layer], scored)
 
+    def row_floor(self, layer):
+        if layer == 0 or self.full_step:
+            return None
+        return 0 if self.refresh_prompt else self.P
+
     def rows(self, layer, scores):
         if scores is not None:
-            self._new_scores[layer] = scores.mean()
+            torch.mean(scores, dim=(0, 1), out=self._new_scores[layer])     # one kernel, in place
         if layer == 0 or self.full_step:
             return None
         if self.refresh_gen:
             gen = self._gen
         else:
-            d = scores.mean(0)                                                # [G]
-            k = self.budgets[layer]
-            if k > 0:
-                vote = d.index_fill(0, self.window, float("-inf"))           # window rows are forced anyway
-                top = torch.topk(vote, k).indices
-                gen = torch.cat([self.window, top]).sort().values + self.P
-            else:
-                gen = self.window + self.P
+            # the window is forced; the budget goes to the most-changed rows outside it
+            gen = self._select(scores.mean(0), self.window, self.budgets[layer])
         return gen if self._prompt is None else torch.cat([self._prompt, gen])
 
 
 def make_cache_policy(cfg: DecodeConfig, spec: ModelSpec | None = None) -> CachePolicy:
-    """The cache policy ``cfg.cache``; ``dcu_reference`` fixes the released code's settings (A.2-A.7)."""
+    """The cache policy ``cfg.cache``; ``dcu-reference`` fixes the released code's settings."""
     kind = cfg.cache
     if kind == CachePolicyKind.FULL:
         return FullPolicy()

@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from dllm.cli import add_choice, add_common, show, short_warnings
-from dllm.errors import ConfigError, DllmError
+from dllm.cli import add_choice, add_common, show
+from dllm.cli_common import Parser, run_cli
+from dllm.errors import ConfigError
 from dllm.runtime.config import Alg, Allocation, ApdMode, CachePolicyKind, CommitPolicyKind, DecodeConfig, Proxy, Remasking
 
 # flag -> DecodeConfig field; type (an Enum class for choices); help (the default is added from DecodeConfig)
@@ -44,9 +45,14 @@ _FIELDS = [
     ("--tau-min", float, "apd: clamp the threshold from below"),
     ("--tau-max", float, "apd: clamp the threshold from above"),
     ("--remasking", Remasking, "LLaDA schedule: how masked positions are ranked"),
-    ("--alg", Alg, "Dream schedule: how masked positions are ranked"),
+    ("--alg", Alg, "Dream schedule: how masked positions are ranked (origin: no ranking, each mask moves "
+                   "with probability 1 - s/t)"),
+    ("--alg-temp", float, "Dream schedule: > 0 draws the committed positions from softmax(conf/alg-temp)"),
     ("--eps", float, "Dream schedule: last timestep"),
     ("--temperature", float, "sampling temperature, 0 = greedy"),
+    ("--top-p", float, "sample from the smallest token set with this probability mass"),
+    ("--top-k", int, "sample from the k most likely tokens (default off; Dream's own code uses 50)"),
+    ("--cfg-scale", float, "classifier-free guidance scale, 0 = off; the second pass masks the prompt"),
     ("--seed", int, "random seed"),
 ]
 _MODEL = "default: the engine directory's generation defaults, else "
@@ -78,9 +84,9 @@ def add_decode_flags(parser, canvas: dict[str, str] = RUN_CANVAS, exclude: tuple
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dllm-run", description="Generate with a diffusion LLM from an engine "
-                                "directory. Settings not given come from the engine directory's generation "
-                                "defaults (dllm-export records them), then from the runtime's defaults.")
+    p = Parser(prog="dllm-run", description="Generate with a diffusion LLM from an engine directory. Settings "
+               "not given come from the engine directory's generation defaults (dllm-export records them), then "
+               "from the runtime's defaults.")
     p.add_argument("engine_dir", help="engine directory from dllm-export (or a checkpoint directory with "
                                       "--backend torch)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -95,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     add_common(p)
     add_decode_flags(p)
+    p.add_argument("--fastdllm-dream", action="store_true", default=None,
+                   help="Dream with --cache prefix or dual: reproduce Fast-dLLM's Dream port (each block's full "
+                        "step commits only its first position; default off)")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file of the engine directory against its manifest before loading (by default "
+                        "files unchanged since they were last verified are trusted; sizes are always checked)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
                    help="untimed generations before the reported one, so the speed shown is not that of a cold "
                         "start (default 1; 0 = report the first call)")
@@ -106,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> DecodeConfig:
     """DecodeConfig from the parsed flags: the flags given, then ``defaults`` (the model's generation
     defaults), then DecodeConfig's own."""
-    fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS} | {"apd_block_reset"}
-    given = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
+    fields = {flag[2:].replace("-", "_") for flag, _, _ in _FIELDS} | {"apd_block_reset", "fastdllm_dream"}
+    given = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     values = dict(defaults or {})
     if "gen_length" in given:
         model_gen, model_block = values.get("gen_length"), values.get("block_length")
@@ -123,15 +135,17 @@ def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> 
     return DecodeConfig(**values)
 
 
-def _prompt(args, chat_default: bool):
+def _prompt(args):
+    """The prompt as ids (--prompt-ids) or text (--prompt; the pipeline applies the chat template)."""
+    if args.chat and args.prompt_ids is not None:
+        raise ConfigError("--chat wraps --prompt text in the chat template and cannot apply to --prompt-ids; "
+                          "pass --prompt TEXT --chat, or the ids of an already formatted prompt without --chat")
     if args.prompt_ids is not None:
         try:
             return [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x != ""]
         except ValueError:
             raise ConfigError(f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers "
                               "(e.g. --prompt-ids 1,2,3)") from None
-    if chat_default if args.chat is None else args.chat:
-        return [{"role": "user", "content": args.prompt}]
     return args.prompt
 
 
@@ -146,7 +160,8 @@ def _pipeline(args):
             raise ConfigError(f"{path} is a checkpoint, not an engine directory; export it with "
                               f"`dllm-export {path} -o OUT` or run it directly with --backend torch")
         return Pipeline.from_checkpoint(path, device=args.device, threads=args.threads)
-    return Pipeline.from_dir(path, backend=args.backend, device=args.device, threads=args.threads)
+    return Pipeline.from_dir(path, backend=args.backend, device=args.device, threads=args.threads,
+                             verify_hashes=args.verify)
 
 
 def speed_line(res, warmup: int) -> str:
@@ -159,20 +174,23 @@ def speed_line(res, warmup: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dllm.device import parse_device
+
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be at least 0, got {args.warmup}")
+    parse_device(args.device, "--device", check_available=args.backend != "tensorrt")
+    prompt = _prompt(args)
     pipe = _pipeline(args)
     cfg = config_from_args(args, pipe.generation.decode_values())
-    prompt = _prompt(args, pipe.generation.chat)
     for _ in range(args.warmup):
-        pipe.generate(prompt, cfg)
+        pipe.generate(prompt, cfg, chat=args.chat)
     if args.stream and not args.json:
-        for delta in pipe.stream(prompt, cfg):
+        for delta in pipe.stream(prompt, cfg, chat=args.chat):
             print(delta, end="", flush=True)
         print()
         res = pipe.last_result
     else:
-        res = pipe.generate(prompt, cfg)
+        res = pipe.generate(prompt, cfg, chat=args.chat)
     if args.json:
         out = res.to_dict()
         out["rows_per_layer"] = [round(x, 3) for x in out["rows_per_layer"]]
@@ -188,12 +206,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    short_warnings("dllm-run")
-    try:
-        return run(args)
-    except DllmError as e:
-        print(f"dllm-run: error: {e}", file=sys.stderr)
-        return 2
+    return run_cli("dllm-run", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,21 @@ logits for (``logit_range``), then turns those logits into a transfer mask (``se
 | `factor`    | the n-th most confident needs conf >= 1 - f/(n+1) (with Fast-dLLM's quirk)    | C.2 |
 | `apd`       | conf >= tau (global scalar or per token), tau moved by -alpha*c + beta*H       | B |
 
+With ``fastdllm_dream`` (Fast-dLLM's Dream port, C.2) the Dream `schedule` and `threshold` commit only
+the block's first position at the block's full step and go on with the timestep schedule at index 1;
+the port's threshold steps are capped by the schedule's count plus the tokens the previous step left.
+
 Random draws come from one ``torch.Generator`` (``cfg.seed``) in the reference decoders' order
-and shapes (runtime/reference.py), so ``schedule`` replays the reference token for token even
-at temperature > 0. All positions are absolute canvas positions; ``lo``/``hi`` bound the rows
-whose logits the policy receives.
+and shapes (runtime/reference.py; the draws themselves live in runtime/sampling.py), so a seeded
+run replays the reference token for token even at temperature > 0. All positions are absolute
+canvas positions; ``lo``/``hi`` bound the rows whose logits the policy receives.
+
+``step_key(view)`` names the host values a step's ``select`` depends on when ``select`` is free of
+host syncs, random draws and data-dependent shapes ("capturable"): the executor then records it in
+the step's CUDA graph. None: ``select`` runs eagerly after the graph. ``select`` never changes host
+state it reads (a replayed graph runs none of its Python); ``after_step`` does that bookkeeping.
+With fused kernels (``self.ops``, dllm.kernels) the argmax, the float64 confidence and APD's
+statistics come from one pass over the logits (``vocab_stats``) instead of a float64 softmax.
 """
 
 from __future__ import annotations
@@ -24,8 +35,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dllm.errors import ConfigError
 from dllm.spec import Arch
 from dllm.runtime.config import Alg, ApdMode, CommitPolicyKind, DecodeConfig, Remasking
+from dllm.runtime.sampling import dream_draw, dream_probs, gumbel_argmax, restrict
 from dllm.runtime.view import StepView
 
 NEG_INF = -math.inf
@@ -35,9 +48,10 @@ class CommitPolicy(abc.ABC):
     """Turns logits into committed tokens. Subclasses implement ``logit_range`` and ``select``."""
 
     until_empty = True     # run until the block has no masks (at most block_length steps)
+    ops = None             # dllm.kernels.KernelOps, set by the executor (None: plain torch)
 
-    def __init__(self, cfg: DecodeConfig, mask_id: int):
-        self.cfg, self.mask_id = cfg, int(mask_id)
+    def __init__(self, cfg: DecodeConfig, mask_id: int, arch: Arch = Arch.LLADA):
+        self.cfg, self.mask_id, self.arch = cfg, int(mask_id), Arch(arch)
 
     def reset(self, batch: int, prompt_len: int, gen_len: int, vocab: int, device: torch.device,
               generator: torch.Generator) -> None:
@@ -60,7 +74,26 @@ class CommitPolicy(abc.ABC):
     def select(self, logits: torch.Tensor, ids: torch.Tensor, view: StepView) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, R, V] and current ids [B, R] of positions [lo, hi) -> (transfer [B, R] bool, x0 [B, R])."""
 
+    def step_key(self, view: StepView) -> tuple | None:
+        """The host values this step's ``select`` depends on, or None when it cannot be captured in a
+        CUDA graph (random draws, host syncs or data-dependent shapes). Default: not capturable."""
+        return None
+
+    def after_step(self, view: StepView) -> None:
+        """Host-side bookkeeping after a step's ``select``. ``select`` itself must not change host state
+        that it reads: a captured graph replays the work ``select`` recorded."""
+
+    def _greedy(self) -> bool:
+        """Argmax tokens ranked by their probability: no random draw anywhere in ``select``."""
+        return self.cfg.temperature == 0 and self.cfg.remasking == Remasking.LOW_CONFIDENCE
+
     # -- shared pieces ------------------------------------------------------
+    def without_mask_tokens(self, transfer: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(transfer, x0) without the positions whose token is the mask itself. The reference decoders
+        write such a token and the position stays masked; leaving it out of ``transfer`` writes the same
+        canvas and keeps the loop's count of the block's masks exact (random models do predict it)."""
+        return transfer & (x0 != self.mask_id), x0
+
     def candidates(self, ids: torch.Tensor, lo: int, view: StepView) -> torch.Tensor:
         """Masks of the current block among rows [lo, lo+R): [B, R] bool."""
         cand = ids == self.mask_id
@@ -71,13 +104,22 @@ class CommitPolicy(abc.ABC):
             cand = cand & inside
         return cand
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """x0 [B, R]: argmax, or LLaDA's float64 Gumbel-max when temperature > 0."""
-        T = self.cfg.temperature
-        if T == 0:
+    def sample(self, logits: torch.Tensor, cand: torch.Tensor, lo: int, view: StepView, *,
+               canvas_noise: bool = False, noise_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """x0 [B, R] of logits [B, R, V] (rows [lo, lo+R)): the argmax at temperature 0; above it
+        LLaDA's Gumbel-max over the top-p/top-k restricted logits (noise over the whole canvas when
+        ``canvas_noise``), or for Dream one draw from softmax(logits/T) per candidate [B, R] bool."""
+        cfg = self.cfg
+        if cfg.temperature == 0:
             return logits.argmax(-1)
-        noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=self.gen)
-        return (logits.double().exp() / (-torch.log(noise)) ** T).argmax(-1)
+        if self.arch == Arch.DREAM:
+            x0 = logits.argmax(-1)
+            _, x0[cand] = dream_draw(dream_probs(logits[cand], cfg.temperature, cfg.top_p, cfg.top_k),
+                                     cfg.temperature, self.gen)
+            return x0
+        canvas = (view.canvas_len, lo) if canvas_noise else None
+        return gumbel_argmax(restrict(logits, cfg.top_p, cfg.top_k), cfg.temperature, self.gen, canvas=canvas,
+                             noise_dtype=noise_dtype)
 
     def confidence(self, logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """[B, R] float64 probability of x0 (``low_confidence``) or U(0,1) (``random``)."""
@@ -85,6 +127,15 @@ class CommitPolicy(abc.ABC):
             return torch.rand(x0.shape, device=x0.device, generator=self.gen).double()
         p = F.softmax(logits.double(), dim=-1)                                  # [B, R, V]
         return p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+
+    def sample_with_confidence(self, logits: torch.Tensor, cand: torch.Tensor, lo: int, view: StepView
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, conf) [B, R]: ``sample`` then ``confidence``, from one fused pass when greedy."""
+        if self.ops is not None and self._greedy():
+            stats = self.ops.vocab_stats(logits)
+            return stats.x0, stats.conf
+        x0 = self.sample(logits, cand, lo, view)
+        return x0, self.confidence(logits, x0)
 
 
 # -- schedule --------------------------------------------------------------------------------------
@@ -113,21 +164,22 @@ class LladaSchedule(CommitPolicy):
     def begin_block(self, view: StepView) -> None:
         self.counts = even_split(view.block_masks, self.cfg.steps_per_block)
 
+    def step_key(self, view):
+        return ("schedule", self.counts[view.step_in_block], view.start, view.end) if self._greedy() else None
+
     def select(self, logits, ids, view):
         B, R, _ = logits.shape
         lo, N = view.start, view.canvas_len
-        # the reference draws its noise over the whole canvas; draw the same and use our rows
-        if self.cfg.temperature > 0:
-            noise = torch.rand((B, N, logits.shape[-1]), dtype=torch.float64, device=logits.device,
-                               generator=self.gen)[:, lo:lo + R]
-            x0 = (logits.double().exp() / (-torch.log(noise)) ** self.cfg.temperature).argmax(-1)
-        else:
-            x0 = logits.argmax(-1)                                               # [B, R]
-        if self.cfg.remasking == Remasking.RANDOM:
-            conf = torch.rand((B, N), device=logits.device, generator=self.gen)[:, lo:lo + R]
-        else:
-            conf = F.softmax(logits.double(), dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
         cand = self.candidates(ids, lo, view)
+        if self.ops is not None and self._greedy():
+            x0, conf = self.sample_with_confidence(logits, cand, lo, view)
+        else:
+            # the reference draws its noise over the whole canvas; draw the same and use our rows
+            x0 = self.sample(logits, cand, lo, view, canvas_noise=True)          # [B, R]
+            if self.cfg.remasking == Remasking.RANDOM:
+                conf = torch.rand((B, N), device=logits.device, generator=self.gen)[:, lo:lo + R]
+            else:
+                conf = F.softmax(logits.double(), dim=-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
         # rank on a canvas-wide tensor like the reference, so ties break identically
         full = torch.full((B, N), NEG_INF, dtype=conf.dtype, device=conf.device)
         full[:, lo:lo + R] = conf.masked_fill(~cand, NEG_INF)
@@ -135,11 +187,14 @@ class LladaSchedule(CommitPolicy):
         transfer = torch.zeros((B, N), dtype=torch.bool, device=conf.device)
         if k > 0:
             transfer.scatter_(1, torch.topk(full, k, dim=-1).indices, True)
-        return transfer[:, lo:lo + R], x0
+        return self.without_mask_tokens(transfer[:, lo:lo + R], x0)
 
 
 class DreamSchedule(CommitPolicy):
-    """Dream's reference commit: timestep counts int(#mask*(1-s/t)), ranked by ``alg`` (D.3)."""
+    """Dream's reference commit (D.3): at step i of S, int(#mask * (1 - s/t)) block masks (all at the
+    last step), the most confident by ``alg`` or, with ``alg_temp`` > 0, drawn from softmax(conf/alg_temp).
+    ``origin`` instead moves each mask with probability 1 - s/t. Tokens come from Dream's
+    temperature/top-p/top-k distribution, one draw per block mask (rows in canvas order)."""
 
     until_empty = False
 
@@ -147,45 +202,76 @@ class DreamSchedule(CommitPolicy):
         return self.cfg.steps_per_block
 
     def select(self, logits, ids, view):
-        B, R, V = logits.shape
-        lo, N = view.start, view.canvas_len
-        cand = self.candidates(ids, lo, view)                                   # [B, R]
-        mlog = logits[cand]                                                     # [M, V] in position order
-        T = self.cfg.temperature
-        if T > 0:
-            mlog = mlog / T
-        probs = torch.softmax(mlog, dim=-1)                                     # model dtype, as Dream
-        if T > 0 and probs.shape[0] > 0:
-            tok = torch.multinomial(probs, 1, generator=self.gen).squeeze(-1)  # [M]
-            conf = probs.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-        else:
-            conf, tok = probs.max(dim=-1)
-        if self.cfg.alg == Alg.TOPK_MARGIN:
-            top2 = torch.topk(probs, min(2, V), dim=-1).values
-            conf = top2[:, 0] - (top2[:, 1] if V > 1 else 0)
-        elif self.cfg.alg == Alg.ENTROPY:
-            conf = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+        cand = self.candidates(ids, view.start, view)                           # [B, R]
+        if self.cfg.alg == Alg.ORIGIN:
+            return self._origin(logits, ids, cand, view)
+        conf, tok = self.dream_tokens(logits[cand], self.cfg.alg)               # [M], [M] in canvas order
         x0 = ids.clone()
         x0[cand] = tok
-        k = dream_count(view.block_masks / B, view.step_in_block, self.cfg.steps_per_block, self.cfg.eps)
-        transfer = torch.zeros((B, N), dtype=torch.bool, device=logits.device)
+        k = dream_count(view.block_masks / logits.shape[0], view.step_in_block, self.cfg.steps_per_block,
+                        self.cfg.eps)
+        return self.without_mask_tokens(self.top_count(conf.to(logits.dtype), cand, k, view), x0)
+
+    def dream_tokens(self, mask_logits: torch.Tensor, alg: Alg) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dream's ``sample_tokens`` on block-mask rows [M, V] -> (confidence by ``alg`` [M], token [M])."""
+        cfg = self.cfg
+        probs = dream_probs(mask_logits, cfg.temperature, cfg.top_p, cfg.top_k)   # [M, V], model dtype
+        conf, tok = dream_draw(probs, cfg.temperature, self.gen)
+        V = probs.shape[-1]
+        if alg == Alg.TOPK_MARGIN:
+            top2 = torch.topk(probs, min(2, V), dim=-1).values
+            conf = top2[:, 0] - (top2[:, 1] if V > 1 else 0)
+        elif alg == Alg.ENTROPY:
+            conf = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+        return conf, tok
+
+    def top_count(self, conf: torch.Tensor, cand: torch.Tensor, k: int, view: StepView) -> torch.Tensor:
+        """Transfer [B, R]: the k candidates [B, R] ranked first by conf [M], or drawn with ``alg_temp``;
+        ranked on a canvas-wide tensor like the reference, so ties and draws come out identical."""
+        B, R = cand.shape
+        lo, N = view.start, view.canvas_len
+        transfer = torch.zeros((B, N), dtype=torch.bool, device=cand.device)
         if k > 0:
-            full = torch.full((B, N), NEG_INF, dtype=logits.dtype, device=logits.device)
+            full = torch.full((B, N), NEG_INF, dtype=conf.dtype, device=cand.device)
             rows = full[:, lo:lo + R]
-            rows[cand] = conf.to(logits.dtype)
-            transfer.scatter_(1, torch.topk(full, k, dim=-1).indices, True)
-        return transfer[:, lo:lo + R], x0
+            rows[cand] = conf
+            if self.cfg.alg_temp > 0:
+                w = F.softmax(full / self.cfg.alg_temp, dim=-1)
+                sel = torch.multinomial(w, k, generator=self.gen)                    # [B, k]
+            else:
+                sel = torch.topk(full, k, dim=-1).indices
+            transfer.scatter_(1, sel, True)
+        return transfer[:, lo:lo + R]
+
+    def _origin(self, logits, ids, cand, view):
+        """Each block mask moves with probability 1 - s/t (1 at the last step): U(0,1) over the masks,
+        then one token draw per moving mask."""
+        i, S = view.step_in_block, self.cfg.steps_per_block
+        ts = torch.linspace(1, self.cfg.eps, S + 1)                             # float32, as Dream
+        p_move = (1 - ts[i + 1] / ts[i]) if i < S - 1 else torch.tensor(1.0)
+        mask_logits = logits[cand]                                              # [M, V]
+        move = torch.rand(mask_logits.shape[0], device=logits.device, generator=self.gen) < p_move.to(logits.device)
+        tok = torch.full((mask_logits.shape[0],), self.mask_id, dtype=torch.long, device=logits.device)
+        _, tok[move] = self.dream_tokens(mask_logits[move], Alg.MASKGIT_PLUS)
+        x0 = ids.clone()
+        x0[cand] = tok
+        transfer = torch.zeros_like(cand)
+        transfer[cand] = move
+        return self.without_mask_tokens(transfer, x0)
 
 
 # -- Fast-dLLM ---------------------------------------------------------------------------------------
 class ThresholdCommit(CommitPolicy):
     """Fast-dLLM: commit the most confident block mask plus every one with conf >= threshold."""
 
+    def step_key(self, view):
+        return ("threshold", view.start, view.end) if self._greedy() else None
+
     def select(self, logits, ids, view):
-        x0 = self.sample(logits)
         cand = self.candidates(ids, view.start, view)
-        conf = self.confidence(logits, x0).masked_fill(~cand, NEG_INF)         # [B, R]
-        return _with_top1(cand & (conf >= self.cfg.threshold), conf, cand), x0
+        x0, conf = self.sample_with_confidence(logits, cand, view.start, view)
+        conf = conf.masked_fill(~cand, NEG_INF)                                 # [B, R]
+        return self.without_mask_tokens(_with_top1(cand & (conf >= self.cfg.threshold), conf, cand), x0)
 
 
 class FactorCommit(CommitPolicy):
@@ -195,11 +281,14 @@ class FactorCommit(CommitPolicy):
     every candidate is committed (the scan's index is bumped by one).
     """
 
+    def step_key(self, view):
+        return ("factor", view.start, view.end) if self._greedy() else None
+
     def select(self, logits, ids, view):
-        x0 = self.sample(logits)
         cand = self.candidates(ids, view.start, view)
-        conf = self.confidence(logits, x0).masked_fill(~cand, NEG_INF)         # [B, R]
-        return factor_transfer(conf, cand, self.cfg.factor), x0
+        x0, conf = self.sample_with_confidence(logits, cand, view.start, view)
+        conf = conf.masked_fill(~cand, NEG_INF)                                 # [B, R]
+        return self.without_mask_tokens(factor_transfer(conf, cand, self.cfg.factor), x0)
 
 
 def factor_transfer(conf: torch.Tensor, cand: torch.Tensor, factor: float) -> torch.Tensor:
@@ -224,6 +313,82 @@ def _with_top1(transfer: torch.Tensor, conf: torch.Tensor, cand: torch.Tensor) -
     return transfer.scatter(1, top, cand.gather(1, top) | transfer.gather(1, top))
 
 
+# -- Fast-dLLM's Dream port -------------------------------------------------------------------------
+class _FirstPositionStep:
+    """The port's block-opening step (the cache-refresh forward): commit exactly the block's first
+    position, with Dream's token for it (one draw per block mask, like every other step)."""
+
+    def first_position(self, logits, ids, view):
+        cand = self.candidates(ids, view.start, view)                           # [B, R]
+        _, tok = self.dream_tokens(logits[cand], Alg.MASKGIT_PLUS)
+        x0 = ids.clone()
+        x0[cand] = tok
+        transfer = torch.zeros_like(cand)
+        transfer[:, 0] = cand[:, 0]                                             # row 0: the block start
+        return self.without_mask_tokens(transfer, x0)
+
+    @staticmethod
+    def cached_step_logits(logits: torch.Tensor) -> torch.Tensor:
+        """The port shifts Dream's logits inside the rows a cached step runs, so the block's first position
+        reads its own hidden state: the logits we get for the second position. [B, R, V] (it only matters
+        while the first position is still masked, i.e. after a model drew the mask token for it)."""
+        if logits.shape[1] < 2:
+            return logits
+        return torch.cat([logits[:, 1:2], logits[:, 1:]], dim=1)
+
+
+class FastDllmDreamSchedule(_FirstPositionStep, DreamSchedule):
+    """Fast-dLLM's Dream port, schedule mode: step 0 of a block commits its first position; steps
+    1..S-1 follow Dream's schedule from timestep index 1 (so the block still ends empty after S steps)."""
+
+    def select(self, logits, ids, view):
+        if view.step_in_block == 0:
+            return self.first_position(logits, ids, view)
+        return super().select(self.cached_step_logits(logits), ids, view)
+
+
+class FastDllmDreamThreshold(_FirstPositionStep, DreamSchedule):
+    """Fast-dLLM's Dream port, threshold mode: after the first-position step, step i may commit at most
+    the schedule's count at index min(i, S-1) plus the tokens the previous step left uncommitted;
+    of the most confident that many, the first always goes and the others need conf >= threshold
+    (Dream's confidence: the probability of the drawn token). Runs until the block is empty."""
+
+    until_empty = True
+
+    def begin_block(self, view):
+        self.carry = 0
+
+    def block_steps(self, view):
+        # early schedule steps may commit nothing; from index S-1 on each step commits at least one
+        return self.cfg.steps // self.cfg.num_blocks + self.cfg.block_length
+
+    def select(self, logits, ids, view):
+        if view.step_in_block == 0:
+            return self.first_position(logits, ids, view)
+        logits = self.cached_step_logits(logits)
+        B, R, _ = logits.shape
+        lo, N = view.start, view.canvas_len
+        S = self.cfg.steps // self.cfg.num_blocks
+        cand = self.candidates(ids, lo, view)
+        conf, tok = self.dream_tokens(logits[cand], Alg.MASKGIT_PLUS)            # [M]
+        x0 = ids.clone()
+        x0[cand] = tok
+        cap = dream_count(view.block_masks / B, min(view.step_in_block, S - 1), S, self.cfg.eps) + self.carry
+        cap = min(cap, view.block_masks)
+        transfer = torch.zeros((B, N), dtype=torch.bool, device=logits.device)
+        self.carry = 0
+        if cap > 0:
+            full = torch.full((B, N), NEG_INF, dtype=conf.dtype, device=logits.device)
+            rows = full[:, lo:lo + R]
+            rows[cand] = conf
+            top_conf, sel = torch.topk(full, cap, dim=-1)                           # [B, cap]
+            keep = top_conf >= self.cfg.threshold
+            keep[:, 0] = True
+            self.carry = int((~keep).sum())                                         # host sync: the next cap
+            transfer.scatter_(1, sel, keep)
+        return self.without_mask_tokens(transfer[:, lo:lo + R], x0)
+
+
 # -- APD ---------------------------------------------------------------------------------------------
 class ApdCommit(CommitPolicy):
     """Adaptive Parallel Decoding (docs/algorithms.md).
@@ -240,8 +405,17 @@ class ApdCommit(CommitPolicy):
     def reset(self, batch, prompt_len, gen_len, vocab, device, generator):
         super().reset(batch, prompt_len, gen_len, vocab, device, generator)
         shape = (batch, gen_len) if self.cfg.apd_mode == ApdMode.PER_TOKEN else ()
-        self.tau = torch.full(shape, self.cfg.tau0, dtype=torch.float64, device=device)
-        self.prev_p: torch.Tensor | None = None      # [B, G, V] float64, allocated at the first step
+        # buffers keep their identity across generations of the same shape: captured graphs read them
+        tau, dev = getattr(self, "tau", None), torch.device(device)
+        if tau is None or tuple(tau.shape) != shape or tau.device.type != dev.type or \
+                (dev.index is not None and tau.device.index != dev.index):
+            self.tau = torch.full(shape, self.cfg.tau0, dtype=torch.float64, device=device)
+            self.prev = None
+        else:
+            self.tau.fill_(self.cfg.tau0)
+        # the previous step's distribution of every gen row: float64 probabilities on the plain path,
+        # the logits themselves with fused kernels (vocab_stats recomputes p from them in registers)
+        self.has_prev = False
 
     def begin_block(self, view):
         if self.cfg.apd_block_reset:
@@ -253,45 +427,85 @@ class ApdCommit(CommitPolicy):
         # global: the block, plus the next block so H exists at that block's first step
         return view.start, min(view.canvas_len, view.end + self.cfg.block_length)
 
+    def step_key(self, view):
+        return ("apd", self.has_prev, view.start, view.end) if self._greedy() else None
+
+    def after_step(self, view):
+        self.has_prev = True
+
     def select(self, logits, ids, view):
         B, R, V = logits.shape
         g0 = view.start - view.prompt_len                                       # gen index of row 0
+        cand = self.candidates(ids, view.start, view)
+        if self.ops is not None and self._greedy():
+            x0, conf = self._fused_stats(logits, cand, g0)
+        else:
+            x0, conf = self._plain_stats(logits, cand, view, g0)
+        conf = conf.masked_fill(~cand, NEG_INF)
+        tau = self.tau if self.tau.dim() == 0 else self.tau[:, g0:g0 + R]
+        return self.without_mask_tokens(_with_top1(cand & (conf >= tau), conf, cand), x0)
+
+    def _plain_stats(self, logits, cand, view, g0):
+        B, R, V = logits.shape
         p = F.softmax(logits.double(), dim=-1)                                  # [B, R, V]
-        x0 = self.sample(logits)
+        # the public code draws over the whole canvas, its Gumbel noise in the logits' dtype
+        x0 = self.sample(logits, cand, view.start, view, canvas_noise=True, noise_dtype=logits.dtype)
         if self.cfg.remasking == Remasking.RANDOM:
-            conf = torch.rand(x0.shape, device=x0.device, generator=self.gen).double()
+            conf = torch.rand((B, view.canvas_len), device=x0.device,
+                              generator=self.gen)[:, view.start:view.start + R].double()
         else:
             conf = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)                   # [B, R]
-        cand = self.candidates(ids, view.start, view)
-        if self.prev_p is None:
-            self.prev_p = torch.empty((B, self.gen_len, V), dtype=torch.float64, device=p.device)
-        else:
-            prev = self.prev_p[:, g0:g0 + R]
+        if self.prev is None or self.prev.dtype != torch.float64 or self.prev.shape != (B, self.gen_len, V):
+            self.prev = torch.empty((B, self.gen_len, V), dtype=torch.float64, device=p.device)
+        if self.has_prev:
+            prev = self.prev[:, g0:g0 + R]
             c = 1 - torch.topk(p, min(2, V), dim=-1).values[..., -1]            # [B, R]
             H = 1 - (p * prev).sum(-1) / (p.norm(dim=-1) * prev.norm(dim=-1))   # [B, R]
             self._update(c, H, cand, g0)
-        self.prev_p[:, g0:g0 + R] = p
-        conf = conf.masked_fill(~cand, NEG_INF)
-        tau = self.tau if self.tau.dim() == 0 else self.tau[:, g0:g0 + R]
-        return _with_top1(cand & (conf >= tau), conf, cand), x0
+        self.prev[:, g0:g0 + R] = p
+        return x0, conf
+
+    def _fused_stats(self, logits, cand, g0):
+        B, R, V = logits.shape
+        if self.prev is None or self.prev.dtype != logits.dtype or self.prev.shape != (B, self.gen_len, V):
+            self.prev = torch.empty((B, self.gen_len, V), dtype=logits.dtype, device=logits.device)
+        prev = self.prev[:, g0:g0 + R]
+        stats = self.ops.vocab_stats(logits, prev if self.has_prev else None, want_c=self.has_prev)
+        if self.has_prev:
+            self._update(stats.c, stats.H, cand, g0)
+        prev.copy_(logits)
+        return stats.x0, stats.conf
 
     def _update(self, c, H, cand, g0):
+        """tau -= alpha * c, then += beta * H (the reference's order of float64 operations)."""
         cfg = self.cfg
         if cfg.apd_mode == ApdMode.PER_TOKEN:
             t = self.tau[:, g0:g0 + c.shape[1]]
-            t.add_(-cfg.alpha * c + cfg.beta * H)
+            t.sub_(cfg.alpha * c).add_(cfg.beta * H)
         else:
-            w = cand.double()
-            n = w.sum().clamp(min=1)                                            # mean is 0 without masks
-            self.tau.add_(-cfg.alpha * (c * w).sum() / n + cfg.beta * (H * w).sum() / n)
+            # Means over the block's masks M_t only, by selection, not by weighting: rows past the block
+            # may have no previous distribution yet (at a block's first step the next block's rows were
+            # never computed), so their H is garbage, possibly NaN, and NaN * 0 would poison tau for good.
+            zero = torch.zeros((), dtype=c.dtype, device=c.device)
+            n = cand.sum().clamp(min=1)                                         # mean is 0 without masks
+            self.tau.sub_(cfg.alpha * torch.where(cand, c, zero).sum() / n)
+            self.tau.add_(cfg.beta * torch.where(cand, H, zero).sum() / n)
         if cfg.tau_min is not None or cfg.tau_max is not None:
             self.tau.clamp_(min=cfg.tau_min, max=cfg.tau_max)
 
 
 def make_commit_policy(cfg: DecodeConfig, arch: Arch, mask_id: int) -> CommitPolicy:
     """The commit policy ``cfg.commit`` for a model of architecture ``arch``."""
+    arch = Arch(arch)
+    if arch == Arch.LLADA and cfg.fastdllm_dream:
+        raise ConfigError("--fastdllm-dream reproduces Fast-dLLM's Dream port and needs a Dream model; "
+                          "for LLaDA use --cache prefix/dual with --commit threshold (Fast-dLLM's LLaDA rules)")
     if cfg.commit == CommitPolicyKind.SCHEDULE:
-        return (DreamSchedule if Arch(arch) == Arch.DREAM else LladaSchedule)(cfg, mask_id)
+        if arch == Arch.DREAM:
+            return (FastDllmDreamSchedule if cfg.fastdllm_dream else DreamSchedule)(cfg, mask_id, arch)
+        return LladaSchedule(cfg, mask_id, arch)
+    if cfg.fastdllm_dream:
+        return FastDllmDreamThreshold(cfg, mask_id, arch)
     cls = {CommitPolicyKind.THRESHOLD: ThresholdCommit, CommitPolicyKind.FACTOR: FactorCommit,
            CommitPolicyKind.APD: ApdCommit}[cfg.commit]
-    return cls(cfg, mask_id)
+    return cls(cfg, mask_id, arch)

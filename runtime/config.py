@@ -54,10 +54,11 @@ class Remasking(str, enum.Enum):
 
 
 class Alg(str, enum.Enum):
-    """Confidence used to rank masked positions (Dream's ``alg``; LLaDA's low_confidence = maskgit_plus)."""
-    MASKGIT_PLUS = "maskgit-plus"    # probability of the argmax token
+    """Confidence used to rank masked positions (Dream's ``alg``; LLaDA's low-confidence = maskgit-plus)."""
+    MASKGIT_PLUS = "maskgit-plus"    # probability of the chosen token
     TOPK_MARGIN = "topk-margin"      # p1 - p2
     ENTROPY = "entropy"              # sum p log p (negative entropy: higher is more confident)
+    ORIGIN = "origin"                # no ranking: each mask moves with probability 1 - s/t
 
 
 _ENUMS = {"cache": CachePolicyKind, "commit": CommitPolicyKind, "proxy": Proxy, "allocation": Allocation,
@@ -70,7 +71,9 @@ _FLAGS = {"gen_length": "--gen-length", "block_length": "--block-length", "steps
           "tau0": "--tau0", "alpha": "--alpha", "beta": "--beta", "tau_min": "--tau-min",
           "tau_max": "--tau-max", "temperature": "--temperature", "seed": "--seed", "cache": "--cache",
           "commit": "--commit", "proxy": "--proxy", "allocation": "--allocation", "apd_mode": "--apd-mode",
-          "remasking": "--remasking", "alg": "--alg", "eps": "--eps", "apd_block_reset": "--apd-block-reset"}
+          "remasking": "--remasking", "alg": "--alg", "eps": "--eps", "apd_block_reset": "--apd-block-reset",
+          "alg_temp": "--alg-temp", "top_p": "--top-p", "top_k": "--top-k", "cfg_scale": "--cfg-scale",
+          "fastdllm_dream": "--fastdllm-dream"}
 
 
 def _flag(name: str) -> str:
@@ -115,11 +118,18 @@ class DecodeConfig:
     tau_max: float | None = None
     apd_block_reset: bool = False    # optional reset of tau at each block start, off by default
     # sampling
-    remasking: Remasking = Remasking.LOW_CONFIDENCE
+    remasking: Remasking = Remasking.LOW_CONFIDENCE   # LLaDA: rank by probability or U(0,1)
     alg: Alg = Alg.MASKGIT_PLUS      # Dream `schedule` only: how masked positions are ranked
+    alg_temp: float = 0.0            # Dream `schedule` only: > 0 samples positions from softmax(conf/alg_temp)
     eps: float = 1e-3                # Dream `schedule` only: last timestep of linspace(1, eps, steps+1)
-    temperature: float = 0.0
+    temperature: float = 0.0         # 0 = greedy; LLaDA: float64 Gumbel-max, Dream: softmax(logits/T) draw
+    top_p: float | None = None       # keep the smallest set of tokens with mass >= top_p (None = off)
+    top_k: int | None = None         # keep the k most likely tokens (None = off; Dream's own code defaults to 50)
+    cfg_scale: float = 0.0           # classifier-free guidance: un + (s+1)(cond - un), prompt masked in un
     seed: int = 0
+    # Fast-dLLM's Dream port (prefix/dual + schedule/threshold, Dream only): each block's full step commits
+    # just the block's first position, the schedule goes on at timestep 1, threshold steps are capped
+    fastdllm_dream: bool = False
 
     def __post_init__(self):
         if self.steps is None:
@@ -141,11 +151,28 @@ class DecodeConfig:
                               f"that divides it (e.g. {max(d for d in range(1, bl + 1) if G % d == 0)}) or round the gen length up to "
                               f"{-(-G // bl) * bl}")
         blocks = G // bl
-        if self.commit == CommitPolicyKind.SCHEDULE and self.steps % blocks:
+        if (self.commit == CommitPolicyKind.SCHEDULE or self.fastdllm_dream) and self.steps % blocks:
             raise ConfigError(f"--steps {self.steps} is not a multiple of the number of blocks {blocks} "
                               f"(gen length {G} / block length {bl}); use --steps {-(-self.steps // blocks) * blocks}")
         if self.tau_min is not None and self.tau_max is not None and self.tau_min > self.tau_max:
             raise ConfigError(f"--tau-min {self.tau_min} is above --tau-max {self.tau_max}; swap them")
+        if self.fastdllm_dream:
+            self._check_fastdllm_dream()
+
+    def _check_fastdllm_dream(self):
+        if self.cache not in (CachePolicyKind.PREFIX, CachePolicyKind.DUAL):
+            raise ConfigError(f"--fastdllm-dream reproduces Fast-dLLM's prefix/dual cache loop; got --cache "
+                              f"{self.cache.value}: use --cache prefix or --cache dual")
+        if self.commit not in (CommitPolicyKind.SCHEDULE, CommitPolicyKind.THRESHOLD):
+            raise ConfigError(f"--fastdllm-dream has a schedule and a threshold mode; got --commit "
+                              f"{self.commit.value}: use --commit schedule or --commit threshold")
+        if self.alg == Alg.ORIGIN:
+            raise ConfigError("--fastdllm-dream ranks positions by confidence; --alg origin is Dream's own "
+                              "loop only: use maskgit-plus, topk-margin or entropy")
+        if self.steps // self.num_blocks < 2 and self.block_length > 1:
+            raise ConfigError(f"--fastdllm-dream needs at least 2 steps per block (one for the block's first "
+                              f"position, then the schedule); got --steps {self.steps} over {self.num_blocks} "
+                              f"blocks: use --steps {2 * self.num_blocks} or more")
 
     def _check_ints(self):
         positive = ("gen_length", "block_length", "steps", "prompt_interval", "gen_interval")
@@ -160,14 +187,19 @@ class DecodeConfig:
             if v < low:
                 what = "at least 0" if low == 0 else "at least 1"
                 raise ConfigError(f"{_flag(name)} must be {what}, got {v}")
-        if not isinstance(self.apd_block_reset, bool):
-            raise ConfigError(f"{_flag('apd_block_reset')} must be true or false, got {self.apd_block_reset!r}")
+        for name in ("apd_block_reset", "fastdllm_dream"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ConfigError(f"{_flag('top_k')} must be an integer >= 1, or None to keep every token; "
+                              f"got {self.top_k!r}")
 
     def _check_floats(self):
         for name in ("eps", "softmax_temp", "rho", "threshold", "factor", "tau0", "alpha", "beta", "tau_min",
-                     "tau_max", "temperature"):
+                     "tau_max", "temperature", "alg_temp", "top_p", "cfg_scale"):
             v = getattr(self, name)
-            if v is None and name in ("tau_min", "tau_max"):
+            if v is None and name in ("tau_min", "tau_max", "top_p"):
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"{_flag(name)} must be a finite number, got {v!r}")
@@ -177,6 +209,10 @@ class DecodeConfig:
             raise ConfigError(f"{_flag('rho')} must be {ranges['rho'][2]}, got {self.rho}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"{_flag('threshold')} must be {ranges['threshold'][2]}, got {self.threshold}")
+        for name in ("tau0", "tau_min", "tau_max"):      # thresholds on a probability
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{_flag(name)} must be in [0, 1] (a threshold on a token's probability), got {v}")
         if not 0.0 < self.eps < 1.0:
             raise ConfigError(f"{_flag('eps')} must be in (0, 1) (Dream's last timestep), got {self.eps}")
         if self.softmax_temp <= 0:
@@ -187,6 +223,13 @@ class DecodeConfig:
             raise ConfigError(f"{_flag('temperature')} must be at least 0 (0 = greedy), got {self.temperature}")
         if self.alpha < 0 or self.beta < 0:
             raise ConfigError(f"--alpha and --beta must be at least 0, got alpha={self.alpha} beta={self.beta}")
+        if self.alg_temp < 0:
+            raise ConfigError(f"{_flag('alg_temp')} must be at least 0 (0 = the most confident positions), "
+                              f"got {self.alg_temp}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{_flag('top_p')} must be in (0, 1], or None to keep every token; got {self.top_p}")
+        if self.cfg_scale < 0:
+            raise ConfigError(f"{_flag('cfg_scale')} must be at least 0 (0 = no guidance), got {self.cfg_scale}")
 
     # -- derived ------------------------------------------------------------
     @property

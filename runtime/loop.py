@@ -5,10 +5,11 @@ canvas = [prompt, MASK * G]
 for each block:
     for each step (schedule: steps/num_blocks; adaptive: until the block is empty, <= block_length):
         cache.begin_step(view)                        # which rows each layer recomputes
-        logits = executor.step(canvas, cache, view, *commit.logit_range(view))
-        transfer, x0 = commit.select(logits, canvas[lo:hi], view)
-        canvas[lo:hi] = where(transfer, x0, canvas[lo:hi])
+        lo, hi = commit.logit_range(view)             # which positions need logits
+        committed = executor.run_step(cache, commit, view, lo, hi).committed
 ```
+``run_step`` runs the layers, the head and the commit decision, updates the canvas (which the
+executor owns, so a whole step can be one CUDA graph) and returns the committed positions.
 Token ids only: tokenizers live in ``Pipeline``. One host sync per step (the committed positions,
 which the loop needs anyway to stop adaptive blocks and to centre the DCU window).
 """
@@ -23,9 +24,9 @@ import torch
 
 from dllm.engines.engine_set import EngineSet
 from dllm.errors import ConfigError
-from dllm.runtime.commit import make_commit_policy
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
+from dllm.runtime.guidance import GuidedExecutor
 from dllm.runtime.view import StepView
 
 
@@ -86,8 +87,9 @@ def as_prompt_tensor(prompt_ids, device: torch.device) -> torch.Tensor:
     else:
         try:
             t = torch.tensor(list(prompt_ids), dtype=torch.long)
-        except (TypeError, ValueError):
-            raise ConfigError(f"prompt ids must be a list of ints or a tensor, got {type(prompt_ids).__name__}") from None
+        except (TypeError, ValueError, RuntimeError, OverflowError):   # RuntimeError: an id beyond int64
+            raise ConfigError(f"prompt ids must be a list of ints within the vocabulary or a tensor, got "
+                              f"{type(prompt_ids).__name__} {str(prompt_ids)[:80]}") from None
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2 or t.shape[0] != 1:
@@ -145,18 +147,21 @@ def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor:
     prompt = as_prompt_tensor(prompt_ids, device)
     check_prompt(prompt, engines, cfg, max_seq_len)
     executor = executor or Executor(engines)
+    if cfg.cfg_scale > 0:                     # classifier-free guidance: a twin runs the prompt-masked canvas
+        executor = GuidedExecutor(executor, cfg)
     B, P, G = 1, prompt.shape[1], cfg.gen_length
     N = P + G
     t_start = time.perf_counter()
 
-    canvas = torch.full((B, N), spec.mask_id, dtype=torch.long, device=device)      # [1, N]
-    canvas[:, :P] = prompt
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     cache = executor.cache_policy(cfg, spec)
-    commit = make_commit_policy(cfg, spec.arch, spec.mask_id)
+    commit = executor.commit_policy(cfg, spec)
     cache.reset(spec.n_layers, P, G, device)
     executor.reset(B, P, N, cache)
     commit.reset(B, P, G, spec.vocab_size, device, generator)
+    canvas = executor.canvas                                                          # [1, N]
+    canvas.fill_(spec.mask_id)
+    canvas[:, :P] = prompt
 
     view = StepView(prompt_len=P, canvas_len=N, key_pos=P - 1)
     rows_per_step, tokens_per_step, step_end_s, engine_s = [], [], [], 0.0
@@ -172,19 +177,16 @@ def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor:
             view.step += 1
             cache.begin_step(view)
             lo, hi = commit.logit_range(view)
-            logits, stats = executor.step(canvas, cache, view, lo, hi)       # [1, hi-lo, V]
-            ids = canvas[:, lo:hi]
-            transfer, x0 = commit.select(logits, ids, view)                   # [1, R] each
-            canvas[:, lo:hi] = torch.where(transfer, x0, ids)
-            committed = [lo + j for j in transfer[0].nonzero().flatten().tolist()]   # the one sync per step
+            outcome = executor.run_step(cache, commit, view, lo, hi)
+            committed = outcome.committed
             for pos in committed:
                 commit_step[pos - P] = view.step - 1
             view.block_masks -= len(committed)
             if committed:
                 view.key_pos = committed[-1]
-            rows_per_step.append(stats.rows)
+            rows_per_step.append(outcome.stats.rows)
             tokens_per_step.append(len(committed))
-            engine_s += stats.engine_s
+            engine_s += outcome.stats.engine_s
             step_end_s.append(time.perf_counter() - t_start)
             yield canvas, view, committed
     final = canvas.cpu()

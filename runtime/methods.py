@@ -10,6 +10,7 @@ A method name is ``CACHE`` or ``CACHE+COMMIT``:
 | `dllm-cache`    | dLLM-Cache (refresh intervals + value-similarity partial update)|
 | `dcu`           | Dynamic Cache Update with the config's proxy/allocation/budget  |
 | `dcu-reference` | DCU as released: value proxy, uniform budget, intervals 5000/5000|
+| `fastdllm-dream-prefix`, `fastdllm-dream-dual` | Fast-dLLM's Dream port (Dream only): prefix or dual cache with `fastdllm_dream` on |
 
 | commit part | commit policy                                  |
 |-------------|------------------------------------------------|
@@ -20,7 +21,8 @@ A method name is ``CACHE`` or ``CACHE+COMMIT``:
 | `apd`       | Adaptive Parallel Decoding (`base.apd_mode`...) |
 
 Examples: ``full`` (= full+schedule), ``dual+threshold``, ``dcu+apd``,
-``full+apd``, ``dcu+factor``. Underscores and hyphens are interchangeable.
+``full+apd``, ``dcu+factor``, ``fastdllm-dream-dual+threshold``. Underscores and hyphens are
+interchangeable.
 """
 
 from __future__ import annotations
@@ -28,7 +30,17 @@ from __future__ import annotations
 from dllm.errors import ConfigError
 from dllm.runtime.config import CachePolicyKind, CommitPolicyKind, DecodeConfig
 
-CACHE_NAMES = ("full", "prefix", "dual", "dllm-cache", "dcu", "dcu-reference")
+CACHE_NAMES = ("full", "prefix", "dual", "dllm-cache", "dcu", "dcu-reference", "fastdllm-dream-prefix",
+               "fastdllm-dream-dual")
+# presets that reproduce a public implementation: cache name -> the DecodeConfig fields they fix
+PRESETS = {
+    # Dynamic-dLLM's released DCU, spelled out so results and reports show them
+    "dcu-reference": dict(proxy="value", allocation="uniform", prompt_interval=5000, gen_interval=5000,
+                          refresh_interval=None),
+    # Fast-dLLM's Dream port: its cache loop's first-position commit, schedule and capped threshold
+    "fastdllm-dream-prefix": dict(cache="prefix", fastdllm_dream=True),
+    "fastdllm-dream-dual": dict(cache="dual", fastdllm_dream=True),
+}
 COMMIT_NAMES = ("schedule", "threshold", "factor", "apd")
 
 
@@ -42,14 +54,14 @@ def method_config(name: str, base: DecodeConfig | None = None) -> DecodeConfig:
     cache = parts[0]
     if cache not in CACHE_NAMES:
         raise ConfigError(f"method {name!r}: unknown cache policy {cache!r}; expected one of {', '.join(CACHE_NAMES)}")
-    changes: dict = {"cache": CachePolicyKind(cache)}
     commit = parts[1] if len(parts) == 2 else "schedule"
     if commit not in COMMIT_NAMES:
         raise ConfigError(f"method {name!r}: unknown commit policy {commit!r}; expected one of "
                           f"{', '.join(COMMIT_NAMES)}")
-    changes["commit"] = CommitPolicyKind(commit)
-    if changes["cache"] == CachePolicyKind.DCU_REFERENCE:
-        # the released code's settings, spelled out so results and reports show them (A.2-A.4)
-        changes.update(proxy="value", allocation="uniform", prompt_interval=5000, gen_interval=5000,
-                       refresh_interval=None)
+    changes: dict = {"commit": CommitPolicyKind(commit), "fastdllm_dream": False}
+    if cache in PRESETS and "cache" in PRESETS[cache]:
+        changes.update(PRESETS[cache])
+    else:
+        changes["cache"] = CachePolicyKind(cache)
+        changes.update(PRESETS.get(cache, {}))
     return base.replace(**changes)

@@ -23,15 +23,16 @@ from typing import Iterator, Sequence
 import torch
 
 from dllm.engines.engine_set import EngineSet
-from dllm.errors import ConfigError
+from dllm.errors import ConfigError, DllmWarning
 from dllm.generation import GenerationDefaults, generation_defaults_from_checkpoint
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
 from dllm.runtime.loop import DecodeResult, decode_steps
+from dllm.runtime.prompts import check_ids, encode_chat, encode_text, encode_text_as_chat, load_tokenizer
 from dllm.threads import torch_threads
 
 
-class GenerationWarning(UserWarning):
+class GenerationWarning(DllmWarning):
     """A generation runs with settings the model is known to handle badly (e.g. too long a gen length)."""
 
 
@@ -95,7 +96,9 @@ class Pipeline:
         """Open an engine directory (``dllm-export`` output) on ``backend`` and ``device``.
 
         threads: CPU threads of one generation (``dllm.threads``; None: the default, fine for small
-        models). options: backend settings (``dllm.engines.open_engine_dir``)."""
+        models). ``options`` go to ``dllm.engines.open_engine_dir``: ``verify_hashes=True`` hashes every
+        file against the manifest (the default trusts the verified stamp for unchanged files), and
+        backend settings such as ``intra_op_threads``."""
         try:
             from dllm.engines.loader import open_engine_dir
         except ImportError as e:   # pragma: no cover - the loader ships with the package
@@ -132,38 +135,28 @@ class Pipeline:
             if tdir is None or not Path(tdir).is_dir():
                 raise ConfigError("text prompts need a tokenizer, and this engine set has none; pass "
                                   "Pipeline(engines, tokenizer=...) or prompt with token ids")
-            from transformers import AutoTokenizer
-            from transformers.utils import logging as hf_logging
-
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()   # config.json of an unknown model type warns; harmless here
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(tdir), local_files_only=True,
-                                                                trust_remote_code=False)
-            finally:
-                hf_logging.set_verbosity(verbosity)
+            self._tokenizer = load_tokenizer(tdir)
         return self._tokenizer
 
-    def encode(self, prompt) -> list[int]:
-        """Token ids of a prompt: ids pass through, text is tokenized, chat messages go through the
-        tokenizer's chat template with ``add_generation_prompt=True``."""
+    def encode(self, prompt, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: ids pass through, text is tokenized (with ``chat``: as the user turn of the
+        chat template), chat messages go through the tokenizer's chat template with
+        ``add_generation_prompt=True``. Checked in ``dllm.runtime.prompts`` (one prompt, ids in the
+        vocabulary, UTF-8 text; unknown characters warn)."""
+        where = f"the tokenizer in {self.engines.tokenizer_dir}" if self._tokenizer is None else "the tokenizer"
         if isinstance(prompt, torch.Tensor):
-            return [int(x) for x in prompt.reshape(-1).tolist()]
+            return check_ids(prompt, self.spec.vocab_size)
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
+            return encode_text_as_chat(self.tokenizer, prompt, where) if chat else encode_text(self.tokenizer, prompt)
         if isinstance(prompt, dict):
             prompt = [prompt]
-        if isinstance(prompt, (list, tuple)):
-            if all(isinstance(m, dict) for m in prompt) and prompt:
-                for m in prompt:
-                    if "role" not in m or "content" not in m:
-                        raise ConfigError(f"chat messages need 'role' and 'content' keys, got {sorted(m)}")
-                out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-                if hasattr(out, "keys") and "input_ids" in out:    # newer transformers may return a dict
-                    out = out["input_ids"]
-                return [int(x) for x in out]
-            if all(isinstance(x, int) and not isinstance(x, bool) for x in prompt):
-                return list(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt:
+            if all(isinstance(m, dict) for m in prompt):
+                return encode_chat(self.tokenizer, prompt, where)
+            if not any(isinstance(m, dict) for m in prompt):
+                return check_ids(prompt, self.spec.vocab_size)
+        if isinstance(prompt, (list, tuple)) and not prompt:
+            raise ConfigError("the prompt is empty; pass text, chat messages or at least one token id")
         raise ConfigError(f"a prompt is text, a list of token ids, a tensor of ids or a list of chat messages "
                           f"({{'role': ..., 'content': ...}}); got {type(prompt).__name__}")
 
@@ -172,6 +165,13 @@ class Pipeline:
         eos = set(self.spec.eos_ids)
         cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
         return self.tokenizer.decode(list(ids[:cut]), skip_special_tokens=True)
+
+    def _wants_chat(self, chat: bool | None) -> bool:
+        """Whether a text prompt goes through the chat template: as asked, else the model's generation
+        default (on for instruct models) where the tokenizer still carries a template."""
+        if chat is not None:
+            return chat
+        return self.generation.chat and bool(getattr(self.tokenizer, "chat_template", None))
 
     def _has_tokenizer(self) -> bool:
         return self._tokenizer is not None or (self.engines.tokenizer_dir is not None
@@ -204,9 +204,7 @@ class Pipeline:
         if not isinstance(cfg, DecodeConfig):
             raise ConfigError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
         self._check_length(cfg.gen_length)
-        if isinstance(prompt, str) and (self.generation.chat if chat is None else chat):
-            prompt = [{"role": "user", "content": prompt}]
-        prompt_ids = self.encode(prompt)
+        prompt_ids = self.encode(prompt, chat=isinstance(prompt, str) and self._wants_chat(chat))
         with torch_threads(self.engines.torch_threads):
             yield from self._decode(prompt_ids, cfg, stream)
 

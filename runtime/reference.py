@@ -11,6 +11,13 @@ Two loops, each a transcription of the published behaviour (see docs/algorithms.
   ``int(#mask * (1 - s/t))`` tokens are committed (all remaining ones at the last step), ranked by
   ``alg``. Optionally block-wise (``block_length < gen_length``): the same loop runs once per block
   over that block's masks with ``steps / num_blocks`` steps, confidence -inf outside the block.
+- ``apd_generate``: Dynamic-dLLM's adaptive parallel decoding (``generate_pd``, section B): each
+  block runs until it has no masks; a global or per-token threshold tau moves by
+  ``-alpha * c + beta * H`` every step after the first and commits every block mask whose
+  confidence reaches it, plus the most confident one.
+- ``fastdllm_dream_generate``: Fast-dLLM's Dream port with its prefix or dual
+  key/value cache: each block's full forward commits the block's first position, then Dream's
+  schedule (from timestep index 1) or the capped threshold rule decides on the cached steps.
 
 The model is any callable ``ids [B, N] LongTensor -> logits [B, N, V]`` (for example
 ``dllm.exporter.models.DiffusionLM``; a Hugging Face style output with ``.logits`` also works).
@@ -34,8 +41,9 @@ import torch.nn.functional as F
 
 from dllm.errors import ConfigError
 
-__all__ = ["DreamAlg", "DreamConfig", "LladaConfig", "ReferenceConfig", "ReferenceResult", "Remasking",
-           "dream_generate", "dream_transfer_count", "generate", "llada_generate", "transfer_counts"]
+__all__ = ["ApdConfig", "BlockCache", "DreamAlg", "DreamConfig", "FastDllmDreamConfig", "LladaConfig", "PdMode",
+           "ReferenceConfig", "ReferenceResult", "Remasking", "apd_generate", "dream_generate",
+           "dream_transfer_count", "fastdllm_dream_generate", "generate", "llada_generate", "transfer_counts"]
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,6 +60,18 @@ class DreamAlg(str, enum.Enum):
     MASKGIT_PLUS = "maskgit_plus"   # probability of the sampled token (max prob at temperature 0)
     TOPK_MARGIN = "topk_margin"     # p1 - p2
     ENTROPY = "entropy"             # sum p log p (negative entropy: higher = more confident)
+
+
+class PdMode(str, enum.Enum):
+    """How APD keeps its threshold (``generate_pd``'s pd_mode 1 and 2)."""
+    GLOBAL = "global"               # one scalar, moved by the means over the current block's masks
+    PER_TOKEN = "per_token"         # one per generated position, every position moved every step
+
+
+class BlockCacheKind(str, enum.Enum):
+    """Fast-dLLM's key/value reuse inside a block."""
+    PREFIX = "prefix"               # later steps run [block start, N) against the cached prefix
+    DUAL = "dual"                   # later steps run the block against cached prefix and suffix
 
 
 # -- configs ------------------------------------------------------------------------------------
@@ -100,24 +120,44 @@ class ReferenceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LladaConfig(ReferenceConfig):
-    """LLaDA's published ``generate`` settings (defaults as published: 128/128/128, greedy)."""
+    """LLaDA's published ``generate`` settings (defaults as published: 128/128/128, greedy).
+
+    ``top_p``/``top_k`` (our extension, None = off) restrict the Gumbel-max draw to the nucleus / the k
+    most likely tokens; the confidence stays the unrestricted probability of the drawn token.
+    """
     remasking: Remasking = Remasking.LOW_CONFIDENCE
     cfg_scale: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
         try:
             object.__setattr__(self, "remasking", Remasking(self.remasking))
         except ValueError:
-            raise ConfigError(f"LladaConfig.remasking {self.remasking!r} is unknown; expected one of "
+            raise ConfigError(f"{type(self).__name__}.remasking {self.remasking!r} is unknown; expected one of "
                               f"{[r.value for r in Remasking]}") from None
         if not (self.cfg_scale >= 0 and math.isfinite(self.cfg_scale)):
             raise ConfigError(f"LladaConfig.cfg_scale must be a finite number >= 0 (0 = off), got {self.cfg_scale}")
+        _check_filters(self)
+
+
+def _check_filters(cfg) -> None:
+    name = type(cfg).__name__
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"{name}.top_p must be in (0, 1] or None (off), got {cfg.top_p}")
+    if cfg.top_k is not None and int(cfg.top_k) < 1:
+        raise ConfigError(f"{name}.top_k must be >= 1 or None (off), got {cfg.top_k}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DreamConfig(ReferenceConfig):
-    """Dream's ``diffusion_generate`` settings (``top_p``/``top_k`` None = off, ``alg_temp`` 0 = top-k)."""
+    """Dream's ``diffusion_generate`` settings (``top_p``/``top_k`` None = off, ``alg_temp`` 0 = top-k).
+
+    Dream's own ``diffusion_generate`` inherits ``top_k=50`` from transformers' generation defaults when
+    the caller passes none; here None means no top-k filter. Pass ``top_k=50`` to replay such a call
+    (it matters even greedily: the confidence is computed over the filtered distribution).
+    """
     alg: DreamAlg = DreamAlg.MASKGIT_PLUS
     eps: float = 1e-3
     top_p: float | None = None
@@ -133,12 +173,62 @@ class DreamConfig(ReferenceConfig):
                               f"{[a.value for a in DreamAlg]}") from None
         if not 0 < self.eps < 1:
             raise ConfigError(f"DreamConfig.eps must be in (0, 1) (the last timestep), got {self.eps}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ConfigError(f"DreamConfig.top_p must be in (0, 1] or None (off), got {self.top_p}")
-        if self.top_k is not None and int(self.top_k) < 1:
-            raise ConfigError(f"DreamConfig.top_k must be >= 1 or None (off), got {self.top_k}")
+        _check_filters(self)
         if not (self.alg_temp >= 0 and math.isfinite(self.alg_temp)):
             raise ConfigError(f"DreamConfig.alg_temp must be a finite number >= 0 (0 = top-k), got {self.alg_temp}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApdConfig(ReferenceConfig):
+    """``generate_pd`` settings (defaults as published: mode global, tau0 1.0, alpha 0.01, beta 0.15).
+
+    ``steps`` is only checked to be a multiple of the number of blocks, as published; every block
+    runs until it is empty. ``top_p``/``top_k`` (our extension, None = off) restrict the token draw.
+    """
+    mode: PdMode = PdMode.GLOBAL
+    tau0: float = 1.0
+    alpha: float = 0.01
+    beta: float = 0.15
+    remasking: Remasking = Remasking.LOW_CONFIDENCE
+    top_p: float | None = None
+    top_k: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, enum_cls in (("mode", PdMode), ("remasking", Remasking)):
+            try:
+                object.__setattr__(self, name, enum_cls(getattr(self, name)))
+            except ValueError:
+                raise ConfigError(f"ApdConfig.{name} {getattr(self, name)!r} is unknown; expected one of "
+                                  f"{[e.value for e in enum_cls]}") from None
+        for name in ("tau0", "alpha", "beta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"ApdConfig.{name} must be a finite number, got {getattr(self, name)}")
+        _check_filters(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class FastDllmDreamConfig(DreamConfig):
+    """Fast-dLLM's Dream port: ``cache`` prefix or dual; ``threshold`` None = Dream's schedule ranked by
+    ``alg``, a number = the capped threshold rule (its confidence: the drawn token's probability).
+    ``steps / num_blocks`` (at least 2) sets each block's timestep schedule."""
+    cache: BlockCacheKind = BlockCacheKind.DUAL
+    threshold: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        try:
+            object.__setattr__(self, "cache", BlockCacheKind(self.cache))
+        except ValueError:
+            raise ConfigError(f"FastDllmDreamConfig.cache {self.cache!r} is unknown; expected one of "
+                              f"{[e.value for e in BlockCacheKind]}") from None
+        if self.alg == DreamAlg.ORIGIN:
+            raise ConfigError("FastDllmDreamConfig ranks positions by confidence; alg 'origin' is not part of it")
+        if self.steps_per_block < 2 and self.block_length > 1:
+            raise ConfigError(f"FastDllmDreamConfig needs at least 2 steps per block, got steps {self.steps} "
+                              f"over {self.num_blocks} blocks")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ConfigError(f"FastDllmDreamConfig.threshold must be in [0, 1] or None, got {self.threshold}")
 
 
 def _divisor_near(n: int, target: int) -> int:
@@ -268,7 +358,7 @@ def llada_generate(model: Model, prompt_ids: torch.Tensor, cfg: LladaConfig, *,
                 logits = un + (cfg.cfg_scale + 1) * (cond - un)
             else:
                 logits = _logits(model, x)                                              # [B, N, V]
-            x0 = _add_gumbel_noise(logits, cfg.temperature, gen).argmax(-1)             # [B, N]
+            x0 = _add_gumbel_noise(_restrict(logits, cfg.top_p, cfg.top_k), cfg.temperature, gen).argmax(-1)
             if cfg.remasking == Remasking.LOW_CONFIDENCE:
                 p = F.softmax(logits.to(torch.float64), dim=-1)                          # [B, N, V]
                 conf = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)                        # [B, N]
@@ -320,15 +410,21 @@ def _top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
 
 
+def _restrict(logits: torch.Tensor, top_p: float | None, top_k: int | None) -> torch.Tensor:
+    """Top-p, then top-k (Dream's order); None = that filter off."""
+    if top_p is not None and top_p < 1:
+        logits = _top_p_filter(logits, top_p)
+    if top_k is not None:
+        logits = _top_k_filter(logits, top_k)
+    return logits
+
+
 def _sample_tokens(logits: torch.Tensor, cfg: DreamConfig, gen: torch.Generator,
                    confidence: DreamAlg) -> tuple[torch.Tensor, torch.Tensor]:
     """Dream's ``sample_tokens`` on rows of logits [M, V] -> (confidence [M], token [M])."""
     if cfg.temperature > 0:
         logits = logits / cfg.temperature
-    if cfg.top_p is not None and cfg.top_p < 1:
-        logits = _top_p_filter(logits, cfg.top_p)
-    if cfg.top_k is not None:
-        logits = _top_k_filter(logits, cfg.top_k)
+    logits = _restrict(logits, cfg.top_p, cfg.top_k)
     probs = torch.softmax(logits, dim=-1)                                        # [M, V]
     if cfg.temperature > 0 and probs.shape[0] > 0:
         x0 = torch.multinomial(probs, 1, generator=gen).squeeze(-1)             # [M]
@@ -416,11 +512,229 @@ def dream_generate(model: Model, prompt_ids: torch.Tensor, cfg: DreamConfig, *,
     return ReferenceResult(x, P, step, step, history, commit_step)
 
 
+# -- APD --------------------------------------------------------------------------------------------
+def _is_dream(model) -> bool:
+    spec = getattr(model, "spec", None)
+    return spec is not None and str(getattr(spec.arch, "value", spec.arch)) == "dream"
+
+
+@torch.no_grad()
+def apd_generate(model: Model, prompt_ids: torch.Tensor, cfg: ApdConfig, *,
+                 mask_id: int | None = None) -> ReferenceResult:
+    """Dynamic-dLLM's ``generate_pd`` (the ``apd`` commit policy of docs/algorithms.md), full recompute every
+    step, batch 1.
+
+    Every step t (counted over the whole generation), with p = float64 softmax of each generated
+    position's logits, c = 1 - (second-largest p) and H = 1 - cos(p, p of step t-1):
+    - from t = 2 on, before committing: ``global`` moves its scalar tau by -alpha * mean(c) + beta * mean(H)
+      over the current block's masks; ``per_token`` moves every generated position's tau by
+      -alpha * c + beta * H (future blocks included). Nothing is clamped or reset at block starts.
+    - commit the block masks with confidence >= tau, plus the most confident one.
+    Tokens: argmax at temperature 0; above it LLaDA's Gumbel-max with the noise in the logits' dtype
+    over the whole canvas (Dream models: one draw from softmax(logits/T) per block mask). Confidence:
+    the float64 probability of the token, or U(0,1) over the canvas for ``random``. Random draws per
+    step in that order.
+    """
+    if not isinstance(cfg, ApdConfig):
+        raise ConfigError(f"apd_generate needs an ApdConfig, got {type(cfg).__name__}")
+    mask_id, x, gen = _start(model, prompt_ids, cfg, mask_id)                           # x [B, N]
+    B, P = prompt_ids.shape
+    if B != 1:
+        raise ConfigError(f"apd_generate decodes one prompt at a time (as published); got a batch of {B}")
+    G, device, dream = cfg.gen_length, prompt_ids.device, _is_dream(model)
+    tau = torch.full(() if cfg.mode == PdMode.GLOBAL else (B, G), cfg.tau0, dtype=torch.float64, device=device)
+    prev_p = None                                                                       # [B, G, V]
+    commit_step = torch.full_like(x, -1)
+    history: list[torch.Tensor] = []
+    step = 0
+    for b in range(cfg.num_blocks):
+        start, end = P + b * cfg.block_length, P + (b + 1) * cfg.block_length
+        while (x[:, start:end] == mask_id).any():
+            mask_index = x == mask_id
+            mask_index[:, end:] = False                                                 # M_t: the block's masks
+            logits = _logits(model, x)                                                  # [B, N, V]
+            p = F.softmax(logits.to(torch.float64), dim=-1)                              # [B, N, V]
+            pg = p[:, P:]                                                               # [B, G, V]
+            if prev_p is not None:
+                c = 1 - torch.topk(pg, 2, dim=-1).values[..., 1]                        # [B, G]
+                H = 1 - (pg * prev_p).sum(-1) / (pg.norm(dim=-1) * prev_p.norm(dim=-1))  # [B, G]
+                if cfg.mode == PdMode.GLOBAL:
+                    m = mask_index[:, P:]
+                    tau = tau - cfg.alpha * c[m].mean() + cfg.beta * H[m].mean()
+                else:
+                    tau = tau - cfg.alpha * c + cfg.beta * H
+            prev_p = pg
+            x0 = _apd_tokens(logits, mask_index, cfg, gen, dream)                       # [B, N]
+            if cfg.remasking == Remasking.RANDOM:
+                conf = torch.rand(x.shape, device=device, generator=gen).to(torch.float64)
+            else:
+                conf = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)                        # [B, N]
+            conf = torch.where(mask_index, conf, torch.full_like(conf, -math.inf))
+            if cfg.mode == PdMode.GLOBAL:
+                thr = tau
+            else:                                                                       # the prompt never passes
+                thr = torch.cat([torch.full((B, P), math.inf, dtype=torch.float64, device=device), tau], dim=1)
+            transfer = mask_index & (conf >= thr)
+            transfer[0, conf[0].argmax()] = True                                        # at least one per step
+            x[transfer] = x0[transfer]
+            commit_step[transfer] = step
+            history.append(transfer.nonzero())
+            step += 1
+    return ReferenceResult(x, P, step, step, history, commit_step)
+
+
+def _apd_tokens(logits: torch.Tensor, mask_index: torch.Tensor, cfg: ApdConfig, gen: torch.Generator,
+                dream: bool) -> torch.Tensor:
+    """x0 [B, N] for APD: argmax at temperature 0; else Gumbel-max in the logits' dtype (LLaDA) or
+    Dream's categorical draw per block mask, over the top-p/top-k restricted logits."""
+    x0 = logits.argmax(-1)
+    T = cfg.temperature
+    if T == 0:
+        return x0
+    if dream:
+        probs = torch.softmax(_restrict(logits[mask_index] / T, cfg.top_p, cfg.top_k), dim=-1)   # [M, V]
+        if probs.shape[0] > 0:
+            x0[mask_index] = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        return x0
+    restricted = _restrict(logits, cfg.top_p, cfg.top_k)
+    noise = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device, generator=gen)
+    return (restricted.exp() / (-torch.log(noise)) ** T).argmax(-1)
+
+
+# -- Fast-dLLM's Dream port ------------------------------------------------------------------------
+class BlockCache:
+    """Fast-dLLM's block-level key/value reuse on a ``DiffusionLM``.
+
+    ``full(ids)`` runs every row and keeps each layer's keys (after RoPE) and values. ``rows(ids, lo,
+    hi)`` runs only rows [lo, hi), which attend to their fresh keys/values and to the kept ones of
+    every other row (prefix: hi = N, so only the prefix is reused; dual: the suffix too). Returns
+    logits [B, rows, V]; Dream's shift is applied inside the rows, as Fast-dLLM's port does (the
+    first row reads its own hidden state).
+    """
+
+    def __init__(self, model):
+        if not hasattr(model, "layers") or not hasattr(model, "embed"):
+            raise ConfigError("fastdllm_dream_generate needs a DiffusionLM (it reuses per-layer keys/values); "
+                              f"got {type(model).__name__}")
+        self.model = model
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def full(self, ids: torch.Tensor) -> torch.Tensor:
+        self.keys, self.values = [], []
+        return self._run(ids, 0, ids.shape[1], store=True)
+
+    def rows(self, ids: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return self._run(ids, lo, hi, store=False)
+
+    def _run(self, ids, lo, hi, store):
+        m = self.model
+        B = ids.shape[0]
+        h = m.embed(ids[:, lo:hi])                                                      # [B, k, D]
+        pos = torch.arange(lo, hi, device=ids.device).expand(B, hi - lo)
+        for l, layer in enumerate(m.layers):
+            q, k, v = layer.project_qkv(h, pos)
+            if store:
+                self.keys.append(k)
+                self.values.append(v)
+            else:
+                k = torch.cat([self.keys[l][:, :lo], k, self.keys[l][:, hi:]], dim=1)
+                v = torch.cat([self.values[l][:, :lo], v, self.values[l][:, hi:]], dim=1)
+            y = h + layer.attend(q, k, v)
+            h = y + layer.mlp(y)
+        logits = m.lm_head(m.norm(h))
+        if m.spec.logit_shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+
+@torch.no_grad()
+def fastdllm_dream_generate(model, prompt_ids: torch.Tensor, cfg: FastDllmDreamConfig, *,
+                            mask_id: int | None = None) -> ReferenceResult:
+    """Fast-dLLM's Dream port with its prefix or dual cache (docs/algorithms.md, "Reproducing public
+    decoders"), batch 1.
+
+    Per block, with S = steps / num_blocks and timesteps ``linspace(1, eps, S + 1)``:
+    - step 0, a full forward that refreshes the cache: Dream's tokens for the block's masks are drawn
+      and only the block's first position is committed;
+    - steps i = 1, 2, ... run the block's rows (dual) or every row from the block on (prefix) against
+      the cache. Schedule mode: ``int(#mask * (1 - s/t))`` of the block masks at timestep index i (all
+      at i = S - 1), ranked by ``alg`` or drawn with ``alg_temp``; S steps per block. Threshold mode:
+      of the ``count(min(i, S - 1)) + carry`` most confident, the first always goes and the others
+      need probability >= threshold; ``carry`` is how many the previous step dropped. Until empty.
+    """
+    if not isinstance(cfg, FastDllmDreamConfig):
+        raise ConfigError(f"fastdllm_dream_generate needs a FastDllmDreamConfig, got {type(cfg).__name__}")
+    cache = BlockCache(model)
+    mask_id, x, gen = _start(model, prompt_ids, cfg, mask_id)                           # x [B, N]
+    B, P = prompt_ids.shape
+    if B != 1:
+        raise ConfigError(f"fastdllm_dream_generate decodes one prompt at a time; got a batch of {B}")
+    N, S, bl = x.shape[1], cfg.steps_per_block, cfg.block_length
+    timesteps = torch.linspace(1, cfg.eps, S + 1)                                       # float32
+    commit_step = torch.full_like(x, -1)
+    history: list[torch.Tensor] = []
+    step = 0
+    for b in range(cfg.num_blocks):
+        start, end = P + b * bl, P + (b + 1) * bl
+        hi = end if cfg.cache == BlockCacheKind.DUAL else N
+        carry, i = 0, 0
+        while (x[:, start:end] == mask_id).any() and (cfg.threshold is not None or i < S):
+            logits = cache.full(x) if i == 0 else cache.rows(x, start, hi)             # rows from start on
+            lo = 0 if i == 0 else start
+            mask_index = torch.zeros_like(x, dtype=torch.bool)
+            mask_index[:, start:end] = x[:, start:end] == mask_id                      # [B, N]
+            rows = mask_index[:, lo:lo + logits.shape[1]]
+            alg = DreamAlg.MASKGIT_PLUS if (i == 0 or cfg.threshold is not None) else cfg.alg
+            conf, x0 = _sample_tokens(logits[rows], cfg, gen, alg)                      # [M], [M]
+            cand = torch.full_like(x, mask_id)
+            cand[mask_index] = x0
+            transfer = torch.zeros_like(mask_index)
+            if i == 0:
+                transfer[:, start] = mask_index[:, start]
+            else:
+                full_conf = torch.full(x.shape, -math.inf, dtype=logits.dtype, device=x.device)
+                full_conf[mask_index] = conf.to(logits.dtype)
+                num_mask = mask_index.sum() / B
+                if cfg.threshold is None:
+                    k = dream_transfer_count(num_mask, i, timesteps)
+                    if k > 0:
+                        if cfg.alg_temp == 0:
+                            sel = torch.topk(full_conf, k).indices                      # [B, k]
+                        else:
+                            sel = torch.multinomial(F.softmax(full_conf / cfg.alg_temp, dim=-1), k, generator=gen)
+                        transfer[0, sel[0]] = True
+                else:
+                    k = dream_transfer_count(num_mask, min(i, S - 1), timesteps) + carry
+                    k = min(k, int(mask_index.sum()))
+                    carry = 0
+                    if k > 0:
+                        top_conf, sel = torch.topk(full_conf, k)                         # [B, k]
+                        transfer[0, sel[0, 0]] = True
+                        for j in range(1, k):
+                            if top_conf[0, j] >= cfg.threshold:
+                                transfer[0, sel[0, j]] = True
+                            else:
+                                carry += 1
+            x[transfer] = cand[transfer]
+            commit_step[transfer] = step
+            history.append(transfer.nonzero())
+            step += 1
+            i += 1
+    return ReferenceResult(x, P, step, step, history, commit_step)
+
+
 def generate(model: Model, prompt_ids: torch.Tensor, cfg: ReferenceConfig, *,
              mask_id: int | None = None) -> ReferenceResult:
-    """Dispatch on the config type: ``LladaConfig`` -> llada_generate, ``DreamConfig`` -> dream_generate."""
+    """Dispatch on the config type: ``LladaConfig`` -> llada_generate, ``DreamConfig`` -> dream_generate,
+    ``ApdConfig`` -> apd_generate, ``FastDllmDreamConfig`` -> fastdllm_dream_generate."""
     if isinstance(cfg, LladaConfig):
         return llada_generate(model, prompt_ids, cfg, mask_id=mask_id)
+    if isinstance(cfg, FastDllmDreamConfig):
+        return fastdllm_dream_generate(model, prompt_ids, cfg, mask_id=mask_id)
     if isinstance(cfg, DreamConfig):
         return dream_generate(model, prompt_ids, cfg, mask_id=mask_id)
-    raise ConfigError(f"generate needs a LladaConfig or a DreamConfig, got {type(cfg).__name__}")
+    if isinstance(cfg, ApdConfig):
+        return apd_generate(model, prompt_ids, cfg, mask_id=mask_id)
+    raise ConfigError(f"generate needs a LladaConfig, DreamConfig, ApdConfig or FastDllmDreamConfig, "
+                      f"got {type(cfg).__name__}")

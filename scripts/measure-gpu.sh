@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# The GPU measurement of docs/benchmarks.md, in as few calls as possible (each stage fits in 10 minutes).
+# The GPU measurement of a decoding step at LLaDA-8B shapes, sized for one device call of at most 8 minutes.
 #
 #   bash scripts/measure-gpu.sh STAGE [PROMPT_LEN ...]
 #
 # STAGE:
-#   tests      versions, the GPU tests (CUDA-graph replay == eager, token for token)
-#   torch      dllm-bench, torch backend with CUDA graphs, per prompt length (default 1024 512)
-#   ort        the same on ONNX Runtime's CUDA provider; needs onnxruntime-gpu, staged beforehand with
-#              ../shared/tools/device-wheels onnxruntime-gpu==1.31.1 (five back-to-back calls) and
-#              PYTHONPATH / LD_LIBRARY_PATH exported as that tool prints
+#   all        everything below in one call (about 7 minutes on an H100/H200): `main` at each prompt length
+#              (default 1024 512), then `tests`
+#   main       the torch backend with CUDA graphs and Triton kernels (--profile), then the plain unfused
+#              path (the "before" of the same run), at each prompt length given
+#   kernels    versions and the kernel tests only (each Triton kernel vs its torch twin on the GPU)
+#   verify     the fused path only (two warm-up rounds): profiled at the first prompt length, then the GPU
+#              tests, attention backends timed at the step's shapes (scripts/sdpa-backends.py), and the other
+#              prompt lengths unprofiled (about 5 minutes)
+#   tests      versions and the GPU tests (kernels vs twins, graph replay == eager, Triton path == plain path)
+#   torch      the torch-backend benches only, per prompt length
+#   ort        the same on ONNX Runtime's CUDA provider; needs onnxruntime-gpu staged beforehand with
+#              ../shared/tools/device-wheels onnxruntime-gpu==1.31.1 and PYTHONPATH / LD_LIBRARY_PATH exported
 #
-# Every bench runs full, dcu and dcu+apd (budget 32, window 32, uniform allocation: two row-count buckets
-# per layer) side by side in one process, then profiles one generation per method (--profile), and
-# writes bench-BACKEND-pPROMPT.json/.png under $OUT (default ./gpu-out). One failing step does not stop
-# the others; the exit status is the number of failed steps.
+# Every bench runs METHODS side by side in one process (budget 32, window 32, uniform allocation) and writes
+# bench-BACKEND-pPROMPT.json/.png under $OUT (default ./gpu-out); all output also goes to $OUT/log.txt.
+# One failing step does not stop the others; the exit status is the number of failed steps.
 #
-# Environment (defaults: the settings of docs/benchmarks.md): SHAPE=llada-8b DEVICE=cuda DTYPE=bf16 GEN=256 BLOCK=32 OUT=gpu-out
-# A CPU smoke run of this script: DEVICE=cpu DTYPE=fp32 SHAPE=spec.json GEN=16 bash scripts/measure-gpu.sh torch 32
+# Environment (defaults): SHAPE=llada-8b DEVICE=cuda DTYPE=bf16 GEN=256 BLOCK=32 OUT=gpu-out
+# A CPU smoke run: DEVICE=cpu DTYPE=fp32 SHAPE=spec.json GEN=16 BLOCK=16 bash scripts/measure-gpu.sh torch 32
 set -u
-stage=${1:?usage: bash scripts/measure-gpu.sh tests|torch|ort [PROMPT_LEN ...]}
+stage=${1:?usage: bash scripts/measure-gpu.sh all|main|verify|kernels|tests|torch|ort [PROMPT_LEN ...]}
 shift
 prompts=("$@")
 [ $# -eq 0 ] && prompts=(1024 512)
@@ -28,18 +34,51 @@ DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bf16}
 GEN=${GEN:-256}
 BLOCK=${BLOCK:-32}
-METHODS=${METHODS:-full,dcu@allocation=uniform,dcu+apd@allocation=uniform}
+METHODS=${METHODS:-full,dual+threshold,dcu@allocation=uniform,dcu+apd@allocation=uniform}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 failed=0
 
-step() {   # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, count failures
+step() {   # step NAME SECONDS CMD...: run with a time limit, log to $OUT/log.txt, count failures
     local name=$1 limit=$2
     shift 2
-    echo "== $name: $*"
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "== $name: $*" | tee -a "$OUT/log.txt"
+    timeout "$limit" "$@" 2>&1 | grep --line-buffered -v "SyncActivityProfilerHandler" | tee -a "$OUT/log.txt"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)"; failed=$((failed + 1)); }
+    [ "$rc" -eq 0 ] || { echo "== $name FAILED (exit $rc)" | tee -a "$OUT/log.txt"; failed=$((failed + 1)); }
+}
+
+bench() {  # bench NAME PROMPT KERNELS BACKEND SECONDS [extra flags]: one dllm-bench run
+    local name=$1 p=$2 kernels=$3 backend=$4 limit=$5
+    shift 5
+    step "$name" "$limit" python3 -m dllm.tools.bench --random-weights "$SHAPE" --backend "$backend" \
+        --device "$DEVICE" --dtype "$DTYPE" --kernels "$kernels" --methods "$METHODS" --prompt-len "$p" \
+        --gen-length "$GEN" --block-length "$BLOCK" --steps "$GEN" --num-prompts 1 --repeat 1 --warmup "${WARMUP:-1}" \
+        --json "$OUT/$name.json" "$@"
+}
+
+versions() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$OUT/log.txt"
+    python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'| onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$OUT/log.txt"
+    python3 -c "import triton; print('triton', triton.__version__)" 2>&1 | tee -a "$OUT/log.txt"
+}
+
+gpu_tests() {
+    step gpu-tests "${1:-300}" python3 -m pytest -q tests/runtime/test_cuda_graphs.py tests/kernels
+}
+
+main_benches() {   # main_benches PROMPT...: fused (profiled) and plain side by side per prompt length
+    for p in "$@"; do
+        bench "bench-torch-p$p" "$p" auto torch 150 --profile --plot "$OUT/bench-torch-p$p.png"
+        bench "bench-plain-p$p" "$p" plain torch 110
+    done
+}
+
+fused_benches() {  # fused_benches PROMPT...: the fused path only, profiled, two warm-up rounds
+    for p in "$@"; do
+        WARMUP=2 bench "bench-torch-p$p" "$p" auto torch 120 --profile --plot "$OUT/bench-torch-p$p.png"
+    done
 }
 
 if ! python3 -c "import dllm.tools.bench" 2>/dev/null; then
@@ -47,11 +86,31 @@ if ! python3 -c "import dllm.tools.bench" 2>/dev/null; then
 fi
 
 case "$stage" in
+all)
+    versions
+    main_benches "${prompts[@]}"
+    gpu_tests 200
+    ;;
+main)
+    versions
+    main_benches "${prompts[@]}"
+    ;;
+verify)
+    versions
+    fused_benches "${prompts[0]}"
+    gpu_tests 75
+    step sdpa-backends 20 python3 scripts/sdpa-backends.py
+    for p in "${prompts[@]:1}"; do
+        WARMUP=2 bench "bench-torch-p$p" "$p" auto torch 75 --plot "$OUT/bench-torch-p$p.png"
+    done
+    ;;
+kernels)
+    versions
+    step kernel-tests 120 python3 -m pytest -q tests/kernels
+    ;;
 tests)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'| onnxruntime', o.__version__, o.get_available_providers())"
-    step gpu-tests 300 python3 -m pytest -q tests/runtime/test_cuda_graphs.py tests/engines
+    versions
+    gpu_tests 300
     ;;
 torch | ort)
     backend=$stage
@@ -62,15 +121,13 @@ torch | ort)
         exit 1
     fi
     for p in "${prompts[@]}"; do
-        step "bench-$stage-p$p" 560 python3 -m dllm.tools.bench --random-weights "$SHAPE" --backend "$backend" \
-            --device "$DEVICE" --dtype "$DTYPE" --methods "$METHODS" --prompt-len "$p" --gen-length "$GEN" \
-            --block-length "$BLOCK" --steps "$GEN" --num-prompts 1 --repeat 1 --warmup 1 --profile \
-            --json "$OUT/bench-$stage-p$p.json" --plot "$OUT/bench-$stage-p$p.png"
+        bench "bench-$stage-p$p" "$p" auto "$backend" 560 --profile --plot "$OUT/bench-$stage-p$p.png"
     done
     ;;
 *)
-    echo "unknown stage '$stage': expected tests, torch or ort"
+    echo "unknown stage '$stage': expected all, main, verify, kernels, tests, torch or ort"
     exit 2
     ;;
 esac
+echo "== done: $failed failed step(s)" | tee -a "$OUT/log.txt"
 exit "$failed"

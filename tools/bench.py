@@ -30,15 +30,16 @@ import statistics
 import sys
 import time
 import typing
-from pathlib import Path
 
-from dllm.cli import add_choice, add_common, short_warnings
-from dllm.errors import ConfigError, DllmError
+from dllm.cli import add_choice, add_common
+from dllm.cli_common import Parser, check_output_file, run_cli, write_text
+from dllm.errors import ConfigError
 from dllm.runtime.config import CachePolicyKind, DecodeConfig, Proxy
 from dllm.runtime.methods import method_config
 from dllm.tools.bench_report import command_line, format_table, median, percentile
 
 REFERENCE = "full"
+KERNEL_PATHS = ("auto", "triton", "torch", "plain")   # = dllm.kernels.KernelPath, spelled here for a torch-free --help
 DEFAULT_METHODS = ("full", "dual+threshold", "dcu", "dcu+apd")
 SCHEMA = "dllm-bench/1"
 
@@ -116,6 +117,11 @@ class BenchConfig:
             raise ConfigError(f"--warmup must be at least 0, got {self.warmup}")
         if self.prompt_len is not None and self.prompt_len < 1:
             raise ConfigError(f"--prompt-len must be at least 1, got {self.prompt_len}")
+        generated = ("arithmetic", "sorting")
+        unknown = [t for t in self.tasks if t not in generated]
+        if not self.tasks or unknown:
+            raise ConfigError(f"--tasks {','.join(self.tasks)!r}: task prompts come from {list(generated)}; "
+                              f"pass a comma-separated subset, e.g. --tasks arithmetic")
 
     def method_configs(self) -> dict[str, DecodeConfig]:
         return {m: parse_method(m, self.decode) for m in self.methods}
@@ -297,9 +303,8 @@ def _decode_fields() -> list[tuple[str, type, tuple | None]]:
 def build_parser() -> argparse.ArgumentParser:
     from dllm.runtime.cli import add_decode_flags
 
-    p = argparse.ArgumentParser(prog="dllm-bench", description="Benchmark decoding methods side by side "
-                                "(latency, time to the first answer token, tokens/s, steps, rows recomputed, "
-                                "accuracy against full).")
+    p = Parser(prog="dllm-bench", description="Benchmark decoding methods side by side (latency, time to the "
+               "first answer token, tokens/s, steps, rows recomputed, accuracy against full).")
     p.add_argument("engine_dir", nargs="?", help="engine directory from dllm-export (omit with --random-weights)")
     p.add_argument("--random-weights", metavar="SHAPE", help="llada-8b, dream-7b or SPEC.json: that model shape "
                    "with random weights")
@@ -311,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     add_common(p)
     p.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: no CUDA graph capture")
+    add_choice(p, "--kernels", KERNEL_PATHS, default="auto",
+               help="the work around the engines (and inside torch layers): auto = Triton kernels on CUDA, "
+                    "their torch twins on the CPU; plain = the unfused torch path")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file of the engine directory against its manifest before loading (by default "
+                        "files unchanged since they were last verified are trusted; sizes are always checked)")
     p.add_argument("--share-layer-onnx", action="store_true", default=None,
                    help="random weights on onnxruntime: export one layer and load its file for every layer "
                         "(default: only when the layers exceed 1 GiB)")
@@ -339,8 +350,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What can be checked before any engine loads: the device, output paths, matplotlib for --plot."""
+    from dllm.device import parse_device
+
+    parse_device(args.device, "--device", check_available=args.backend != "tensorrt")
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.plot:
+        check_output_file(args.plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib, which is not installed; pip install 'dllm-deploy[plot]' "
+                              "(or drop --plot)") from None
+
+
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    values = {name: getattr(args, name) for name, _, _ in _decode_fields() if getattr(args, name) is not None}
+    values = {name: getattr(args, name, None) for name, _, _ in _decode_fields()}   # flags bench has
+    values = {name: v for name, v in values.items() if v is not None}
     values.setdefault("gen_length", 64)
     values.setdefault("block_length", 32)
     decode_cfg = DecodeConfig(**values)
@@ -360,17 +388,19 @@ def open_source(args: argparse.Namespace, cfg: BenchConfig) -> EngineSource:
         dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
         return open_random_source(args.random_weights, args.layers, dtype, args.backend, args.device,
                                   args.threads, cuda_graphs, cfg.needs_vproj(), share_layers=args.share_layer_onnx,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, kernels=args.kernels)
     if args.layers is not None or args.dtype is not None:
         raise ConfigError("--layers and --dtype apply to --random-weights only; an engine directory has its "
                           "own (re-export with dllm-export --dtype to change it)")
-    return open_engine_dir_source(args.engine_dir, args.backend, args.device, args.threads, cuda_graphs)
+    return open_engine_dir_source(args.engine_dir, args.backend, args.device, args.threads, cuda_graphs,
+                                  args.kernels, verify=args.verify)
 
 
 def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
     """Run the benchmark the parsed flags describe and return the report (also written/plotted if asked)."""
     from dllm.threads import torch_threads
 
+    check_args(args)
     cfg = config_from_args(args)
     source = open_source(args, cfg)
     try:
@@ -417,6 +447,7 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
         "engine": source.description,
         "settings": {"backend": engines.backend.value, "device": str(engines.device),
                      "threads": engines.threads, "torch_threads": engines.torch_threads,
+                     "kernels": engines.kernel_path.value,
                      "cuda_graphs": engines.backend.value == "torch" and engines.device.type == "cuda"
                      and not args.no_cuda_graphs,
                      "methods": list(cfg.methods), "num_prompts": len(prompts.ids), "repeat": cfg.repeat,
@@ -432,31 +463,32 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
 
 
 def write_outputs(report: dict, args: argparse.Namespace, log=print) -> None:
-    """The JSON report and the plot, where the flags ask for them."""
+    """The JSON report and the plot, where the flags ask for them (each written whole or not at all)."""
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_text(args.json, json.dumps(report, indent=2) + "\n", "--json")
         log(f"[bench] wrote {args.json}")
     if args.plot:
         from dllm.tools.bench_report import plot
 
-        log(f"[bench] wrote {plot(report, args.plot)}")
+        try:
+            log(f"[bench] wrote {plot(report, args.plot)}")
+        except OSError as e:
+            raise ConfigError(f"--plot {args.plot}: could not write it ({e.strerror or e}); choose a writable file "
+                              "path") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    short_warnings("dllm-bench")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
-    try:
+
+    def body() -> None:
         report = bench(args, argv, log=log)
         for note in report["notes"]:
             log(f"[bench] note: {note}")
         print(format_table(report["methods"]))
         write_outputs(report, args, log=log)
-    except DllmError as e:
-        print(f"dllm-bench: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("dllm-bench", body)
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ def ort_options(threads: int | None) -> dict:
 
 
 def open_engine_dir_source(path: str, backend: str, device: str, threads: int | None,
-                           cuda_graphs: bool) -> EngineSource:
-    """An exported engine directory on ``backend``/``device``."""
+                           cuda_graphs: bool, kernels: str = "auto", verify: bool = False) -> EngineSource:
+    """An exported engine directory on ``backend``/``device`` (``verify``: hash every file first)."""
     from dllm.engines.loader import open_engine_dir
     from dllm.exporter.manifest import read_manifest
 
@@ -80,7 +80,8 @@ def open_engine_dir_source(path: str, backend: str, device: str, threads: int | 
                           "(or use --random-weights SHAPE)")
     manifest = read_manifest(root)
     options = {"cuda_graphs": True} if backend == "torch" and cuda_graphs else {}
-    engines = open_engine_dir(root, backend, device, threads=threads, **options)
+    engines = open_engine_dir(root, backend, device, threads=threads, kernels=kernels, verify_hashes=verify,
+                              **options)
     desc = {"engine_dir": str(root.absolute()), "dtype": manifest.dtype, "model": manifest.model.to_dict(),
             "checkpoint": manifest.source.get("checkpoint"), "random_weights": False}
     return EngineSource(engines, desc, max_seq_len=manifest.max_seq_len)
@@ -101,7 +102,7 @@ def weight_bytes_per_step(spec: ModelSpec, dtype: DType) -> int:
 
 def open_random_source(shape: str, layers: int | None, dtype: str, backend: str, device: str,
                        threads: int | None, cuda_graphs: bool, with_vproj: bool,
-                       share_layers: bool | None = None, seed: int = 0) -> EngineSource:
+                       share_layers: bool | None = None, seed: int = 0, kernels: str = "auto") -> EngineSource:
     """Random weights of a named shape or SPEC.json on ``backend``/``device``.
 
     share_layers: ONNX Runtime only; export one layer and reuse its file for every layer
@@ -119,7 +120,7 @@ def open_random_source(shape: str, layers: int | None, dtype: str, backend: str,
 
         model = random_model(spec, dt.torch, device, seed=seed)
         engines = torch_engine_set(model, dt, device, with_vproj=with_vproj, cuda_graphs=cuda_graphs,
-                                   threads=threads)
+                                   threads=threads, kernels=kernels)
         return EngineSource(engines, desc)
     if backend != "onnxruntime":
         raise ConfigError(f"--random-weights runs on --backend torch or onnxruntime, got {backend!r}; TensorRT "
@@ -129,7 +130,7 @@ def open_random_source(shape: str, layers: int | None, dtype: str, backend: str,
     tmp = tempfile.TemporaryDirectory(prefix="dllm-bench-")
     try:
         engines, notes = _export_random_ort(spec, dt, Path(tmp.name), device, threads, with_vproj,
-                                            share_layers, seed)
+                                            share_layers, seed, kernels)
     except BaseException:
         tmp.cleanup()
         raise
@@ -138,7 +139,8 @@ def open_random_source(shape: str, layers: int | None, dtype: str, backend: str,
 
 
 def _export_random_ort(spec: ModelSpec, dt: DType, root: Path, device: str, threads: int | None,
-                       with_vproj: bool, share_layers: bool, seed: int) -> tuple[EngineSet, list[str]]:
+                       with_vproj: bool, share_layers: bool, seed: int, kernels: str = "auto"
+                       ) -> tuple[EngineSet, list[str]]:
     """Export the random model's subgraphs (on the CPU) to ``root`` and open them in ONNX Runtime."""
     from dllm.engines.base import Backend
     from dllm.engines.ort_backend import OrtEngine, OrtOptions
@@ -164,11 +166,14 @@ def _export_random_ort(spec: ModelSpec, dt: DType, root: Path, device: str, thre
                     files[name] = link
         notes.append(f"ONNX Runtime random weights: layer 0 exported once and its ONNX file loaded for all "
                      f"{spec.n_layers} layers (same values in every layer; timings are unaffected)")
+    from dllm.kernels import make_ops
+
     opts = OrtOptions(**ort_options(threads))
     dev = torch.device(device)
     engines = {decl.name: OrtEngine(decl, files[decl.name], dev, opts)
                for decl in declare(spec, dt, with_vproj=with_vproj)}
-    return EngineSet(spec, dt, Backend.ONNXRUNTIME, dev, engines, threads=opts.intra_op_threads), notes
+    return EngineSet(spec, dt, Backend.ONNXRUNTIME, dev, engines, threads=opts.intra_op_threads,
+                     ops=make_ops(kernels, dev)), notes
 
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -183,6 +188,9 @@ def make_prompts(engines: EngineSet, tokenizer, n: int, prompt_len: int | None, 
     """
     if n < 1:
         raise ConfigError(f"--num-prompts must be at least 1, got {n}")
+    if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        return _random_prompts(engines.spec, n, prompt_len or 64, seed,
+                               "random token ids (the tokenizer has no chat template for task prompts)")
     if tokenizer is not None:
         try:
             from dllm.tools import tasks as task_mod

@@ -22,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dllm.cli import add_common, short_warnings
+from dllm.cli import add_common
+from dllm.cli_common import Parser, run_cli
 from dllm.errors import DllmError
 
 DEFAULT_PROMPT = "What is 47+38?"            # inside every trained operand range (the answer is 85)
@@ -82,8 +83,8 @@ def answer(pipe, prompt, configs: dict, repeat: int) -> dict[str, Answer]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dllm-demo", description="Export the shipped small diffusion LM and answer "
-                                "a prompt with DCU + APD next to the reference decoding.")
+    p = Parser(prog="dllm-demo", description="Export the shipped small diffusion LM and answer a prompt with "
+               "DCU + APD next to the reference decoding.")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question to ask (default {DEFAULT_PROMPT!r}; the "
                    "shipped model knows two-digit additions and sorting a few two-digit numbers)")
     p.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, not as a chat message")
@@ -129,13 +130,11 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Answer]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    short_warnings("dllm-demo")
-    try:
+
+    def body() -> None:
         run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except DllmError as e:
-        print(f"dllm-demo: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli("dllm-demo", body)
 
 
 if __name__ == "__main__":

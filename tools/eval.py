@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from dllm.cli import add_choice, add_common, short_warnings
-from dllm.errors import ConfigError, DllmError
+from dllm.cli import add_choice, add_common
+from dllm.cli_common import Parser, check_output_file, run_cli, write_text
+from dllm.errors import ConfigError
 from dllm.threads import resolve_threads, torch_threads, torch_threads_for
 from dllm.tools.tasks import FEWSHOT_DEFAULT, Problem, Split, Task, extract_answer, generate, is_correct, load_gsm8k
 
@@ -50,6 +51,7 @@ class EvalConfig:
     backend: str = "onnxruntime"
     device: str = "cpu"
     threads: int | None = None         # CPU threads per generation (dllm.threads); None: the default
+    verify: bool = False               # hash every engine-directory file before loading
 
     def __post_init__(self):
         object.__setattr__(self, "task", Task(self.task))
@@ -58,6 +60,9 @@ class EvalConfig:
             raise ConfigError("--methods is empty; give e.g. full,dcu+apd or reference")
         if self.limit <= 0:
             raise ConfigError(f"--limit must be positive, got {self.limit}")
+        if self.fewshot < 0:
+            raise ConfigError(f"--fewshot must be at least 0 (solved examples before each question), got "
+                              f"{self.fewshot}")
         if self.task == Task.GSM8K and self.data is None:
             raise ConfigError("--task gsm8k reads a local JSONL: pass --data FILE.jsonl "
                               '(one {"question": ..., "answer": "... #### n"} per line)')
@@ -73,7 +78,11 @@ class EvalConfig:
 def load_problems(cfg: EvalConfig) -> list[Problem]:
     """The evaluation set: a fresh seeded test split for generated tasks, the JSONL for gsm8k."""
     if cfg.task == Task.GSM8K:
-        return load_gsm8k(cfg.data, fewshot=cfg.fewshot)[:cfg.limit]
+        problems = load_gsm8k(cfg.data, fewshot=cfg.fewshot)[:cfg.limit]
+        if not problems:
+            raise ConfigError(f"--data {cfg.data} has no problems left after the {cfg.fewshot} few-shot rows; add "
+                              "rows or lower --fewshot")
+        return problems
     return generate(cfg.task, cfg.limit, seed=cfg.seed, split=Split.TEST)
 
 
@@ -116,17 +125,21 @@ class ReferenceRunner:
         c = decode_config
         common = dict(gen_length=c.gen_length, block_length=c.block_length, steps=c.steps,
                       temperature=c.temperature, seed=c.seed)
+        common.update(top_p=c.top_p, top_k=c.top_k)
         if self.spec.arch == Arch.LLADA:
             # the reference decoders keep the published code's spelling of their choices (low_confidence)
-            self.ref_cfg = reference.LladaConfig(remasking=c.remasking.value.replace("-", "_"), **common)
+            self.ref_cfg = reference.LladaConfig(remasking=c.remasking.value.replace("-", "_"),
+                                                 cfg_scale=c.cfg_scale, **common)
         else:
-            self.ref_cfg = reference.DreamConfig(alg=c.alg.value.replace("-", "_"), eps=c.eps, **common)
+            self.ref_cfg = reference.DreamConfig(alg=c.alg.value.replace("-", "_"), eps=c.eps, alg_temp=c.alg_temp,
+                                                 **common)
         self.generate = reference.generate
         self.threads = torch_threads_for("torch", self.device.type, resolve_threads(threads, "torch"))
 
     def _prompt_ids(self, problem: Problem) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(problem.messages(), add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        from dllm.runtime.prompts import encode_chat
+
+        return encode_chat(self.tokenizer, problem.messages(), "the checkpoint's tokenizer")
 
     def __call__(self, problem: Problem):
         import torch
@@ -154,7 +167,8 @@ def open_pipeline(cfg: EvalConfig):
                               f"`dllm-export {cfg.engine_dir} -o OUT`, pass --backend torch, or evaluate "
                               "only --methods reference")
         return Pipeline.from_checkpoint(cfg.engine_dir, device=cfg.device, threads=cfg.threads)
-    return Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, device=cfg.device, threads=cfg.threads)
+    return Pipeline.from_dir(cfg.engine_dir, backend=cfg.backend, device=cfg.device, threads=cfg.threads,
+                             verify_hashes=cfg.verify)
 
 
 def build_runners(cfg: EvalConfig, base) -> dict:
@@ -221,8 +235,8 @@ def format_table(report: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from dllm.runtime.cli import add_decode_flags   # the decode flags of dllm-run, spelled the same way
 
-    p = argparse.ArgumentParser(prog="dllm-eval", description="Exact-match accuracy of decoding methods on the "
-                                "same problems (generated arithmetic and sorting, or a local GSM8K file).")
+    p = Parser(prog="dllm-eval", description="Exact-match accuracy of decoding methods on the same problems "
+               "(generated arithmetic and sorting, or a local GSM8K file).")
     p.add_argument("engine_dir", nargs="?", type=Path, help="engine directory (or checkpoint with --backend torch)")
     add_choice(p, "--task", Task, required=True, help="problem family")
     p.add_argument("--data", type=Path, metavar="FILE.jsonl", help="gsm8k: local JSONL in the GSM8K format")
@@ -241,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     add_common(p)
     p.add_argument("--json", type=Path, metavar="OUT", help="write the report here")
+    p.add_argument("--verify", action="store_true",
+                   help="hash every file of the engine directory against its manifest before loading (by default "
+                        "files unchanged since they were last verified are trusted; sizes are always checked)")
     add_decode_flags(p, canvas=dict.fromkeys(("--gen-length", "--block-length", "--steps"),
                                              "default: per task, see the end of this help"))
     p.epilog = "Decode defaults per task: " + "; ".join(
@@ -251,9 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(a: argparse.Namespace):
     """(EvalConfig, base DecodeConfig) from parsed flags."""
+    from dllm.device import parse_device
     from dllm.runtime.cli import config_from_args as decode_config
 
     task = Task(a.task)
+    parse_device(a.device, "--device", check_available=a.backend != "tensorrt")
+    if a.json is not None:
+        check_output_file(a.json, "--json")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     reference_dir = a.reference
     if a.engine_dir is not None and is_checkpoint_dir(a.engine_dir) and reference_dir is None:
@@ -264,28 +285,28 @@ def config_from_args(a: argparse.Namespace):
     if engine_dir is not None and not engine_dir.is_dir():
         raise ConfigError(f"{engine_dir} is not a directory; pass an engine directory from dllm-export "
                           "or a checkpoint directory")
+    if reference_dir is not None and not reference_dir.is_dir():
+        raise ConfigError(f"--reference {reference_dir} is not a directory; pass the checkpoint directory "
+                          "(config.json, *.safetensors)")
     base = decode_config(a, TASK_DECODE[task])
     cfg = EvalConfig(task=task, methods=tuple(methods), engine_dir=engine_dir, reference_dir=reference_dir,
                      data=a.data, limit=a.limit, seed=a.seed_problems, fewshot=a.fewshot, backend=a.backend,
-                     device=a.device, threads=a.threads)
+                     device=a.device, threads=a.threads, verify=a.verify)
     return cfg, base
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    short_warnings("dllm-eval")
-    try:
+
+    def body() -> None:
         cfg, base = config_from_args(args)
         report = evaluate(cfg, base, log=lambda s: print(s, file=sys.stderr, flush=True))
-    except DllmError as e:
-        print(f"dllm-eval: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"report written to {args.json}", file=sys.stderr)
-    return 0
+        print(format_table(report))
+        if args.json:
+            write_text(args.json, json.dumps(report, indent=1), "--json")
+            print(f"report written to {args.json}", file=sys.stderr)
+
+    return run_cli("dllm-eval", body)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,12 @@ slows a step down, so these runs never count towards tokens/s) and reports, per 
 
 The categories say where a step's time goes (per-layer engine time, selection, scatter, launches) from one
 command instead of a hand-read profiler table.
+
+It also counts operators: on CUDA the kernels per step (graph replays included); on CPU the torch
+operators that do work (views and other metadata-only operators left out), with each fused kernel
+(``dllm.kernels``) counted once when it runs as a Triton kernel. Counts are split by region (embedding,
+one layer, head, commit; marked by the executor while profiling), so ``ops_per_layer_step`` is the
+number a GPU would launch per layer: the CPU's proxy for launch cost.
 """
 
 from __future__ import annotations
@@ -52,6 +58,17 @@ OP_CATEGORIES: dict[str, frozenset[str]] = {
 }
 CATEGORY_ORDER = ("matmul", "attention", "elementwise/reduction", "copy/index", "topk/sort", "other")
 
+# CPU operators that only make views or metadata (no kernel on a GPU); left out of operator counts
+VIEW_OPS = frozenset({"view", "reshape", "_reshape_alias", "expand", "expand_as", "as_strided", "transpose", "t",
+                      "permute", "select", "slice", "unsqueeze", "squeeze", "alias", "detach", "empty", "empty_like",
+                      "empty_strided", "resize", "lift_fresh", "unbind", "split", "chunk", "narrow", "_unsafe_view",
+                      "view_as", "flatten", "unflatten", "contiguous", "to", "numel", "size", "stride", "dim",
+                      "is_nonzero", "result_type", "set", "split_with_sizes", "movedim", "diagonal", "real",
+                      "broadcast_tensors", "_local_scalar_dense", "item", "pin_memory", "is_pinned"})
+REGIONS = ("embed", "layer", "head", "commit")
+KERNEL_PREFIX = "dllm_kernel::"
+REGION_PREFIX = "dllm::"
+
 
 def classify_kernel(name: str) -> str:
     """The category of a CUDA kernel (or a Memcpy/Memset activity) by its name."""
@@ -88,12 +105,62 @@ def _is_device_event(e) -> bool:
     return e.device_type != torch.autograd.DeviceType.CPU
 
 
-def summarize_events(events, steps: int, wall_s: float, cuda: bool, top: int = 12) -> dict:
+def _op_name(name: str) -> str:
+    op = name.removeprefix("aten::")
+    return op[:-1] if op.endswith("_") and not op.startswith("_") else op
+
+
+def _enclosing(e, prefix: str):
+    """The nearest ancestor range of ``e`` whose name starts with ``prefix`` (or None)."""
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith(prefix):
+            return p
+        p = p.cpu_parent
+    return None
+
+
+def count_ops(events, steps: int, n_layers: int, cuda: bool) -> dict:
+    """Operators (CPU) or kernels (CUDA) per step, split by the executor's regions."""
+    n = max(steps, 1)
+    if cuda:
+        kernels = sum(1 for e in events if _is_device_event(e) and "memcpy" not in e.name.lower()
+                      and "memset" not in e.name.lower())
+        return {"what": "CUDA kernels", "per_step": round(kernels / n, 1),
+                "per_layer_step": round(kernels / n / max(n_layers, 1), 1)}
+    by_region = {r: 0 for r in REGIONS + ("other",)}
+    for e in events:
+        if _is_device_event(e):
+            continue
+        if e.name.startswith(KERNEL_PREFIX):
+            if e.name.endswith("[triton]"):           # a Triton kernel: one launch, whatever runs inside it
+                region = _enclosing(e, REGION_PREFIX)
+                by_region[region.name[len(REGION_PREFIX):] if region else "other"] += 1
+            continue
+        if not e.name.startswith("aten::") or _op_name(e.name) in VIEW_OPS:
+            continue
+        if any(c.name.startswith("aten::") for c in e.cpu_children):
+            continue                                   # count leaves: the operators that do the work
+        kernel = _enclosing(e, KERNEL_PREFIX)
+        if kernel is not None and kernel.name.endswith("[triton]"):
+            continue                                   # the interpreter's own copies inside a Triton launch
+        region = _enclosing(e, REGION_PREFIX)
+        by_region[region.name[len(REGION_PREFIX):] if region else "other"] += 1
+    total = sum(by_region.values())
+    return {"what": "torch operators that do work (leaves, no views) + Triton launches",
+            "per_step": round(total / n, 1),
+            "per_layer_step": round(by_region["layer"] / n / max(n_layers, 1), 1),
+            "by_region_per_step": {r: round(v / n, 1) for r, v in by_region.items()}}
+
+
+def summarize_events(events, steps: int, wall_s: float, cuda: bool, top: int = 12, n_layers: int = 0) -> dict:
     """Per-step milliseconds by category from profiler events (``prof.events()``)."""
     per: dict[str, float] = {c: 0.0 for c in CATEGORY_ORDER}
     by_name: dict[str, list[float]] = {}
     intervals: list[tuple[float, float]] = []
     for e in events:
+        if e.name.startswith((KERNEL_PREFIX, REGION_PREFIX)):
+            continue                                   # ranges, not operators
         if cuda:
             if not _is_device_event(e):
                 continue
@@ -123,6 +190,7 @@ def summarize_events(events, steps: int, wall_s: float, cuda: bool, top: int = 1
         "top": [{"name": name[:120], "category": classify_kernel(name) if cuda else classify_op(name),
                  "ms_per_step": round(us / 1e3 / n, 3), "calls_per_step": round(calls / n, 2)}
                 for name, (us, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+        "ops": count_ops(events, steps, n_layers, cuda),
         "note": "measured under the profiler, which slows the host: use step_ms from the timed rounds for "
                 "speed, and this for where the time goes",
     }
@@ -142,15 +210,24 @@ def profile_decode(pipe, prompt, cfg, max_seq_len: int | None = None) -> dict:
     device = pipe.engines.device
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        res = decode(pipe.engines, list(prompt), cfg, executor=pipe.executor, max_seq_len=max_seq_len)
-        if cuda:
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - t0
-    return summarize_events(prof.events(), res.steps, wall, cuda)
+    ex, ops = pipe.executor, pipe.engines.ops
+    ex.profiling = True                       # regions (embed, layer, head, commit) and kernel ranges
+    if ops is not None:
+        ops.profiling = True
+    try:
+        with profile(activities=activities) as prof:
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            res = decode(pipe.engines, list(prompt), cfg, executor=ex, max_seq_len=max_seq_len)
+            if cuda:
+                torch.cuda.synchronize(device)
+            wall = time.perf_counter() - t0
+    finally:
+        ex.profiling = False
+        if ops is not None:
+            ops.profiling = False
+    return summarize_events(prof.events(), res.steps, wall, cuda, n_layers=pipe.engines.spec.n_layers)
 
 
 def format_profile(name: str, prof: dict) -> str:
@@ -158,5 +235,8 @@ def format_profile(name: str, prof: dict) -> str:
     idle_key = "device_idle_ms_per_step" if prof["device"] == "cuda" else "outside_torch_ops_ms_per_step"
     idle_label = "GPU idle (host)" if prof["device"] == "cuda" else "outside torch ops"
     parts = [f"{c} {v:.2f}" for c, v in prof["categories_ms_per_step"].items() if v > 0]
+    ops = prof.get("ops", {})
     return (f"{name}: {prof['wall_ms_per_step']:.2f} ms/step under the profiler; {prof['what']} "
-            f"{prof['busy_ms_per_step']:.2f} ms ({', '.join(parts)}); {idle_label} {prof[idle_key]:.2f} ms")
+            f"{prof['busy_ms_per_step']:.2f} ms ({', '.join(parts)}); {idle_label} {prof[idle_key]:.2f} ms; "
+            f"{ops.get('per_step', '?')} {ops.get('what', 'ops')} per step, {ops.get('per_layer_step', '?')} "
+            f"per layer step")

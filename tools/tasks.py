@@ -163,6 +163,8 @@ def load_gsm8k(path: str | os.PathLike, *, fewshot: int = FEWSHOT_DEFAULT,
     The shots come from ``fewshot_path`` if given, otherwise from the first ``fewshot`` rows of
     ``path``, which are then left out of the returned problems (so no problem sees its own answer).
     """
+    if fewshot < 0:
+        raise ConfigError(f"fewshot must be at least 0 (solved examples before each question), got {fewshot}")
     rows = _read_jsonl(Path(path))
     if fewshot_path is not None:
         shot_rows = _read_jsonl(Path(fewshot_path))[:fewshot]
@@ -181,21 +183,35 @@ def load_gsm8k(path: str | os.PathLike, *, fewshot: int = FEWSHOT_DEFAULT,
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    fmt = '{"question": ..., "answer": "... #### n"} object per line'
+    if path.is_dir():
+        raise ConfigError(f"GSM8K data {path} is a directory; pass the JSONL file itself (one {fmt})")
     if not path.is_file():
-        raise ConfigError(f"GSM8K data file {path} does not exist; pass a JSONL with one "
-                          '{"question": ..., "answer": "... #### n"} object per line')
+        raise ConfigError(f"GSM8K data file {path} does not exist; pass a JSONL with one {fmt}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8 JSONL") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror or e}); check its permissions") from None
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{i} is not valid JSON ({e})") from None
+            raise ConfigError(f"{path}:{i} is not valid JSON ({e}); each line must be one {fmt}") from None
         if not isinstance(row, dict) or not {"question", "answer"} <= set(row):
             raise ConfigError(f"{path}:{i} needs keys 'question' and 'answer' (GSM8K format), "
                               f"got {sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        for key in ("question", "answer"):
+            if not isinstance(row[key], str):
+                raise ConfigError(f"{path}:{i}: {key!r} must be a string, got {type(row[key]).__name__} "
+                                  f"{str(row[key])[:40]!r}; quote it in the JSONL")
         rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path} has no problems (it is empty); pass a JSONL with one {fmt}")
     return rows
 
 

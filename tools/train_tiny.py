@@ -20,12 +20,14 @@ import dataclasses
 import enum
 import json
 import math
+import os
 import random
 import sys
 import time
 from pathlib import Path
 
 from dllm.cli import add_choice, add_common, show
+from dllm.cli_common import Parser, run_cli
 from dllm.errors import ConfigError
 from dllm.spec import Arch, ModelSpec
 from dllm.threads import resolve_threads
@@ -85,11 +87,19 @@ class TrainConfig:
         for name in ("steps", "d_model", "layers", "heads", "mlp_mult", "batch", "min_canvas"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "eval_problems"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be at least 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "time_limit"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                bound = "above 0" if name == "lr" else "of at least 0"
+                raise ConfigError(f"TrainConfig.{name} must be a finite number {bound}, got {v}")
         if self.d_model % self.heads:
             raise ConfigError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
         if self.max_canvas < self.min_canvas:
             raise ConfigError(f"max_canvas ({self.max_canvas}) < min_canvas ({self.min_canvas})")
-        if not 0.0 <= self.tight_frac <= 1.0:
+        if not 0.0 <= self.tight_frac <= 1.0:   # also false for nan
             raise ConfigError(f"tight_frac must be in [0, 1], got {self.tight_frac}")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"save_dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
@@ -103,6 +113,40 @@ class TrainConfig:
 
         return tiny_spec(Arch.LLADA, n_layers=self.layers, d_model=self.d_model, n_heads=self.heads,
                          mlp_hidden=self.mlp_mult * self.d_model, max_seq_len=512)
+
+
+def check_checkpoint_out(out: Path) -> None:
+    """Fail before training when ``out`` cannot receive a new checkpoint: it is a file, it already holds
+    files (nothing is overwritten), or its folder is not writable."""
+    from dllm.cli_common import check_output_dir
+
+    check_output_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty ({sorted(p.name for p in out.iterdir())[:5]}); a checkpoint is "
+                          "written into a new or empty directory only, so nothing there is overwritten: choose "
+                          "another --out")
+
+
+def write_checkpoint_atomically(model, out: Path, tokenizer, dtype, record: dict) -> Path:
+    """The checkpoint appears at ``out`` whole or not at all: written beside it, then renamed."""
+    import shutil
+    import tempfile
+
+    from dllm.exporter.models.writer import save_checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        save_checkpoint(model, tmp, tokenizer=tokenizer, dtype=dtype)
+        (tmp / "train_config.json").write_text(json.dumps(record, indent=2))
+        tmp.chmod(0o755)
+        if out.is_dir():
+            out.rmdir()                      # empty (checked at start); fails loudly if that changed
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -229,8 +273,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     import torch
 
     from dllm.exporter.models.model import DiffusionLM
-    from dllm.exporter.models.writer import build_tokenizer, init_weights, save_checkpoint
+    from dllm.exporter.models.writer import build_tokenizer, init_weights
 
+    check_checkpoint_out(cfg.out)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device.value)
@@ -286,8 +331,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             sys.stdout.flush()
     else:
         step = cfg.steps
-    out = save_checkpoint(model.cpu().eval(), cfg.out, tokenizer=tokenizer, dtype=getattr(torch, cfg.save_dtype))
-    (out / "train_config.json").write_text(json.dumps(config_record(cfg, step, time.time() - start), indent=2))
+    out = write_checkpoint_atomically(model.cpu().eval(), cfg.out, tokenizer, getattr(torch, cfg.save_dtype),
+                                      config_record(cfg, step, time.time() - start))
     log(f"[train] {step} steps in {time.time() - start:.0f}s; checkpoint written to {out}")
     return out
 
@@ -310,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     def default(name):
         return show(d[name].default)
 
-    ap = argparse.ArgumentParser(prog="dllm-train-tiny", description="Train a small LLaDA-layout masked-diffusion "
+    ap = Parser(prog="dllm-train-tiny", description="Train a small LLaDA-layout masked-diffusion "
                                  "model on generated arithmetic and sorting problems and write it as a Hugging Face "
                                  "checkpoint (tools/assets/tiny-llada/README.md has the recipe of the shipped one).")
     ap.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
@@ -366,7 +411,7 @@ def parse_args(argv=None) -> TrainConfig:
     try:
         sort_min, sort_max = int(lo), int(hi or lo)
     except ValueError:
-        raise ConfigError(f"--sort-len {a.sort_len!r} is not MIN-MAX (e.g. --sort-len 3-5)") from None
+        raise ConfigError(f"--sort-len {a.sort_len!r} is not a range of integers like 3-5 (MIN-MAX)") from None
     return TrainConfig(out=Path(a.out), steps=a.steps, seed=a.seed, d_model=a.d_model, layers=a.layers,
                        heads=a.heads, mlp_mult=a.mlp_mult, batch=a.batch, lr=a.lr, warmup=a.warmup,
                        min_canvas=a.min_canvas, max_canvas=a.max_canvas, tight_frac=a.tight_frac, loss=a.loss,
@@ -377,13 +422,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-        train(cfg, log=lambda s: print(s, flush=True))
-    except ConfigError as e:
-        print(f"dllm-train-tiny: {e}", file=sys.stderr)
-        return 2
-    return 0
+    def body() -> None:
+        train(parse_args(argv), log=lambda s: print(s, flush=True))
+
+    return run_cli("dllm-train-tiny", body)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ so an 8B checkpoint never sits in memory twice and the exporter can load layer b
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ _DREAM_LAYER = {
     "down_proj.weight": "mlp.down_proj.weight",
 }
 
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")   # what weights may be stored as (they are cast to the export dtype)
 _ST_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -73,12 +76,23 @@ class HFNames:
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; every way of failing is a CheckpointError that names the file."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: a checkpoint directory needs {what}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not text (not UTF-8); re-download or rewrite {what}") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download or rewrite {what}") from None
+    except OSError as e:      # a directory, a symlink loop, no permission
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e}); it must be a readable file with "
+                              f"{what}") from None
+    if not isinstance(data, dict):
+        kind = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "a boolean",
+                "NoneType": "null"}[type(data).__name__]
+        raise CheckpointError(f"{path} holds {kind}, not a JSON object; re-download or rewrite {what}")
+    return data
 
 
 def _first(cfg: dict, *keys, default=None):
@@ -88,69 +102,123 @@ def _first(cfg: dict, *keys, default=None):
     return default
 
 
-def _eos_list(value, default: tuple[int, ...], vocab: int) -> tuple[int, ...]:
+class _Reader:
+    """Typed reads of config.json values, each failure naming the key, what it holds and what it needs."""
+
+    def __init__(self, cfg: dict, path: Path):
+        self.cfg, self.path = cfg, path
+
+    def _value(self, keys, default):
+        for k in keys:
+            if self.cfg.get(k) is not None:
+                return k, self.cfg[k]
+        if default is None:
+            raise CheckpointError(f"{self.path} lacks the key {keys[0]!r} that a {self.cfg.get('model_type')} "
+                                  "config must have")
+        return keys[0], default
+
+    def int(self, *keys, default=None, positive=True) -> int:
+        key, v = self._value(keys, default)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or (positive and v <= 0):
+            raise CheckpointError(f"{self.path}: {key!r} must be a {'positive ' if positive else ''}integer, got "
+                                  f"{v!r}; fix config.json")
+        return v
+
+    def float(self, *keys, default=None) -> float:
+        key, v = self._value(keys, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise CheckpointError(f"{self.path}: {key!r} must be a positive number, got {v!r}; fix config.json")
+        return float(v)
+
+    def bool(self, *keys, default=False) -> bool:
+        key, v = self._value(keys, default)
+        if not isinstance(v, bool):
+            raise CheckpointError(f"{self.path}: {key!r} must be true or false, got {v!r}; fix config.json")
+        return v
+
+
+def _eos_list(r: _Reader, default: tuple[int, ...], vocab: int) -> tuple[int, ...]:
     """EOS ids from config.json, plus the family's known end-of-turn ids that fit the vocabulary.
 
     Real LLaDA configs name only <|endoftext|> (126081), yet Instruct answers end with
     <|eot_id|> (126348); Dream's name 151643 but turns end with <|im_end|> (151645).
     """
-    ids = list(default) if value is None else (list(value) if isinstance(value, (list, tuple)) else [int(value)])
-    if value is not None and int(ids[0]) in default:
+    value = r.cfg.get("eos_token_id")
+    if value is None:
+        return tuple(default)
+    ids = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not ids or any(isinstance(e, bool) or not isinstance(e, int) for e in ids):
+        raise CheckpointError(f"{r.path}: 'eos_token_id' must be an integer or a list of integers, got {value!r}; "
+                              "fix config.json")
+    if ids[0] in default:
         ids += [e for e in default if e not in ids and e < vocab]
-    return tuple(int(e) for e in ids)
+    return tuple(ids)
 
 
 def spec_from_config(cfg: dict, config_path: Path) -> tuple[ModelSpec, HFNames]:
     """Map a LLaDA or Dream config.json onto a ModelSpec and the checkpoint's tensor names."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_path} holds a JSON {type(cfg).__name__}, expected an object")
     model_type = str(cfg.get("model_type", "")).lower()
+    r = _Reader(cfg, config_path)
     try:
         if model_type == "llada":
             if cfg.get("alibi") or cfg.get("rope") is False:
                 raise CheckpointError(f"{config_path}: only RoPE LLaDA models are supported (alibi/rope flags)")
-            n_heads = int(cfg["n_heads"])
-            d_model = int(cfg["d_model"])
-            vocab = int(_first(cfg, "embedding_size", "vocab_size"))
+            n_heads, d_model = r.int("n_heads"), r.int("d_model")
+            _check_heads(config_path, d_model, n_heads, "d_model", "n_heads")
+            vocab = r.int("embedding_size", "vocab_size")
             spec = ModelSpec(
-                arch=Arch.LLADA, n_layers=int(cfg["n_layers"]), d_model=d_model, n_heads=n_heads,
-                n_kv_heads=int(_first(cfg, "n_kv_heads", default=n_heads)), head_dim=d_model // n_heads,
-                mlp_hidden=int(cfg["mlp_hidden_size"]), vocab_size=vocab,
-                max_seq_len=int(_first(cfg, "max_sequence_length", default=4096)),
-                rope_theta=float(_first(cfg, "rope_theta", default=10000.0)),
-                norm_eps=float(_first(cfg, "rms_norm_eps", "layer_norm_eps", default=1e-5)),
-                qkv_bias=bool(_first(cfg, "include_qkv_bias", default=False) or cfg.get("include_bias", False)),
-                mask_id=int(_first(cfg, "mask_token_id", default=LLADA_MASK_ID)),
-                eos_ids=_eos_list(cfg.get("eos_token_id"), LLADA_EOS_IDS, vocab),
-                logit_shift=False, bos_id=cfg.get("bos_token_id"),
+                arch=Arch.LLADA, n_layers=r.int("n_layers"), d_model=d_model, n_heads=n_heads,
+                n_kv_heads=r.int("n_kv_heads", default=n_heads), head_dim=d_model // n_heads,
+                mlp_hidden=r.int("mlp_hidden_size"), vocab_size=vocab,
+                max_seq_len=r.int("max_sequence_length", default=4096),
+                rope_theta=r.float("rope_theta", default=10000.0),
+                norm_eps=r.float("rms_norm_eps", "layer_norm_eps", default=1e-5),
+                qkv_bias=r.bool("include_qkv_bias") or r.bool("include_bias"),
+                mask_id=r.int("mask_token_id", default=LLADA_MASK_ID, positive=False),
+                eos_ids=_eos_list(r, LLADA_EOS_IDS, vocab),
+                logit_shift=False, bos_id=_optional_id(r, "bos_token_id"),
             )
             names = HFNames("model.transformer.wte.weight", "model.transformer.blocks.{i}.", _LLADA_LAYER,
                             "model.transformer.ln_f.weight", "model.transformer.ff_out.weight",
-                            bool(cfg.get("weight_tying", False)))
+                            r.bool("weight_tying"))
         elif model_type == "dream":
-            n_heads = int(cfg["num_attention_heads"])
-            d_model = int(cfg["hidden_size"])
+            n_heads, d_model = r.int("num_attention_heads"), r.int("hidden_size")
+            _check_heads(config_path, d_model, n_heads, "hidden_size", "num_attention_heads")
+            vocab = r.int("vocab_size")
             spec = ModelSpec(
-                arch=Arch.DREAM, n_layers=int(cfg["num_hidden_layers"]), d_model=d_model, n_heads=n_heads,
-                n_kv_heads=int(_first(cfg, "num_key_value_heads", default=n_heads)),
-                head_dim=int(_first(cfg, "head_dim", default=d_model // n_heads)),
-                mlp_hidden=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
-                max_seq_len=int(_first(cfg, "max_position_embeddings", default=32768)),
-                rope_theta=float(_first(cfg, "rope_theta", default=10000.0)),
-                norm_eps=float(_first(cfg, "rms_norm_eps", default=1e-6)), qkv_bias=True,
-                mask_id=int(_first(cfg, "mask_token_id", default=DREAM_MASK_ID)),
-                eos_ids=_eos_list(cfg.get("eos_token_id"), DREAM_EOS_IDS, int(cfg["vocab_size"])),
-                logit_shift=True, bos_id=cfg.get("bos_token_id"),
+                arch=Arch.DREAM, n_layers=r.int("num_hidden_layers"), d_model=d_model, n_heads=n_heads,
+                n_kv_heads=r.int("num_key_value_heads", default=n_heads),
+                head_dim=r.int("head_dim", default=d_model // n_heads),
+                mlp_hidden=r.int("intermediate_size"), vocab_size=vocab,
+                max_seq_len=r.int("max_position_embeddings", default=32768),
+                rope_theta=r.float("rope_theta", default=10000.0),
+                norm_eps=r.float("rms_norm_eps", default=1e-6), qkv_bias=True,
+                mask_id=r.int("mask_token_id", default=DREAM_MASK_ID, positive=False),
+                eos_ids=_eos_list(r, DREAM_EOS_IDS, vocab),
+                logit_shift=True, bos_id=_optional_id(r, "bos_token_id"),
             )
             names = HFNames("model.embed_tokens.weight", "model.layers.{i}.", _DREAM_LAYER,
-                            "model.norm.weight", "lm_head.weight", bool(cfg.get("tie_word_embeddings", False)))
+                            "model.norm.weight", "lm_head.weight", r.bool("tie_word_embeddings"))
         else:
             raise CheckpointError(
                 f"{config_path}: model_type {cfg.get('model_type')!r} is not supported; "
                 "expected 'llada' (LLaDA-8B-Instruct, LLaDA-1.5) or 'Dream' (Dream-v0-Instruct-7B)")
-    except KeyError as e:
-        raise CheckpointError(f"{config_path} lacks the key {e.args[0]!r} that a {model_type} config must have") from None
     except ConfigError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
+        raise CheckpointError(f"{config_path}: {e}; fix config.json") from None
     return spec, names
+
+
+def _check_heads(path: Path, d_model: int, n_heads: int, d_key: str, h_key: str) -> None:
+    if d_model % n_heads:
+        raise CheckpointError(f"{path}: {d_key} {d_model} is not a multiple of {h_key} {n_heads}; fix config.json")
+
+
+def _optional_id(r: _Reader, key: str) -> int | None:
+    return None if r.cfg.get(key) is None else r.int(key, positive=False)
 
 
 def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -168,11 +236,14 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path} has a corrupt safetensors header; re-download or re-save it") from None
     out, end = {}, 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        end = max(end, meta["data_offsets"][1])
-        out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]))
+    try:
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            end = max(end, int(meta["data_offsets"][1]))
+            out[name] = TensorInfo(path, str(meta["dtype"]), tuple(int(d) for d in meta["shape"]))
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(f"{path} has a malformed safetensors header; re-download or re-save it") from None
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path} is truncated: tensors need {8 + n + end} bytes, the file has {size}; re-download it")
@@ -232,9 +303,17 @@ class Checkpoint:
         return shapes
 
     def check(self) -> None:
-        """Raise on any missing or misshaped tensor, before anything is loaded."""
+        """Raise on any missing, misshaped or non-float tensor, and on layers beyond config.json's count,
+        before anything is loaded."""
         for name, shape in self.expected_shapes().items():
             self._info(name, shape)
+        pattern = re.compile(re.escape(self.names.layer_prefix).replace(r"\{i\}", r"(\d+)"))
+        layers = {int(m.group(1)) for name in self.tensors if (m := pattern.match(name))}
+        extra = sorted(i for i in layers if i >= self.spec.n_layers)
+        if extra:
+            raise CheckpointError(f"{self.path}: config.json says {self.spec.n_layers} layers, but the safetensors "
+                                  f"files hold layers up to {extra[-1]} ({max(layers) + 1} in all); set the layer "
+                                  "count in config.json to match the weights")
 
     def _info(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
         info = self.tensors.get(name)
@@ -244,8 +323,10 @@ class Checkpoint:
         if info.shape != tuple(shape):
             raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "
                                   f"{list(shape)} from config.json; the config and weights do not match")
-        if info.dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{info.file}: tensor {name!r} has unsupported dtype {info.dtype}")
+        if info.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{info.file}: tensor {name!r} is stored as {info.dtype}; weights must be floating "
+                                  f"point ({', '.join(_FLOAT_DTYPES)}): quantized checkpoints are not read, export "
+                                  "from the original fp16/bf16/fp32 checkpoint")
         return info
 
     # -- loading ----------------------------------------------------------

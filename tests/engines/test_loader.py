@@ -20,9 +20,10 @@ def full_forward(engines: EngineSet, ids: torch.Tensor) -> torch.Tensor:
     B, N = ids.shape
     h = engines.embed.run({"ids": ids})["h"]                                  # [B, N, D]
     pos = torch.arange(N, dtype=torch.int32).expand(B, N).contiguous()        # [B, N]
-    empty = torch.zeros(B, N, spec.n_kv_heads, spec.head_dim)                 # overwritten by the scatter
     for i in range(spec.n_layers):
-        o = engines.layer(i).run({"h_rows": h, "pos": pos, "k_cache": empty, "v_cache": empty})
+        # every row is overwritten by the scatter (fused torch layers write these caches in place)
+        kc, vc = (torch.zeros(B, N, spec.n_kv_heads, spec.head_dim) for _ in range(2))
+        o = engines.layer(i).run({"h_rows": h, "pos": pos, "k_cache": kc, "v_cache": vc})
         h = h + o["attn_rows"] + o["mlp_rows"]
     return engines.head.run({"h_rows": h})["logits"]
 
@@ -66,7 +67,7 @@ def test_not_an_engine_dir_and_missing_onnx(engine_dirs, tmp_path):
     path = tmp_path / "partial"
     shutil.copytree(engine_dirs["dream"], path)
     (path / "onnx" / "layer_01.onnx").unlink()
-    with pytest.raises(EngineDirError, match=r"lacks ONNX files \['onnx/layer_01.onnx'\].*re-run dllm-export"):
+    with pytest.raises(EngineDirError, match=r"lacks files \['onnx/layer_01.onnx'\].*re-run dllm-export"):
         open_engine_dir(path, "onnxruntime")
 
 
@@ -75,7 +76,7 @@ def test_tampered_onnx_fails_hash_check(engine_dirs, tmp_path):
     shutil.copytree(engine_dirs["dream"], path)
     with open(path / "onnx" / "head.onnx.data", "r+b") as f:
         f.write(b"\x00\x01\x02\x03")
-    with pytest.raises(EngineDirError, match=r"head.onnx \(with its .data file\) has sha256 .* changed after export"):
+    with pytest.raises(EngineDirError, match=r"\['onnx/head.onnx.data'\] differ from the sha256 .*changed after"):
         open_engine_dir(path, "onnxruntime", verify_hashes=True)
 
 
@@ -170,7 +171,7 @@ def test_threads_reach_the_sessions_and_torch(engine_dirs):
     assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert open_engine_dir(engine_dirs["dream"], "onnxruntime", intra_op_threads=3).threads == 3
     if not torch.cuda.is_available():
-        with pytest.raises(BackendError, match=r"device cuda asked for, but torch sees no CUDA device"):
+        with pytest.raises(BackendError, match=r"device 'cuda' asked for a CUDA device, but this torch .* sees none"):
             open_engine_dir(engine_dirs["dream"], "onnxruntime", "cuda")
 
 

@@ -31,6 +31,7 @@ def _rows(pol, view, scores=None):
         d = scores[l] if (scores is not None and pol.wants_scores(l)) else None
         out.append(pol.rows(l, d))
     pol.end_step()
+    pol.after_step()
     return out
 
 

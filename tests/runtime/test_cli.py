@@ -41,6 +41,15 @@ def test_choices_show_one_spelling_and_reject_others(capsys):
     assert "Kind." not in help_text and "Proxy." not in help_text        # defaults as users type them
 
 
+def test_sampling_guidance_and_port_flags():
+    args = build_parser().parse_args(["d", "--prompt-ids", "1", "--cache", "dual", "--commit", "threshold",
+                                      "--fastdllm-dream", "--top-p", "0.9", "--top-k", "50", "--alg", "entropy",
+                                      "--alg-temp", "0.2", "--cfg-scale", "1.5", "--temperature", "0.7"])
+    assert config_from_args(args) == DecodeConfig(cache="dual", commit="threshold", fastdllm_dream=True, top_p=0.9,
+                                                  top_k=50, alg="entropy", alg_temp=0.2, cfg_scale=1.5,
+                                                  temperature=0.7)
+
+
 def test_json_output(engine_dirs, capsys):
     rc = main([str(engine_dirs["llada"]), "--prompt-ids", "6,7,8", "--json", *SMALL, "--cache", "dcu",
                "--commit", "apd"])

@@ -125,6 +125,7 @@ def test_apd_per_token_thresholds_move_as_specified():
     l1, l2 = torch.randn(1, G, 10, generator=g), torch.randn(1, G, 10, generator=g)
     p.select(l1, ids, view)
     assert torch.equal(p.tau, torch.full((1, G), 0.9, dtype=torch.float64))   # no update at step 1
+    p.after_step(view)
     view.step = 2
     p.select(l2, ids, view)
     c, H = _c_and_H(_probs(l2), _probs(l1))
@@ -142,6 +143,7 @@ def test_apd_global_uses_means_over_block_masks():
     g = torch.Generator().manual_seed(2)
     l1, l2 = torch.randn(1, G, 10, generator=g), torch.randn(1, G, 10, generator=g)
     p.select(l1, ids, view)
+    p.after_step(view)
     view.step = 2
     p.select(l2, ids, view)
     c, H = _c_and_H(_probs(l2), _probs(l1))
@@ -166,6 +168,7 @@ def test_apd_clamp_and_block_reset_are_optional():
     ids = torch.full((1, 8), MASK)
     g = torch.Generator().manual_seed(3)
     p.select(torch.randn(1, 8, 10, generator=g), ids, view)
+    p.after_step(view)
     view.step = 2
     p.select(torch.randn(1, 8, 10, generator=g), ids, view)
     assert (p.tau <= 0.95).all() and (p.tau > 0.9).any()              # moved up, clamped
@@ -181,3 +184,68 @@ def test_dream_schedule_and_factory():
     logits = _logits_with_probs([0.3, 0.9, 0.2, 0.8, 0.5, 0.1, 0.95, 0.4]).float()
     t, x0 = p.select(logits, torch.full((1, 8), MASK), _view(masks=8))
     assert int(t.sum()) == dream_count(8.0, 0, 4, 1e-3)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("cls,cfg", [(ApdCommit, dict(apd_mode="per_token", tau0=0.5, beta=0.02)),
+                                     (ApdCommit, dict(apd_mode="global", tau0=0.5, beta=0.02)),
+                                     (ThresholdCommit, dict(threshold=0.3)), (FactorCommit, dict(factor=2.0)),
+                                     (LladaSchedule, dict(steps=4))])
+def test_fused_statistics_commit_what_the_plain_path_commits(path, cls, cfg):
+    """Several steps with several commits each: the KernelOps path (Triton interpreted on the CPU, or the
+    torch twins) picks the same tokens and moves APD's thresholds like the float64 softmax path."""
+    from dllm.kernels import make_ops
+    from dllm.kernels._triton import HAVE_TRITON
+
+    if path == "triton" and not HAVE_TRITON:
+        pytest.skip("needs triton")
+    G, P, V = 8, 4, 50
+    plain, fused = _policy(cls, P=P, G=G, V=V, **cfg), _policy(cls, P=P, G=G, V=V, **cfg)
+    fused.ops = make_ops(path, "cpu")
+    ids = torch.full((1, G), MASK)
+    g = torch.Generator().manual_seed(5)
+    view = _view(P=P, G=G, start=P, end=P + G, masks=G)
+    for p in (plain, fused):
+        p.begin_block(view)
+    for step in range(1, 4):
+        view.step, view.step_in_block = step, step - 1
+        lo, hi = plain.logit_range(view)
+        logits = (torch.randn(1, hi - lo, V, generator=g) * 3).to(torch.bfloat16)
+        t1, x1 = plain.select(logits, ids[:, lo - P:hi - P], view)
+        t2, x2 = fused.select(logits, ids[:, lo - P:hi - P], view)
+        assert torch.equal(t1, t2) and torch.equal(x1, x2)
+        if cls is ApdCommit:
+            torch.testing.assert_close(fused.tau, plain.tau, rtol=1e-12, atol=1e-12)
+        for p in (plain, fused):
+            p.after_step(view)
+        ids[:, lo - P:hi - P] = torch.where(t1, x1, ids[:, lo - P:hi - P])
+    assert fused.ops.launches > 0
+
+
+def test_apd_global_ignores_rows_without_a_previous_distribution(monkeypatch):
+    """Global mode reads logits of the block and the next one. At a block's first step the next block's rows
+    have no previous distribution yet (never computed), so their H is whatever the buffer held: here NaN,
+    as uninitialised memory may be (and large fresh allocations are zeros: H = 1 - 0/0 = NaN too). Only the
+    block's masks may enter the means; tau must stay the reference's value and several tokens must go."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(math.nan))
+    G, P, bl = 12, 4, 4
+    p = _policy(ApdCommit, P=P, G=G, block_length=bl, apd_mode="global", tau0=0.5, alpha=0.01, beta=0.02)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1, G, 10, generator=g) * 4                   # one step's logits of every gen row
+    ids = torch.full((1, G), MASK)
+    view = _view(P=P, G=G, start=P, end=P + bl)
+    lo, hi = p.logit_range(view)
+    p.select(logits[:, lo - P:hi - P], ids[:, lo - P:hi - P], view)  # step 1 stores rows [0, 8)
+    p.after_step(view)
+    ids[:, :bl] = 7                                                   # block 0 done
+    view = _view(P=P, G=G, start=P + bl, end=P + 2 * bl, step=2)
+    lo, hi = p.logit_range(view)                                      # rows [4, 12): 8..11 never seen
+    logits2 = torch.randn(1, G, 10, generator=g) * 4
+    t, _ = p.select(logits2[:, lo - P:hi - P], ids[:, lo - P:hi - P], view)
+    c, H = _c_and_H(_probs(logits2[:, bl:2 * bl]), _probs(logits[:, bl:2 * bl]))
+    expected = 0.5 - 0.01 * c.mean() + 0.02 * H.mean()
+    assert torch.isfinite(p.tau) and torch.allclose(p.tau, expected)
+    conf, x0 = _probs(logits2[:, bl:2 * bl]).max(-1)
+    want = ((conf >= expected) | (conf == conf.max())) & (x0 != MASK)   # a drawn mask token stays a mask
+    assert t[0, :bl].tolist() == want[0].tolist() and int(t.sum()) > 1

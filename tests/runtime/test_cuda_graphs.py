@@ -1,4 +1,5 @@
-"""CUDA graphs in the executor: replaying captured layer graphs gives exactly the eager tokens."""
+"""CUDA graphs and fused kernels on the GPU: replaying captured steps gives exactly the eager tokens, and
+the Triton path decodes what the plain path decodes."""
 
 import pytest
 import torch
@@ -12,24 +13,98 @@ from dllm.runtime.executor import Executor
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+METHODS = ["full", "dcu", "dcu-reference", "dcu+apd", "dual+threshold", "dllm-cache", "prefix", "full+apd",
+           "dcu@proportional"]
 
+
+def _cfg(method):
+    name, _, variant = method.partition("@")
+    base = DecodeConfig(gen_length=32, block_length=8, steps=32, budget=4, window=4, tau0=0.5, beta=0.02,
+                        threshold=0.5, allocation=variant or "uniform")
+    return method_config(name, base)
+
+
+def _model(arch):
+    return init_weights(DiffusionLM(tiny_spec(arch, n_layers=3)), seed=3, std=0.5).cuda()
+
+
+@pytest.mark.parametrize("kernels", ["triton", "plain"])
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("method", ["full", "dcu", "dcu-reference", "dcu+apd", "dual+threshold", "dllm-cache",
-                                    "prefix"])
-def test_graph_replay_equals_eager(arch, method):
-    model = init_weights(DiffusionLM(tiny_spec(arch, n_layers=3)), seed=3, std=0.5).cuda()
-    eager = torch_engine_set(model, "fp32", "cuda")
-    graphed = torch_engine_set(model, "fp32", "cuda", cuda_graphs=True)
-    cfg = method_config(method, DecodeConfig(gen_length=32, block_length=8, steps=32, budget=4, window=4,
-                                             allocation="uniform"))
+@pytest.mark.parametrize("method", METHODS)
+def test_graph_replay_equals_eager(arch, method, kernels):
+    model = _model(arch)
+    eager = torch_engine_set(model, "fp32", "cuda", kernels=kernels)
+    graphed = torch_engine_set(model, "fp32", "cuda", cuda_graphs=True, kernels=kernels)
+    cfg = _cfg(method)
     prompt = torch.randint(10, 90, (1, 11), generator=torch.Generator().manual_seed(0))
     ex = Executor(graphed)
     want = decode(eager, prompt, cfg)
-    for _ in range(2):                       # the second call reuses the graphs of the first
+    for _ in range(3):                       # later calls replay the graphs of the first
         got = decode(graphed, prompt, cfg, executor=ex)
         assert got.ids == want.ids
         assert got.rows_per_step == want.rows_per_step
     assert ex.graphs_captured > 0
+    if method != "dcu@proportional":
+        assert len(ex.step_graphs) > 0      # whole steps, not only layers
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("method", ["full", "dual+threshold", "full+apd", "prefix"])
+def test_triton_path_decodes_what_the_plain_path_decodes(arch, method):
+    model = _model(arch)
+    plain = torch_engine_set(model, "fp32", "cuda", kernels="plain")
+    fused = torch_engine_set(model, "fp32", "cuda", kernels="triton", cuda_graphs=True)
+    cfg = _cfg(method)
+    prompt = torch.randint(10, 90, (1, 13), generator=torch.Generator().manual_seed(1))
+    want, got = decode(plain, prompt, cfg), decode(fused, prompt, cfg)
+    assert got.ids == want.ids and got.rows_per_step == want.rows_per_step
+
+
+def _recording(executor, cfg, rows_log, replay: bool):
+    """Make the executor's cache policy for ``cfg`` record the rows it picks, or replay recorded ones."""
+    policy = executor.cache_policy(cfg, executor.spec)
+    own = policy.rows
+    replayed = iter(rows_log)
+
+    def rows(layer, scores):
+        picked = own(layer, scores)              # the policy's own device work runs either way
+        if replay:
+            return next(replayed)
+        rows_log.append(None if picked is None else picked.clone())
+        return picked
+
+    policy.rows = rows
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dcu-reference", "dllm-cache"])
+def test_triton_path_given_the_same_rows_decodes_what_the_plain_path_decodes(arch, method):
+    """Change scores drive a top-k, so a last-bit difference between two float reduction orders (Triton's
+    and torch's cosine, RMSNorm, joined products) can pick another row at a near-tie and the answers
+    part from there. So: the rows the plain path picks are handed to the Triton path, which then must
+    decode the same tokens; the scores themselves are compared against their twin in tests/kernels; and
+    on its own choice the Triton path recomputes the same number of rows every step."""
+    model = _model(arch)
+    cfg = _cfg(method)
+    prompt = torch.randint(10, 90, (1, 13), generator=torch.Generator().manual_seed(1))
+    plain, fused = (Executor(torch_engine_set(model, "fp32", "cuda", kernels=k)) for k in ("plain", "triton"))
+    rows_log: list = []
+    _recording(plain, cfg, rows_log, replay=False)
+    _recording(fused, cfg, rows_log, replay=True)
+    want = decode(plain.engines, prompt, cfg, executor=plain)
+    got = decode(fused.engines, prompt, cfg, executor=fused)
+    assert got.ids == want.ids and got.rows_per_step == want.rows_per_step
+    own = decode(torch_engine_set(model, "fp32", "cuda", kernels="triton", cuda_graphs=True), prompt, cfg)
+    assert own.rows_per_step == want.rows_per_step and sum(own.tokens_per_step) == cfg.gen_length
+
+
+@pytest.mark.parametrize("method", ["full", "dcu+apd"])
+def test_bf16_fused_decodes_every_position(method):
+    model = _model("llada").to(torch.bfloat16)
+    fused = torch_engine_set(model, "bf16", "cuda", kernels="triton", cuda_graphs=True)
+    res = decode(fused, torch.randint(10, 90, (1, 9)), _cfg(method))
+    # a random model may predict the mask id itself, so count commits rather than look for masks
+    assert sum(res.tokens_per_step) == 32 and all(s >= 0 for s in res.commit_step)
 
 
 def test_graphs_need_torch_cuda():

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from dllm.errors import ConfigError
 from dllm.exporter.models import DiffusionLM, tiny_spec
 from dllm.exporter.models.writer import init_weights
-from dllm.runtime.reference import (DreamAlg, DreamConfig, LladaConfig, ReferenceResult, Remasking,
-                                    dream_generate, dream_transfer_count, generate, llada_generate,
+from dllm.runtime.reference import (ApdConfig, BlockCache, DreamAlg, DreamConfig, FastDllmDreamConfig,
+                                    LladaConfig, ReferenceResult, Remasking, apd_generate, dream_generate,
+                                    dream_transfer_count, fastdllm_dream_generate, generate, llada_generate,
                                     transfer_counts)
 
 torch.set_num_threads(1)
@@ -368,6 +369,157 @@ def test_dream_sampling_options(dream):
     _check_invariants(at, model.inputs, p, dream.spec.mask_id)
     assert [h.shape[0] for h in at.history] == expected_dream_counts(12, 4, 1e-3)
     assert torch.equal(at.ids, dream_generate(dream, p, DreamConfig(gen_length=12, steps=4, alg_temp=0.5, seed=3)).ids)
+
+
+# -- LLaDA top-p / top-k (our extension) ---------------------------------------------------------------
+def test_llada_top_k_one_and_tiny_top_p_are_greedy(llada):
+    """They restrict the draw only: with one token left, any temperature gives the greedy run."""
+    p = prompt(llada.spec, P=4)
+    greedy = llada_generate(llada, p, LladaConfig(gen_length=16, block_length=8, steps=8))
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        hot = llada_generate(llada, p, LladaConfig(gen_length=16, block_length=8, steps=8, temperature=2.0, **kw))
+        assert torch.equal(hot.ids, greedy.ids) and torch.equal(hot.commit_step, greedy.commit_step)
+    free = llada_generate(llada, p, LladaConfig(gen_length=16, block_length=8, steps=8, temperature=2.0))
+    assert not torch.equal(free.ids, greedy.ids)
+
+
+# -- APD: generate_pd ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["global", "per_token"])
+@pytest.mark.parametrize("tau0,beta", [(0.5, 0.02), (0.9, 0.15)])
+def test_apd_reference_follows_its_rule(llada, mode, tau0, beta):
+    """Replays every step from the recorded canvases with the APD rule (docs/algorithms.md) written out again:
+    tau moves from the second step on (global: means over the block's masks; per token: every position),
+    is never reset at a block start, and a step commits the block masks at or above tau plus the top one."""
+    model = NoMaskToken(llada)
+    p = prompt(llada.spec, B=1, P=5, seed=1)
+    cfg = ApdConfig(gen_length=24, block_length=8, steps=24, mode=mode, tau0=tau0, alpha=0.01, beta=beta)
+    r = apd_generate(model, p, cfg)
+    _check_invariants(r, model.inputs, p, llada.spec.mask_id)
+    P, tau, prev, blocks_seen = 5, None, None, []
+    for t, x in enumerate(model.inputs):
+        probs = F.softmax(model.model(x).double().masked_fill(
+            torch.arange(llada.spec.vocab_size) == llada.spec.mask_id, -math.inf), -1)[0, P:]   # [G, V]
+        masked = (x[0, P:] == llada.spec.mask_id)
+        block = int(masked.nonzero()[0]) // 8                          # the first block with masks
+        blocks_seen.append(block)
+        in_block = masked & (torch.arange(24) // 8 == block)
+        if tau is None:
+            tau = torch.full(() if mode == "global" else (24,), tau0, dtype=torch.float64)
+        else:
+            c = 1 - probs.topk(2, -1).values[:, 1]
+            H = 1 - F.cosine_similarity(probs, prev, dim=-1)
+            if mode == "global":
+                tau = tau - 0.01 * c[in_block].mean() + beta * H[in_block].mean()
+            else:
+                tau = tau - 0.01 * c + beta * H
+        prev = probs
+        conf = probs.max(-1).values.masked_fill(~in_block, -math.inf)
+        close = (conf - tau).abs() < 1e-9
+        want = (conf >= tau) & in_block
+        want[conf.argmax()] = True
+        got = torch.zeros(24, dtype=torch.bool)
+        got[r.history[t][:, 1] - P] = True
+        assert torch.equal(got | close, want | close), f"step {t}"
+    assert blocks_seen == sorted(blocks_seen) and set(blocks_seen) == {0, 1, 2}
+    assert all(len(h) >= 1 for h in r.history)
+    if tau0 == 0.5:
+        assert max(len(h) for h in r.history) > 1                      # several tokens per step
+
+
+def test_apd_reference_errors(llada):
+    with pytest.raises(ConfigError, match="mode 'both' is unknown"):
+        ApdConfig(mode="both")
+    with pytest.raises(ConfigError, match="alpha"):
+        ApdConfig(alpha=float("nan"))
+    with pytest.raises(ConfigError, match="one prompt at a time"):
+        apd_generate(llada, prompt(llada.spec, B=2), ApdConfig(gen_length=8, steps=8))
+    with pytest.raises(ConfigError, match="needs an ApdConfig"):
+        apd_generate(llada, prompt(llada.spec, B=1), LladaConfig())
+    r = generate(llada, prompt(llada.spec, B=1), ApdConfig(gen_length=8, block_length=4, steps=8, tau0=0.5))
+    assert r.steps <= 8 and r.gen_ids.shape == (1, 8)
+
+
+# -- Fast-dLLM's Dream port ---------------------------------------------------------------------------
+class _NoMaskHead(torch.nn.Module):
+    """An LM head whose mask-token logit is -inf (a trained model never predicts it)."""
+
+    def __init__(self, head, mask_id):
+        super().__init__()
+        self.head, self.mask_id = head, mask_id
+
+    def forward(self, h):
+        out = self.head(h)
+        out[..., self.mask_id] = -math.inf
+        return out
+
+
+@pytest.fixture(scope="module")
+def dream_no_mask():
+    m = init_weights(DiffusionLM(tiny_spec("dream")), seed=4, std=0.5).eval()
+    m.lm_head = _NoMaskHead(m.lm_head, m.spec.mask_id)
+    return m
+
+
+def test_block_cache_full_and_all_rows_equal_the_model(dream):
+    p = prompt(dream.spec, B=1, P=6)
+    x = torch.cat([p, torch.full((1, 10), dream.spec.mask_id)], dim=1)
+    cache = BlockCache(dream)
+    with torch.no_grad():
+        full = cache.full(x)
+        assert torch.allclose(full, dream(x), atol=1e-6)
+        assert torch.allclose(cache.rows(x, 0, 16), full, atol=1e-6)   # every row fresh: no reuse at all
+        x2 = x.clone()
+        x2[0, 6:9] = 7                                                 # the canvas moves on
+        dual = cache.rows(x2, 6, 10)                                   # block [6, 10) against the cache
+        assert dual.shape == (1, 4, dream.spec.vocab_size)
+        assert not torch.allclose(dual[:, 1:], dream(x2)[:, 7:10], atol=1e-4)   # stale suffix and prefix
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_fastdllm_dream_schedule_counts(dream_no_mask, cache):
+    """Per block: the first step commits just the block's first position; the others follow Dream's
+    schedule from timestep index 1 over the remaining masks, and each block ends empty after S steps."""
+    p = prompt(dream_no_mask.spec, B=1, P=5)
+    r = fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(gen_length=24, block_length=8, steps=12,
+                                                                       cache=cache))
+    assert r.steps == 12 and not (r.ids == dream_no_mask.spec.mask_id).any()
+    ts = torch.linspace(1, 1e-3, 5)
+    left, counts = 7, []
+    for i in range(1, 4):
+        k = left if i == 3 else int(torch.tensor(float(left)) * (1 - ts[i + 1] / ts[i]))
+        counts.append(k)
+        left -= k
+    for b in range(3):
+        steps = r.history[4 * b:4 * b + 4]
+        assert steps[0][:, 1].tolist() == [5 + 8 * b]
+        assert [len(h) for h in steps[1:]] == counts
+        assert all(((h[:, 1] >= 5 + 8 * b) & (h[:, 1] < 13 + 8 * b)).all() for h in steps)
+
+
+def test_fastdllm_dream_threshold_caps_and_carries(dream_no_mask):
+    p = prompt(dream_no_mask.spec, B=1, P=5)
+    cfg = FastDllmDreamConfig(gen_length=16, block_length=8, steps=8, cache="dual", threshold=0.0)
+    r = fastdllm_dream_generate(dream_no_mask, p, cfg)
+    # threshold 0: every capped token passes, so the threshold run is the schedule run
+    sched = fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(gen_length=16, block_length=8, steps=8,
+                                                                          cache="dual"))
+    assert torch.equal(r.ids, sched.ids) and r.steps == sched.steps == 8
+    strict = fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(gen_length=16, block_length=8, steps=8,
+                                                                           cache="dual", threshold=1.0))
+    assert all(len(h) == 1 for h in strict.history) and strict.steps == 16   # only the forced one each step
+    assert not (strict.ids == dream_no_mask.spec.mask_id).any()
+
+
+def test_fastdllm_dream_errors(dream):
+    with pytest.raises(ConfigError, match="cache 'none' is unknown"):
+        FastDllmDreamConfig(cache="none")
+    with pytest.raises(ConfigError, match="at least 2 steps per block"):
+        FastDllmDreamConfig(gen_length=16, block_length=8, steps=2)
+    with pytest.raises(ConfigError, match="origin"):
+        FastDllmDreamConfig(alg="origin")
+    with pytest.raises(ConfigError, match="needs a DiffusionLM"):
+        fastdllm_dream_generate(lambda ids: dream(ids), prompt(dream.spec, B=1), FastDllmDreamConfig(),
+                                mask_id=dream.spec.mask_id)
 
 
 # -- config and input errors --------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""KernelOps: the one object the executor, the torch layers and the policies call for fused work.
+
+``KernelOps(KernelPath.TRITON, device)`` launches the Triton kernels; ``KernelPath.TORCH`` runs their
+plain-torch twins (same signatures, same results up to the rounding each kernel module states). The
+executor uses the fused structure (fewer passes, in-place cache writes, row-range residual updates)
+with either; ``KernelPath.PLAIN`` keeps the executor's original unfused path and has no KernelOps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dllm.kernels import mlp, residual, rmsnorm, rope, scores, select, vocab
+from dllm.kernels.config import KernelPath
+
+# name -> (torch twin, Triton launcher); one row per kernel module
+_KERNELS = {
+    "rms_norm": (rmsnorm.rms_norm_torch, rmsnorm.rms_norm_triton),
+    "silu_mul": (mlp.silu_mul_torch, mlp.silu_mul_triton),
+    "rope_to_cache": (rope.rope_to_cache_torch, rope.rope_to_cache_triton),
+    "residual_update": (residual.residual_update_torch, residual.residual_update_triton),
+    "cosine_distance_copy": (scores.cosine_distance_copy_torch, scores.cosine_distance_copy_triton),
+    "select_rows": (select.select_rows_torch, select.select_rows_triton),
+    "gather_rows": (select.gather_rows_torch, select.gather_rows_triton),
+    "vocab_stats": (vocab.vocab_stats_torch, vocab.vocab_stats_triton),
+}
+
+
+class KernelOps:
+    """The fused operations on one device, through Triton kernels or their torch twins."""
+
+    def __init__(self, path: KernelPath, device: torch.device):
+        if path not in (KernelPath.TRITON, KernelPath.TORCH):
+            raise ValueError(f"KernelOps runs the triton or torch path, got {path}")
+        self.path, self.device = path, torch.device(device)
+        self.triton = path == KernelPath.TRITON
+        self.launches = 0                   # kernel calls so far (a proxy for GPU launches; profiling)
+        self.profiling = False              # mark each call as a profiler range (tools/step_profile.py)
+        self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _call(self, name: str, *args, **kwargs):
+        self.launches += 1
+        fn = _KERNELS[name][1 if self.triton else 0]
+        if not self.profiling:
+            return fn(*args, **kwargs)
+        with torch.profiler.record_function(f"dllm_kernel::{name}[{self.path.value}]"):
+            return fn(*args, **kwargs)
+
+    # -- inside a layer (torch backend) -------------------------------------
+    def rms_norm(self, x, weight, eps, delta=None):
+        return self._call("rms_norm", x, weight, eps, delta)
+
+    def silu_mul(self, gate, up):
+        return self._call("silu_mul", gate, up)
+
+    def rope_to_cache(self, q, key, v, pos, k_cache, v_cache, theta: float):
+        """RoPE on q/key at ``pos``; rotated keys and the values are written into the caches in place."""
+        table = self.rope_table(k_cache.shape[1], q.shape[-1], theta) if self.triton else None
+        return self._call("rope_to_cache", q, key, v, pos, k_cache, v_cache, theta, table)
+
+    def rope_table(self, n: int, head_dim: int, theta: float):
+        """cos/sin for positions 0..n-1, computed once per (head_dim, theta) and grown when n grows."""
+        key = (head_dim, float(theta))
+        table = self._rope_tables.get(key)
+        if table is None or table[0].shape[0] < n:
+            size = max(n, 2 * table[0].shape[0] if table is not None else n)
+            table = self._rope_tables[key] = rope.rope_table(size, head_dim, theta, self.device)
+        return table
+
+    # -- around the engines (executor, policies) ----------------------------
+    def residual_update(self, h, attn_cache, mlp_cache, start, rows=None, attn_rows=None, mlp_rows=None,
+                        slot=None):
+        return self._call("residual_update", h, attn_cache, mlp_cache, start, rows, attn_rows, mlp_rows, slot)
+
+    def cosine_distance_copy(self, a, prev):
+        return self._call("cosine_distance_copy", a, prev)
+
+    def select_rows(self, d, window, k, prompt_len):
+        return self._call("select_rows", d, window, k, prompt_len)
+
+    def gather_rows(self, h, rows, slot=None):
+        return self._call("gather_rows", h, rows, slot)
+
+    # -- commit policies ----------------------------------------------------
+    def vocab_stats(self, logits, prev=None, want_c=False):
+        return self._call("vocab_stats", logits, prev, want_c)

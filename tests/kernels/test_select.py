@@ -1,0 +1,44 @@
+"""DCU row selection and row gather: kernel == twin, ties to the lower row, windows at the edges."""
+
+import pytest
+import torch
+
+from dllm.kernels.select import gather_rows_torch, gather_rows_triton, select_rows_torch, select_rows_triton
+from tests.kernels.conftest import DEVICE, rand
+
+
+def _window(start, size, device=DEVICE):
+    return torch.arange(start, start + size, device=device)
+
+
+@pytest.mark.parametrize("G,win_start,win,k", [(32, 10, 5, 4), (32, 0, 5, 6), (32, 27, 5, 6), (40, 3, 9, 31),
+                                              (64, 20, 33, 0), (200, 50, 33, 32), (16, 0, 0, 5)])
+def test_select_kernel_equals_twin(device, G, win_start, win, k):
+    d = rand(G, seed=G + k).abs()
+    window = _window(win_start, win) if win else None
+    want = select_rows_torch(d, window, k, prompt_len=11)
+    got = select_rows_triton(d, window, k, prompt_len=11)
+    assert torch.equal(got, want)
+    assert got.numel() == win + k and bool((got[1:] > got[:-1]).all())   # sorted, no duplicates
+
+
+def test_ties_go_to_the_lower_row(device):
+    d = torch.tensor([0.5, 0.2, 0.5, 0.5, 0.1, 0.2, 0.5, 0.0], device=device)
+    for k in range(0, 7):
+        want = select_rows_torch(d, _window(7, 1), k, 0)
+        assert torch.equal(select_rows_triton(d, _window(7, 1), k, 0), want)
+    assert select_rows_torch(d, _window(7, 1), 2, 0).tolist() == [0, 2, 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_kernel_equals_twin_and_marks_slots(device, dtype):
+    B, N, D = 2, 30, 48
+    h = rand(B, N, D, dtype=dtype, seed=3)
+    rows = torch.tensor([2, 5, 17, 29], device=device)
+    slot = torch.full((B, N), -1, dtype=torch.int32, device=device)
+    h_want, pos_want = gather_rows_torch(h, rows)
+    h_got, pos_got = gather_rows_triton(h, rows, slot)
+    assert torch.equal(h_got, h_want) and torch.equal(pos_got, pos_want) and pos_got.dtype == torch.int32
+    expect = torch.full((B, N), -1, dtype=torch.int32)
+    expect[:, rows.cpu()] = torch.arange(4, dtype=torch.int32)
+    assert torch.equal(slot.cpu(), expect)
