@@ -34,6 +34,11 @@ from dllm.runtime.config import Allocation, CachePolicyKind, DecodeConfig, Proxy
 from dllm.runtime.view import StepView
 
 
+def batch_mean(scores: torch.Tensor) -> torch.Tensor:
+    """Change scores [B, G] averaged over the batch -> [G] (a view, no kernel, for one sequence)."""
+    return scores[0] if scores.shape[0] == 1 else scores.mean(0)
+
+
 def region_refresh(step: int, interval: int) -> bool:
     """dLLM-Cache / DCU refresh condition on the global 1-based step counter: (t-1) mod K == 0."""
     return (step - 1) % interval == 0
@@ -186,7 +191,7 @@ class DllmCachePolicy(CachePolicy):
         if self.refresh_gen:
             gen = self._gen
         else:
-            gen = self._select(scores.mean(0), None, self.k)                  # the k most-changed V rows
+            gen = self._select(batch_mean(scores), None, self.k)              # the k most-changed V rows
         return gen if self._prompt is None else torch.cat([self._prompt, gen])
 
 
@@ -242,8 +247,11 @@ class DcuPolicy(CachePolicy):
         # this step's layer scores start empty; the previous step's feed allocate() next step.
         # Whether any layer gets scored is known now (the executor scores exactly the layers > 0
         # that want scores, from step 2 on), so rows() has no host-side effects to replay.
-        self._new_scores.zero_()
-        self._scored_this_step = t > 1 and any(self.wants_scores(l) for l in range(1, self.L))
+        # layer scores feed only the next step's budgets: uniform allocation never reads them
+        self._scored_this_step = (self.allocation != Allocation.UNIFORM and t > 1
+                                  and any(self.wants_scores(l) for l in range(1, self.L)))
+        if self._scored_this_step:
+            self._new_scores.zero_()
 
     def end_step(self) -> None:
         """Keep this step's layer scores for the next step's allocation (if any layer was scored)."""
@@ -298,14 +306,15 @@ class DcuPolicy(CachePolicy):
 
     def rows(self, layer, scores):
         if scores is not None:
-            torch.mean(scores, dim=(0, 1), out=self._new_scores[layer])     # one kernel, in place
+            if self._scored_this_step:
+                torch.mean(scores, dim=(0, 1), out=self._new_scores[layer])  # one kernel, in place
         if layer == 0 or self.full_step:
             return None
         if self.refresh_gen:
             gen = self._gen
         else:
             # the window is forced; the budget goes to the most-changed rows outside it
-            gen = self._select(scores.mean(0), self.window, self.budgets[layer])
+            gen = self._select(batch_mean(scores), self.window, self.budgets[layer])
         return gen if self._prompt is None else torch.cat([self._prompt, gen])
 
 

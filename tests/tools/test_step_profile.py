@@ -103,3 +103,34 @@ def test_bench_profile_on_cpu(tmp_path, capsys):
         assert prof["wall_ms_per_step"] >= prof["busy_ms_per_step"]
         tops = [t["ms_per_step"] for t in prof["top"]]
         assert tops == sorted(tops, reverse=True) and len(tops) > 3
+
+
+def test_fused_kernels_cut_the_operators_of_a_layer_step(tiny_model_engines_for_ops):
+    """The CPU proxy for GPU launch cost: operators per layer step, plain torch path vs Triton kernels
+    (Triton's interpreter on the CPU counts each kernel as one launch)."""
+    counts = tiny_model_engines_for_ops
+    for method in ("full", "dcu", "dcu+apd"):
+        plain, triton = counts["plain"][method], counts["triton"][method]
+        assert triton["per_layer_step"] < 0.5 * plain["per_layer_step"], (method, plain, triton)
+        assert set(plain["by_region_per_step"]) == {"embed", "layer", "head", "commit", "other"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_engines_for_ops():
+    from dllm.engines.engine_set import torch_engine_set
+    from dllm.exporter.models import DiffusionLM, tiny_spec
+    from dllm.exporter.models.writer import init_weights
+    from dllm.kernels._triton import HAVE_TRITON
+    from dllm.runtime import DecodeConfig, Pipeline, method_config
+    from dllm.tools.step_profile import profile_decode
+
+    if not HAVE_TRITON:
+        pytest.skip("needs triton")
+    model = init_weights(DiffusionLM(tiny_spec("llada", n_layers=2)), seed=0, std=0.5)
+    base = DecodeConfig(gen_length=8, block_length=8, steps=8, budget=2, window=2, allocation="uniform")
+    out = {}
+    for kernels in ("plain", "triton"):
+        pipe = Pipeline(torch_engine_set(model, "fp32", kernels=kernels))
+        out[kernels] = {m: profile_decode(pipe, list(range(6, 14)), method_config(m, base))["ops"]
+                        for m in ("full", "dcu", "dcu+apd")}
+    return out
