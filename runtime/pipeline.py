@@ -22,7 +22,7 @@ from dllm.engines.engine_set import EngineSet
 from dllm.errors import ConfigError
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
-from dllm.runtime.loop import DecodeResult, decode_steps
+from dllm.runtime.loop import DecodeResult, StepCallback, decode_steps
 
 
 @dataclasses.dataclass
@@ -144,19 +144,27 @@ class Pipeline:
                                                and Path(self.engines.tokenizer_dir).is_dir())
 
     # -- generation ---------------------------------------------------------
-    def generate(self, prompt, config: DecodeConfig | None = None) -> GenerationResult:
-        """Generate ``config.gen_length`` tokens after ``prompt`` (ids, text or chat messages)."""
-        for _ in self._run(prompt, config, stream=False):
+    def generate(self, prompt, config: DecodeConfig | None = None, *,
+                 on_step: StepCallback | None = None) -> GenerationResult:
+        """Generate ``config.gen_length`` tokens after ``prompt`` (ids, text or chat messages).
+
+        on_step(canvas, view, committed): called after every step with the canvas [1, N] (prompt +
+            generation, still-masked positions hold the mask id), the step view and the positions
+            committed in that step; an exception it raises stops the generation between two steps
+            and propagates (a server cancels a request this way)."""
+        for _ in self._run(prompt, config, stream=False, on_step=on_step):
             pass
         return self.last_result
 
-    def stream(self, prompt, config: DecodeConfig | None = None) -> Iterator[str]:
+    def stream(self, prompt, config: DecodeConfig | None = None, *,
+               on_step: StepCallback | None = None) -> Iterator[str]:
         """Yield the generated text as it becomes final: each time the committed prefix of the
         generation (up to the first still-masked position, cut at EOS) grows, the new text is
-        yielded, so ``"".join(stream)`` is the final text. ``self.last_result`` holds the result."""
-        yield from self._run(prompt, config, stream=True)
+        yielded, so ``"".join(stream)`` is the final text. ``self.last_result`` holds the result.
+        ``on_step`` as in ``generate``."""
+        yield from self._run(prompt, config, stream=True, on_step=on_step)
 
-    def _run(self, prompt, config, stream: bool) -> Iterator[str]:
+    def _run(self, prompt, config, stream: bool, on_step: StepCallback | None = None) -> Iterator[str]:
         cfg = config or DecodeConfig()
         if not isinstance(cfg, DecodeConfig):
             raise ConfigError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
@@ -173,6 +181,8 @@ class Pipeline:
             except StopIteration as stop:
                 result: DecodeResult = stop.value
                 break
+            if on_step is not None:
+                on_step(canvas, view, committed)
             if stream and committed and not done:
                 gen = canvas[0, P:].tolist()
                 prefix = []
