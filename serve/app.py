@@ -21,12 +21,15 @@ import socket
 import time
 from typing import AsyncIterator, Callable
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dllm.engines.base import Backend
 from dllm.errors import ConfigError
+from dllm.runtime import Pipeline
 from dllm.serve.config import ServeConfig, Source
 from dllm.serve.jobs import Failed, Finished, Job, Outcome, Progress
 from dllm.serve.metrics import ServeMetrics
@@ -36,13 +39,14 @@ from dllm.serve.scheduler import QueueFull, Scheduler, SequentialRunner
 
 log = logging.getLogger("dllm.serve")
 REPLICA_HEADER = "x-dllm-replica"
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}    # metrics labels
 
 
 @dataclasses.dataclass
 class ServerState:
     """Everything one server (or one replica) owns."""
     config: ServeConfig
-    pipeline: object                  # dllm.runtime.Pipeline
+    pipeline: Pipeline
     model: ModelInfo
     scheduler: Scheduler
     metrics: ServeMetrics
@@ -53,28 +57,24 @@ class ServerState:
 def load_state(config: ServeConfig, replica: str | None = None, warmup: bool = True) -> ServerState:
     """Open the model (engine directory or checkpoint), check its tokenizer, warm it up once, and set
     up the scheduler (started by the app). Raises ConfigError naming the fix for a bad path."""
-    import torch
-
-    from dllm.runtime import Pipeline
-
     path = config.path
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; pass an engine directory written by dllm-export "
                           "(or a checkpoint directory with --checkpoint)")
+    on_ort = config.backend == Backend.ONNXRUNTIME
+    if config.device == "cpu":
+        # with ONNX Runtime, torch only glues engine calls together: its thread pool would fight ORT's
+        threads = 1 if on_ort else config.threads
+        if threads:
+            torch.set_num_threads(threads)
     if config.source == Source.ENGINE_DIR:
         if not (path / "manifest.json").is_file():
             hint = (f"it is a checkpoint: serve it with --checkpoint {path}, or export it with `dllm-export {path} OUT`"
                     if (path / "config.json").is_file() else "pass a directory written by dllm-export")
             raise ConfigError(f"{path} has no manifest.json, so it is not an engine directory; {hint}")
-        options = {"intra_op_threads": config.threads} if config.backend.value == "onnxruntime" else {}
-        if config.device == "cpu" and config.backend.value == "onnxruntime":
-            torch.set_num_threads(1)      # torch only glues engine calls here; its pool would fight ORT's
-        elif config.device == "cpu" and config.threads:
-            torch.set_num_threads(config.threads)
+        options = {"intra_op_threads": config.threads} if on_ort else {}
         pipe = Pipeline.from_dir(path, backend=config.backend.value, device=config.device, **options)
     else:
-        if config.device == "cpu" and config.threads:
-            torch.set_num_threads(config.threads)
         pipe = Pipeline.from_checkpoint(path, dtype=config.dtype, device=config.device)
     pipe.tokenizer                      # a server needs text in and out: fail now, not at the first request
     default = config.default_decode_config()
@@ -246,6 +246,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
+        state = getattr(request.app.state, "dllm", None)
+        endpoint = _ENDPOINTS.get(request.url.path)
+        if state is not None and endpoint is not None:
+            state.metrics.count(endpoint, Outcome.REJECTED)
         return JSONResponse(error_body(_describe(e.errors()), param=_param(e.errors())), 400)
 
     @app.exception_handler(StarletteHTTPException)

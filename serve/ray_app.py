@@ -15,6 +15,7 @@ import functools
 
 from ray import serve
 
+from dllm.errors import ConfigError
 from dllm.serve.app import ServerState, build_app, load_state
 from dllm.serve.config import RayConfig, ServeConfig
 
@@ -42,12 +43,28 @@ def deployment(config: ServeConfig, ray_cfg: RayConfig):
 
     options = {"name": APP_NAME, "ray_actor_options": {"num_cpus": ray_cfg.num_cpus, "num_gpus": ray_cfg.num_gpus}}
     if ray_cfg.autoscaling is not None:
-        options["autoscaling_config"] = dict(ray_cfg.autoscaling)
+        options["autoscaling_config"] = _checked_autoscaling(ray_cfg.autoscaling)
     else:
         options["num_replicas"] = ray_cfg.replicas
     if ray_cfg.max_ongoing_requests is not None:
         options["max_ongoing_requests"] = ray_cfg.max_ongoing_requests
-    return serve.deployment(**options)(serve.ingress(build_replica_app)(DllmReplica))
+    try:
+        return serve.deployment(**options)(serve.ingress(build_replica_app)(DllmReplica))
+    except ValueError as e:               # Ray Serve's own checks (pydantic), e.g. min_replicas > max_replicas
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:3])
+        raise ConfigError(f"Ray Serve rejected the deployment settings: {detail}") from None
+
+
+def _checked_autoscaling(autoscaling) -> dict:
+    """The autoscaling_config as given; keys Ray Serve does not know are an error (it would ignore them)."""
+    from ray.serve.config import AutoscalingConfig
+
+    fields = getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__
+    unknown = sorted(set(autoscaling) - set(fields))
+    if unknown:
+        raise ConfigError(f"--autoscaling has keys Ray Serve does not know: {unknown}; expected some of "
+                          f"{sorted(fields)}")
+    return dict(autoscaling)
 
 
 def deploy(config: ServeConfig, ray_cfg: RayConfig) -> str:

@@ -105,6 +105,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._batch: list[Job] = []
         self.running = 0
 
     @property
@@ -125,6 +126,8 @@ class Scheduler:
                 job.emit(Failed("the server is shutting down"))
             self._queue.clear()
             self.metrics.queue_depth.set(0)
+            for job in self._batch:
+                job.cancel()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -168,6 +171,8 @@ class Scheduler:
             for job in batch:
                 job.started = now
                 self.metrics.queue_seconds.observe(now - job.submitted)
+            with self._cond:
+                self._batch = batch
             self.running = len(batch)
             self.metrics.running.set(len(batch))
             self.metrics.batch_occupancy.set(len(batch) / self.runner.max_batch)
@@ -179,6 +184,8 @@ class Scheduler:
                     self.metrics.count(job.request.endpoint, Outcome.FAILED)
                     job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             finally:
+                with self._cond:
+                    self._batch = []
                 self.running = 0
                 self.metrics.running.set(0)
                 self.metrics.batch_occupancy.set(0)

@@ -143,3 +143,37 @@ def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(served):
     after = _wait_for(served, lambda t: _metric(t, 'dllm_requests_total{endpoint="chat",outcome="cancelled"}')
                       == cancelled + 1 and _metric(t, "dllm_running_requests") == 0)
     assert _metric(after, "dllm_decode_steps_total") - steps < 200
+
+
+def test_a_full_queue_answers_503_and_recovers(shipped_engine_dir):
+    import asyncio
+
+    from dllm.serve.app import load_state
+    from dllm.serve.config import ServeConfig
+    from dllm.serve.server import BackgroundServer
+
+    state = load_state(ServeConfig(shipped_engine_dir, port=0, max_queue=1, max_tokens=32), warmup=False)
+
+    async def scenario(url):
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {**LONG, "stream": True, "dllm": {"method": "full", "canvas": True}}
+            async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as running:
+                async for line in running.aiter_lines():
+                    if '"canvas"' in line:
+                        break                                        # the first request is decoding
+                queued = asyncio.ensure_future(client.post(f"{url}/v1/chat/completions", json=LONG))
+                while (await client.get(f"{url}/health")).json()["queue_depth"] < 1:
+                    await asyncio.sleep(0.02)
+                refused = await client.post(f"{url}/v1/chat/completions", json=LONG)
+                queued.cancel()
+            await asyncio.sleep(0.5)
+            ok = await client.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": MSG})
+            return refused, ok
+
+    with BackgroundServer(state.config, state=state) as server:
+        refused, ok = asyncio.run(scenario(server.url))
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "overloaded"
+    assert "--max-queue 1" in refused.json()["error"]["message"]
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "85"
+    assert _metric(metrics, 'dllm_requests_total{endpoint="chat",outcome="overloaded"}') == 1

@@ -75,3 +75,22 @@ def test_the_openai_client_streams_through_ray_serve(ray_url, reference_pipeline
         client.chat.completions.create(model=MODEL, messages=messages, max_tokens=0)
     metrics = httpx.get(f"{ray_url}/metrics", timeout=30).text
     assert "dllm_max_batch 1.0" in metrics and 'replica="ray-' in metrics
+
+
+def test_deployment_settings_pass_through_to_ray_serve(tmp_path):
+    from dllm.errors import ConfigError
+    from dllm.serve.config import RayConfig, ServeConfig
+    from dllm.serve.ray_app import deployment
+
+    config = ServeConfig(tmp_path)
+    d = deployment(config, RayConfig(replicas=3, num_cpus=2, num_gpus=1, max_ongoing_requests=4))
+    assert d.num_replicas == 3 and d.ray_actor_options == {"num_cpus": 2, "num_gpus": 1}
+    assert d.max_ongoing_requests == 4
+    scaling = {"min_replicas": 1, "max_replicas": 5, "target_ongoing_requests": 2}
+    d = deployment(config, RayConfig(replicas=None, autoscaling=scaling))
+    got = d._deployment_config.autoscaling_config
+    assert (got.min_replicas, got.max_replicas, got.target_ongoing_requests) == (1, 5, 2)
+    with pytest.raises(ConfigError, match="mn_replicas"):
+        deployment(config, RayConfig(replicas=None, autoscaling={"mn_replicas": 1}))
+    with pytest.raises(ConfigError, match="max_replicas"):
+        deployment(config, RayConfig(replicas=None, autoscaling={"min_replicas": 5, "max_replicas": 3}))
