@@ -75,7 +75,7 @@ def load_state(config: ServeConfig, replica: str | None = None, warmup: bool = T
         options = {"intra_op_threads": config.threads} if on_ort else {}
         pipe = Pipeline.from_dir(path, backend=config.backend.value, device=config.device, **options)
     else:
-        pipe = Pipeline.from_checkpoint(path, dtype=config.dtype, device=config.device)
+        pipe = Pipeline.from_checkpoint(path, dtype=config.dtype.value, device=config.device)
     pipe.tokenizer                      # a server needs text in and out: fail now, not at the first request
     default = config.default_decode_config()
     model = ModelInfo(config.model_name, pipe.max_seq_len, pipe.spec.vocab_size, pipe.spec.mask_id, default,
@@ -177,7 +177,7 @@ async def _wait_final(job: Job, request: Request):
     getter = asyncio.ensure_future(job.next_event())
     try:
         while True:
-            done, _ = await asyncio.wait({getter}, timeout=0.5)
+            done, _ = await asyncio.wait({getter}, timeout=0.1)
             if done:
                 event = getter.result()
                 if isinstance(event, (Finished, Failed)):

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine backend (default onnxruntime; torch with --checkpoint)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the backend, 0 = every core (default 1)")
-    p.add_argument("--dtype", default="fp32", help="--checkpoint weights: fp32 | fp16 | bf16 (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="--checkpoint weights (default fp32)")
     p.add_argument("--model-name", default="", help="the model id clients send (default: the directory's name)")
     p.add_argument("--method", default="dcu+apd", help="default decoding method, CACHE or CACHE+COMMIT "
                    "(default dcu+apd); requests override it with dllm.method")

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from dllm.engines.base import Backend
 from dllm.errors import ConfigError
+from dllm.exporter.subgraphs import DType
 from dllm.runtime import DecodeConfig, method_config
 
 
@@ -28,7 +29,7 @@ class ServeConfig:
     backend: Backend = Backend.ONNXRUNTIME
     device: str = "cpu"
     threads: int = 1                 # CPU threads of the backend (ONNX Runtime intra-op, or torch); 0 = every core
-    dtype: str = "fp32"              # checkpoint source only (torch weights)
+    dtype: DType = DType.FP32        # checkpoint source only (torch weights)
     model_name: str = ""             # the `model` clients send; "" = the directory's name
     method: str = "dcu+apd"          # default decoding method (CACHE or CACHE+COMMIT, see method_config)
     block_length: int = 32           # default block length; max_tokens is rounded up to a multiple of it
@@ -39,12 +40,12 @@ class ServeConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
-        for name, enum_cls in (("source", Source), ("backend", Backend)):
+        for name, enum_cls in (("source", Source), ("backend", Backend), ("dtype", DType)):
             try:
                 object.__setattr__(self, name, enum_cls(getattr(self, name)))
             except ValueError:
                 choices = ", ".join(e.value for e in enum_cls)
-                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {choices}") from None
+                raise ConfigError(f"--{name} {getattr(self, name)!r} is not one of {choices}") from None
         if self.source == Source.CHECKPOINT and self.backend != Backend.TORCH:
             raise ConfigError(f"--checkpoint runs on --backend torch, not {self.backend.value}; export the "
                               f"checkpoint with `dllm-export {self.path} OUT` to serve it on other backends")
