@@ -27,7 +27,7 @@ from dllm.errors import ConfigError, DllmWarning
 from dllm.generation import GenerationDefaults, generation_defaults_from_checkpoint
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
-from dllm.runtime.loop import DecodeResult, decode_steps
+from dllm.runtime.loop import DecodeResult, StepCallback, decode_steps
 from dllm.runtime.prompts import check_ids, encode_chat, encode_text, encode_text_as_chat, load_tokenizer
 from dllm.threads import torch_threads
 
@@ -178,20 +178,27 @@ class Pipeline:
                                                and Path(self.engines.tokenizer_dir).is_dir())
 
     # -- generation ---------------------------------------------------------
-    def generate(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None) -> GenerationResult:
+    def generate(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None,
+                 on_step: StepCallback | None = None) -> GenerationResult:
         """Generate ``config.gen_length`` tokens after ``prompt`` (ids, text or chat messages).
 
         config: None uses ``default_config()``. chat: wrap a text prompt as a user message in the chat
-        template; None follows the model's generation defaults (on for instruct models)."""
-        for _ in self._run(prompt, config, chat, stream=False):
+        template; None follows the model's generation defaults (on for instruct models).
+        on_step(canvas, view, committed): called after every step with the canvas [1, N] (prompt +
+            generation, still-masked positions hold the mask id), the step view and the positions
+            committed in that step; an exception it raises stops the generation between two steps
+            and propagates (a server cancels a request this way)."""
+        for _ in self._run(prompt, config, chat, stream=False, on_step=on_step):
             pass
         return self.last_result
 
-    def stream(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None) -> Iterator[str]:
+    def stream(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None,
+               on_step: StepCallback | None = None) -> Iterator[str]:
         """Yield the generated text as it becomes final: each time the committed prefix of the
         generation (up to the first still-masked position, cut at EOS) grows, the new text is
-        yielded, so ``"".join(stream)`` is the final text. ``self.last_result`` holds the result."""
-        yield from self._run(prompt, config, chat, stream=True)
+        yielded, so ``"".join(stream)`` is the final text. ``self.last_result`` holds the result.
+        ``chat`` and ``on_step`` as in ``generate``."""
+        yield from self._run(prompt, config, chat, stream=True, on_step=on_step)
 
     def _check_length(self, gen_length: int) -> None:
         message = self.generation.length_warning(gen_length)
@@ -199,16 +206,17 @@ class Pipeline:
             self._warned.add(gen_length)
             warnings.warn(message, GenerationWarning, stacklevel=4)
 
-    def _run(self, prompt, config, chat, stream: bool) -> Iterator[str]:
+    def _run(self, prompt, config, chat, stream: bool, on_step: StepCallback | None = None) -> Iterator[str]:
         cfg = self.default_config() if config is None else config
         if not isinstance(cfg, DecodeConfig):
             raise ConfigError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
         self._check_length(cfg.gen_length)
         prompt_ids = self.encode(prompt, chat=isinstance(prompt, str) and self._wants_chat(chat))
         with torch_threads(self.engines.torch_threads):
-            yield from self._decode(prompt_ids, cfg, stream)
+            yield from self._decode(prompt_ids, cfg, stream, on_step)
 
-    def _decode(self, prompt_ids: list[int], cfg: DecodeConfig, stream: bool) -> Iterator[str]:
+    def _decode(self, prompt_ids: list[int], cfg: DecodeConfig, stream: bool,
+                on_step: StepCallback | None) -> Iterator[str]:
         text_out = self._has_tokenizer()
         if stream and not text_out:
             raise ConfigError("stream() yields text and needs a tokenizer; use generate() for ids only")
@@ -221,6 +229,8 @@ class Pipeline:
             except StopIteration as stop:
                 result: DecodeResult = stop.value
                 break
+            if on_step is not None:
+                on_step(canvas, view, committed)
             if stream and committed and not done:
                 gen = canvas[0, P:].tolist()
                 prefix = []

@@ -144,3 +144,29 @@ def test_replace_keeps_steps_following_the_length():
     cfg = DecodeConfig(gen_length=64, block_length=32)
     assert cfg.steps == 64 and cfg.replace(gen_length=32).steps == 32
     assert DecodeConfig(gen_length=64, steps=32).replace(gen_length=128).steps == 32   # set on purpose: kept
+
+
+def test_on_step_sees_every_step_and_can_stop_the_generation(pipes):
+    pipe = pipes["llada"]
+    cfg = method_config("dual+threshold", CFG.replace(gen_length=32, block_length=8))
+    full = pipe.generate([6, 7, 8, 9], cfg)
+    seen = []
+
+    def record(canvas, view, committed):
+        seen.append((view.step, int((canvas[0, 4:] == pipe.spec.mask_id).sum()), list(committed)))
+
+    assert pipe.generate([6, 7, 8, 9], cfg, on_step=record).ids == full.ids
+    assert [s for s, _, _ in seen] == list(range(1, full.steps + 1))
+    assert [len(c) for _, _, c in seen] == full.tokens_per_step and seen[-1][1] == 0
+    assert any(len(c) > 1 for _, _, c in seen)            # several tokens commit per step here
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(canvas, view, committed):
+        if view.step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        list(pipe.stream([6, 7, 8, 9], cfg, on_step=stop_at_two))
+    assert pipe.generate([6, 7, 8, 9], cfg).ids == full.ids    # a stopped generation leaves nothing behind

@@ -1,0 +1,90 @@
+"""The decode worker: one job at a time, cancelled jobs dropped or stopped between steps, and a
+generation that raises ends that request only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from dllm.runtime import DecodeConfig, method_config
+
+pytest.importorskip("prometheus_client")
+
+from dllm.serve.jobs import Failed, Finished, GenerationRequest, Job, Progress  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def state(shipped_engine_dir):
+    from dllm.serve.app import load_state
+    from dllm.serve.config import ServeConfig
+
+    state = load_state(ServeConfig(shipped_engine_dir, max_tokens=32), warmup=False)
+    state.scheduler.start()
+    yield state
+    state.scheduler.stop()
+
+
+def request(pipe, text: str, method: str = "full", **kw) -> GenerationRequest:
+    ids = pipe.encode([{"role": "user", "content": text}])
+    cfg = method_config(method, DecodeConfig(gen_length=32, block_length=32, steps=32))
+    return GenerationRequest(tuple(ids), cfg, 32, **kw)
+
+
+async def drain(job: Job) -> list:
+    events = []
+    while True:
+        events.append(await job.next_event())
+        if isinstance(events[-1], (Finished, Failed)):
+            return events
+
+
+def test_jobs_run_in_order_and_a_failing_generation_spares_the_worker(state, reference_pipeline):
+    pipe = state.pipeline
+    good = request(pipe, "What is 47+38?", stream=True)
+    bad = GenerationRequest(good.prompt_ids + (pipe.spec.mask_id,), good.config, 32)   # the loop refuses mask ids
+    want = reference_pipeline.generate(list(good.prompt_ids), good.config).text
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(r, loop) for r in (good, bad, good)]
+        for j in jobs:
+            state.scheduler.submit(j)
+        return [await drain(j) for j in jobs]
+
+    first, failed, again = asyncio.run(run())
+    assert isinstance(failed[-1], Failed) and "mask id" in failed[-1].message
+    for events in (first, again):
+        assert isinstance(events[-1], Finished) and events[-1].full_text == want
+        assert all(isinstance(e, Progress) for e in events[:-1]) and len(events) > 1
+        assert "".join(e.text for e in events) == want                  # deltas + the rest = the answer
+    deadline = time.monotonic() + 10
+    while state.scheduler.running and time.monotonic() < deadline:   # the worker resets it after the last event
+        time.sleep(0.01)
+    assert state.scheduler.depth == 0 and state.scheduler.running == 0
+
+
+def test_a_queued_job_cancelled_before_it_starts_never_runs(state):
+    pipe = state.pipeline
+    long = request(pipe, "Sort: 5 3 1")
+    long = GenerationRequest(long.prompt_ids, long.config.replace(gen_length=256, steps=256), 256, stream=True,
+                             canvas=True)                     # an event after every step
+    short = request(pipe, "What is 1+2?")
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        first, doomed, last = Job(long, loop), Job(short, loop), Job(short, loop)
+        for j in (first, doomed, last):
+            state.scheduler.submit(j)
+        step = (await first.next_event()).canvas.step      # the first job is running, the other two wait
+        doomed.cancel()
+        first.cancel()
+        done = await drain(last)
+        return step, first, doomed, done
+
+    step, first, doomed, done = asyncio.run(run())
+    assert step == 1
+    assert first._events.qsize() <= 1        # stopped after the step it was in when cancelled: no Finished
+    assert doomed._events.empty()            # no event at all: it was dropped from the queue
+    assert isinstance(done[-1], Finished) and done[-1].completion_tokens > 0
