@@ -108,7 +108,7 @@ def test_max_tokens_rounds_the_canvas_up_and_cuts_the_answer(client, reference_p
 
 def test_text_completions_with_text_and_token_id_prompts(client, served, reference_pipeline):
     prompt = reference_pipeline.tokenizer.apply_chat_template(SORT, add_generation_prompt=True, tokenize=False)
-    want = reference_pipeline.generate(prompt, cfg("dcu+apd", gen=64))
+    want = reference_pipeline.generate(prompt, cfg("dcu+apd", gen=64), chat=False)   # already templated
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=64)
     assert out.object == "text_completion" and out.choices[0].text == want.text
     ids = reference_pipeline.encode(prompt)

@@ -30,7 +30,7 @@ def test_max_tokens_rounds_up_to_whole_blocks_and_steps_follow():
 def test_method_then_knobs_and_canvas():
     cfg, canvas = decode_config(model("full"), 32, None, None, {"method": "dcu-reference", "budget": 8,
                                                                  "canvas": True})
-    assert canvas and cfg.cache.value == "dcu_reference" and cfg.proxy.value == "value" and cfg.budget == 8
+    assert canvas and cfg.cache.value == "dcu-reference" and cfg.proxy.value == "value" and cfg.budget == 8
 
 
 @pytest.mark.parametrize("dllm,param", [
