@@ -7,7 +7,8 @@
 - ``tensorrt``: one ``TrtEngine`` per subgraph from ``plans/<device tag>/<name>.plan``, where the device tag
   names this GPU and TensorRT version (``dllm.engines.trt_build.device_tag``);
 - ``torch``: the PyTorch subgraph modules rebuilt from the checkpoint the directory was exported from
-  (``manifest.source["checkpoint"]``, or ``checkpoint=``), for reference runs;
+  (``manifest.source["checkpoint"]``, or ``checkpoint=``), for reference runs; quantized subgraphs take
+  their dequantized weights from the ONNX files, so they compute what the quantized graphs compute;
 - ``tokenizer_dir`` is ``path/tokenizer``.
 
 Backend modules are imported only when asked for, so a Jetson install without ONNX Runtime (or a CPU
@@ -193,8 +194,15 @@ def _open_torch(root, manifest, device, checkpoint, options):
     if ckpt.spec != manifest.model:
         raise EngineDirError(f"checkpoint {path} is a different model than {root} was exported from: "
                              f"{ckpt.spec} vs {manifest.model}; pass the checkpoint it was exported from")
-    return {s.decl.name: TorchEngine(s.decl, build_module(s.decl, ckpt, manifest.dtype), device)
-            for s in manifest.subgraphs}
+    engines = {}
+    for s in manifest.subgraphs:
+        module = build_module(s.decl, ckpt, manifest.dtype)
+        if manifest.quantization and s.decl.name in manifest.quantization.get("subgraphs", ()):
+            from dllm.exporter.quant import load_quantized_weights
+
+            module = load_quantized_weights(module, root / s.onnx)   # the ONNX file's weights, dequantized
+        engines[s.decl.name] = TorchEngine(s.decl, module, device)
+    return engines
 
 
 def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ONNXRUNTIME,

@@ -47,6 +47,7 @@ class Manifest:
     source: dict                  # {"checkpoint": abs path, "config_sha256": ...}
     tools: dict                   # tool -> version
     build: dict                   # export/build options
+    quantization: dict | None = None  # weight-only quantization (docs/engine-dir.md); None: float weights
     schema_version: int = SCHEMA_VERSION
 
     def subgraph(self, name: str) -> SubgraphEntry:
@@ -64,6 +65,7 @@ class Manifest:
                           for s in self.subgraphs],
             "profiles": [dataclasses.asdict(p) for p in self.profiles],
             "plans": self.plans, "source": self.source, "tools": self.tools, "build": self.build,
+            "quantization": self.quantization,
         }
 
     @classmethod
@@ -79,7 +81,8 @@ class Manifest:
         return cls(model=ModelSpec.from_dict(d["model"]), dtype=d["dtype"], max_seq_len=d["max_seq_len"],
                    subgraphs=subs, profiles=tuple(Profile(**p) for p in d["profiles"]),
                    plans=d.get("plans", {}), source=d.get("source", {}), tools=d.get("tools", {}),
-                   build=d.get("build", {}), schema_version=d["schema_version"])
+                   build=d.get("build", {}), quantization=d.get("quantization"),
+                   schema_version=d["schema_version"])
 
     def write(self, engine_dir: Path) -> None:
         (Path(engine_dir) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2))
