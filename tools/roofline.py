@@ -18,9 +18,9 @@ over a canvas of ``N`` (the real row counts come from a ``dllm-bench`` JSON, ``m
 - the head on the block's rows (final norm + LM head) and the embedding gather of the canvas.
 
 Assumptions, stated because they set the answer: achievable bandwidth and tensor throughput are the
-device's figures times ``--bw-efficiency`` (0.9 by default: the bench's measured device copy on the H100
-is 0.90 of its 3.35 TB/s) and ``--compute-efficiency`` (0.7 by default, what dense half-precision GEMMs of
-these shapes reach on an H100; ``measure`` reports it on your GPU); activations are 2 bytes; kernels do not
+device's figures times ``--bw-efficiency`` (0.9 by default: a 1 GiB device copy on an H100 moves 2.99 TB/s,
+0.89 of its 3.35 TB/s) and ``--compute-efficiency`` (0.75 by default: LLaDA-8B's seven layer matrix products
+at 1280 rows ran at 766 TFLOPS on an H100 in bf16, 0.77 of 989; ``measure`` reports both on your GPU); activations are 2 bytes; kernels do not
 overlap and cost no launch time unless ``--kernel-overhead-us`` says otherwise (0 by default). Anything the
 model leaves out (normalization and RoPE kernels, casts, top-k and commit, host time) shows up as the gap to
 the measurement, which ``compare`` prints.
@@ -90,7 +90,7 @@ class Precision(str, enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class Assumptions:
     bw_efficiency: float = 0.9
-    compute_efficiency: float = 0.7
+    compute_efficiency: float = 0.75
     kernel_overhead_us: float = 0.0
     act_bytes: int = 2
     block: int = 128                   # int4 block
@@ -252,10 +252,13 @@ def step_table(report: dict, devices: list[Device], precisions: list[Precision],
 
 
 def fit_table(spec: ModelSpec, canvas: int, gen_length: int, devices: list[Device], a: Assumptions) -> list[dict]:
+    """Footprint per weight format (quantized ones with and without the head and embedding) and where it fits."""
     out = []
-    for prec in Precision:
-        f = footprint(spec, prec, canvas, gen_length, a)
-        out.append({"precision": prec.value, "weights_gb": f.weights_gb, "caches_gb": f.caches_gb,
+    formats = [(Precision.FP16, False)] + [(p, h) for p in (Precision.INT8, Precision.INT4) for h in (False, True)]
+    for prec, head in formats:
+        f = footprint(spec, prec, canvas, gen_length, dataclasses.replace(a, quant_head=head))
+        label = prec.value + (" +head/embed" if head else "")
+        out.append({"precision": label, "weights_gb": f.weights_gb, "caches_gb": f.caches_gb,
                     "workspace_gb": f.workspace_gb, "total_gb": f.total_gb,
                     "fits": {d.name: f.total_gb <= d.memory_gb - d.reserve_gb for d in devices}})
     return out
@@ -302,6 +305,21 @@ def measure(device_name: str, spec: ModelSpec, rows: tuple[int, ...] = (1280, 70
                        "bw_efficiency": nbytes / secs / GB / dev.bandwidth_gb_s}
     out["rows"] = per_rows
     return out
+
+
+def step_markdown(rows: list[dict]) -> str:
+    """One line per device and precision, one column per method (ms per step), plus seconds per answer."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))       # "dcu@allocation=uniform" etc.
+    steps = {r["method"]: r["steps"] for r in rows}
+    lines = ["| device | weights | weights read (GB) | " + " | ".join(f"{m} ms/step" for m in methods)
+             + " | " + " | ".join(f"{m} s/answer ({steps[m]:.0f} steps)" for m in methods) + " |",
+             "|---" * (3 + 2 * len(methods)) + "|"]
+    for dev, prec in dict.fromkeys((r["device"], r["precision"]) for r in rows):
+        cells = {r["method"]: r for r in rows if (r["device"], r["precision"]) == (dev, prec)}
+        lines.append(f"| {dev} | {prec} | {cells[methods[0]]['weight_gb']:.1f} | "
+                     + " | ".join(f"{cells[m]['ms']:.1f}" for m in methods) + " | "
+                     + " | ".join(f"{cells[m]['ms'] * cells[m]['steps'] / 1e3:.1f}" for m in methods) + " |")
+    return "\n".join(lines)
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
@@ -372,16 +390,13 @@ def run(args) -> tuple[str, object]:
     if args.command == "step":
         precisions = [Precision(p.strip()) for p in args.precisions.split(",")]
         rows = step_table(read_bench(args.bench), _devices(args.devices), precisions, a)
-        lines = [head, f"{'device':<15} {'precision':<9} {'method':<30} {'ms/step':>9} {'weights GB':>11}"]
-        lines += [f"{r['device']:<15} {r['precision']:<9} {r['method']:<30} {r['ms']:>9.1f} {r['weight_gb']:>11.2f}"
-                  for r in rows]
-        return "\n".join(lines), rows
+        return head + "\n" + step_markdown(rows), rows
     devices = _devices(args.devices)
     rows = fit_table(model_spec(args.model), args.canvas, args.gen_length, devices, a)
-    lines = [head, f"{'precision':<9} {'weights':>8} {'caches':>7} {'workspace':>10} {'total GB':>9}  "
+    lines = [head, f"{'format':<17} {'weights':>8} {'caches':>7} {'workspace':>10} {'total GB':>9}  "
              + " ".join(f"{d.name:>14}" for d in devices),
-             f"{'(usable GB)':<47}" + " ".join(f"{d.memory_gb - d.reserve_gb:>14.1f}" for d in devices)]
-    lines += [f"{r['precision']:<9} {r['weights_gb']:>8.2f} {r['caches_gb']:>7.2f} {r['workspace_gb']:>10.2f} "
+             f"{'(usable GB)':<55}" + " ".join(f"{d.memory_gb - d.reserve_gb:>14.1f}" for d in devices)]
+    lines += [f"{r['precision']:<17} {r['weights_gb']:>8.2f} {r['caches_gb']:>7.2f} {r['workspace_gb']:>10.2f} "
               f"{r['total_gb']:>9.2f}  " + " ".join(f"{'yes' if r['fits'][d.name] else 'no':>14}" for d in devices)
               for r in rows]
     return "\n".join(lines), rows

@@ -43,8 +43,24 @@ def _export(ckpt, out, quant, **kw):
 
 
 @pytest.fixture(scope="module")
-def int8_dir(ckpt, tmp_path_factory):
-    return _export(ckpt, tmp_path_factory.mktemp("int8") / "e", QuantConfig("int8", method="rtn"))
+def int8_export(ckpt, tmp_path_factory):
+    """An int8 round-to-nearest export with the embedding quantized too, through the CLI: (dir, stdout)."""
+    import contextlib
+    import io
+
+    from dllm.exporter.cli import main
+
+    out, log = tmp_path_factory.mktemp("int8") / "e", io.StringIO()
+    with contextlib.redirect_stdout(log):
+        rc = main([str(ckpt), "-o", str(out), "--max-seq-len", str(MAX), "--quant", "int8",
+                   "--quant-method", "rtn", "--quant-embed"])
+    assert rc == 0
+    return out, log.getvalue()
+
+
+@pytest.fixture(scope="module")
+def int8_dir(int8_export):
+    return int8_export[0]
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +98,25 @@ def test_int8_graphs_are_per_channel_dequantize_into_matmul(int8_dir):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
         assert w.data_type == onnx.TensorProto.INT8 and attrs == {"axis": 1}   # one scale per output channel
     assert not weight_nodes(model, "MatMul")                # no float weight left in a layer
-    for name in ("embed", "head"):                          # stay in the model dtype without a flag
-        g = onnx.load(str(int8_dir / f"onnx/{name}.onnx"), load_external_data=False)
-        assert not any(n.op_type == "DequantizeLinear" for n in g.graph.node)
+    head = onnx.load(str(int8_dir / "onnx/head.onnx"), load_external_data=False)
+    assert not any(n.op_type == "DequantizeLinear" for n in head.graph.node)   # the head only with --quant-head
+    embed = onnx.load(str(int8_dir / "onnx/embed.onnx"), load_external_data=False)
+    dq = next(n for n in embed.graph.node if n.op_type == "DequantizeLinear")  # --quant-embed: one scale per row
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 0}
+    assert not weight_nodes(embed, "Gather")
     q = m.quantization
     assert (q["format"], q["bits"], q["method"], q["block_size"]) == ("int8", 8, "rtn", None)
-    assert q["subgraphs"] == ["layer_00", "layer_01", "vproj_00", "vproj_01"]
+    assert q["subgraphs"] == ["embed", "layer_00", "layer_01", "vproj_00", "vproj_01"]
     assert 0.25 < q["weight_bytes"]["layer"]["ratio"] < 0.3   # 1 byte + fp32 scales vs 4 bytes
+    err = m.build["validation"]["embed"]["quantization_error"]["outputs"]["h"]
+    assert 0 < err["rel_rms"] < 0.01
 
 
 def test_int4_graphs_are_blockwise_dequantize_into_matmul_at_opset_21(int4_dir):
     m = read_manifest(int4_dir)
+    for name in ("embed", "head"):                          # stay in the model dtype without a flag
+        g = onnx.load(str(int4_dir / f"onnx/{name}.onnx"), load_external_data=False)
+        assert not any(n.op_type == "DequantizeLinear" for n in g.graph.node)
     model, mm = _quantized_matmuls(int4_dir / "onnx/layer_01.onnx")
     assert set(mm) == LAYER_MATMULS and model.opset_import[0].version == 21
     for dq, w in mm.values():
@@ -110,8 +134,8 @@ def test_int4_graphs_are_blockwise_dequantize_into_matmul_at_opset_21(int4_dir):
 
 def test_vproj_probes_take_their_layers_quantized_v_proj_verbatim(int4_dir):
     for i in range(2):
-        _, layer = _quantized_matmuls(int4_dir / f"onnx/layer_{i:02d}.onnx")
         _, probe = _quantized_matmuls(int4_dir / f"onnx/vproj_{i:02d}.onnx")
+        assert set(probe) == {"v_proj"}
         base = str(int4_dir / "onnx")
         w_layer = dequantized_weights(onnx.load(str(int4_dir / f"onnx/layer_{i:02d}.onnx"), load_external_data=False), base)
         w_probe = dequantized_weights(onnx.load(str(int4_dir / f"onnx/vproj_{i:02d}.onnx"), load_external_data=False), base)
@@ -165,40 +189,25 @@ def test_quantized_engine_directory_generates_and_resumes(int4_dir, ckpt, calib_
     assert {e.status.value for e in events if e.status.value != "start"} == {"skipped"}
 
 
-def test_head_and_embed_quantize_only_when_asked(ckpt, tmp_path):
+def test_fp16_export_with_head_and_embedding_quantized(ckpt, tmp_path):
     out = _export(ckpt, tmp_path / "e", QuantConfig("int4", method="rtn", block_size=32, head=True, embed=True),
-                  with_vproj=False)
+                  dtype="fp16", with_vproj=False)
     m = read_manifest(out)
     assert m.quantization["subgraphs"] == ["embed", "layer_00", "layer_01", "head"]
+    assert all(v["passed"] for v in m.build["validation"].values())
+    assert m.quantization["weight_bytes"]["layer"]["ratio"] <= 0.35          # against fp16 here
     head = onnx.load(str(out / "onnx/head.onnx"), load_external_data=False)
     embed = onnx.load(str(out / "onnx/embed.onnx"), load_external_data=False)
     assert not weight_nodes(head, "MatMul") and not weight_nodes(embed, "Gather")
     gather = next(n for n in embed.graph.node if n.op_type == "Gather")
     assert _producers(embed)[gather.input[0]].op_type == "DequantizeLinear"
-    assert all(v["passed"] for v in m.build["validation"].values())
-    # the torch module with the file's weights computes what the file does
-    module = load_quantized_weights(build_module(m.subgraph("embed").decl, Checkpoint(ckpt), "fp32"),
-                                    out / "onnx/embed.onnx")
-    assert not torch.equal(module.embed.weight, Checkpoint(ckpt).load_embed().weight)
-
-
-def test_int8_embedding_rows_are_quantized_per_token(ckpt, tmp_path):
-    out = _export(ckpt, tmp_path / "e", QuantConfig("int8", method="rtn", embed=True), with_vproj=False)
-    embed = onnx.load(str(out / "onnx/embed.onnx"), load_external_data=False)
-    dq = next(n for n in embed.graph.node if n.op_type == "DequantizeLinear")
-    assert {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 0}
-    err = read_manifest(out).build["validation"]["embed"]["quantization_error"]["outputs"]["h"]
-    assert 0 < err["rel_rms"] < 0.01
-
-
-def test_fp16_export_quantizes_with_fp16_scales(ckpt, tmp_path):
-    out = _export(ckpt, tmp_path / "e", QuantConfig("int4", method="rtn", block_size=32), dtype="fp16",
-                  with_vproj=False)
     model, mm = _quantized_matmuls(out / "onnx/layer_00.onnx")
     scale = {t.name: t for t in model.graph.initializer}[next(iter(mm.values()))[0].input[1]]
-    assert scale.data_type == onnx.TensorProto.FLOAT16
-    m = read_manifest(out)
-    assert m.build["validation"]["layer_00"]["passed"] and m.quantization["weight_bytes"]["layer"]["ratio"] <= 0.35
+    assert scale.data_type == onnx.TensorProto.FLOAT16                       # scales in the model dtype
+    # the torch module with the file's weights computes what the file does
+    module = load_quantized_weights(build_module(m.subgraph("embed").decl, Checkpoint(ckpt), "fp16"),
+                                    out / "onnx/embed.onnx")
+    assert not torch.equal(module.embed.weight, Checkpoint(ckpt).load_embed(torch.float16).weight)
 
 
 # -- configuration and calibration --------------------------------------------------------------------
@@ -263,12 +272,29 @@ def test_calibration_files_text_and_jsonl(tmp_path):
     assert isinstance(cal, CalibrationSet) and cal.holdout_is_calib and len(cal.calib) == 1
 
 
-def test_cli_quant_flags(ckpt, tmp_path, capsys):
+def test_cli_quant_flags(int8_export, ckpt, tmp_path, capsys):
     from dllm.exporter.cli import main
 
-    rc = main([str(ckpt), "-o", str(tmp_path / "e"), "--max-seq-len", str(MAX), "--no-vproj",
-               "--quant", "int4", "--quant-method", "rtn", "--quant-block-size", "32"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "quantization: int4 rtn, block 32" in out and "quantization error vs fp32" in out
+    out = int8_export[1]
+    assert "quantization: int8 rtn, 5 subgraphs" in out and "quantization error vs fp32" in out
     rc = main([str(ckpt), "-o", str(tmp_path / "f"), "--dtype", "bf16", "--quant", "int8"])
     assert rc == 2 and "--dtype fp16 or fp32" in capsys.readouterr().err
+
+
+@pytest.mark.tensorrt
+def test_every_quantized_subgraph_builds_with_tensorrt(int8_dir, int4_dir):
+    """TensorRT-RTX (a real parser and builder, on the CPU) takes both forms, with the export's profiles,
+    through the on-device plan builder (python -m dllm.engines.build_plans)."""
+    trt_build = pytest.importorskip("dllm.engines.trt_build")
+    try:
+        trt_build.load_trt()
+    except Exception as e:  # noqa: BLE001 - skip by capability
+        pytest.skip(f"no TensorRT module: {e}")
+    from dllm.engines.build_plans import build_plans
+
+    for d in (int8_dir, int4_dir):
+        tag = build_plans(d, log=lambda s: None)
+        m = read_manifest(d)
+        assert set(m.plans[tag]) == {s.decl.name for s in m.subgraphs}
+        for name in m.quantization["subgraphs"]:
+            assert (d / m.plans[tag][name]["file"]).stat().st_size > 0, name
