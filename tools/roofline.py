@@ -393,11 +393,12 @@ def run(args) -> tuple[str, object]:
         return head + "\n" + step_markdown(rows), rows
     devices = _devices(args.devices)
     rows = fit_table(model_spec(args.model), args.canvas, args.gen_length, devices, a)
-    lines = [head, f"{'format':<17} {'weights':>8} {'caches':>7} {'workspace':>10} {'total GB':>9}  "
-             + " ".join(f"{d.name:>14}" for d in devices),
-             f"{'(usable GB)':<55}" + " ".join(f"{d.memory_gb - d.reserve_gb:>14.1f}" for d in devices)]
-    lines += [f"{r['precision']:<17} {r['weights_gb']:>8.2f} {r['caches_gb']:>7.2f} {r['workspace_gb']:>10.2f} "
-              f"{r['total_gb']:>9.2f}  " + " ".join(f"{'yes' if r['fits'][d.name] else 'no':>14}" for d in devices)
+    lines = [head, f"model {args.model}, canvas {args.canvas} (gen {args.gen_length}); GB = 1e9 bytes",
+             "| weights | weights GB | caches GB | workspace GB | total GB | "
+             + " | ".join(f"{d.name} ({d.memory_gb - d.reserve_gb:g} GB usable)" for d in devices) + " |",
+             "|---" * (5 + len(devices)) + "|"]
+    lines += [f"| {r['precision']} | {r['weights_gb']:.2f} | {r['caches_gb']:.2f} | {r['workspace_gb']:.2f} | "
+              f"{r['total_gb']:.2f} | " + " | ".join("yes" if r["fits"][d.name] else "no" for d in devices) + " |"
               for r in rows]
     return "\n".join(lines), rows
 
