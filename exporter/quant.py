@@ -79,7 +79,7 @@ class Quantizer:
                 self._at += 1
         return self._hidden
 
-    def _feeds(self, decl: SubgraphDecl, held_out: bool) -> list[dict[str, np.ndarray]] | None:
+    def _feeds(self, decl: SubgraphDecl, held_out: bool) -> list[dict[str, torch.Tensor]] | None:
         """Real inputs of a layer or the head: one feed per canvas (calibration or held-out ones)."""
         cal = self.calibration
         if cal is None or decl.kind not in (Kind.LAYER, Kind.HEAD):

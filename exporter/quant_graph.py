@@ -32,6 +32,9 @@ INT4_OPSET = 21
 INT4_IR_VERSION = 10              # the IR version that introduced INT4
 MODELOPT_METHODS = {QuantMethod.RTN: "rtn_dq", QuantMethod.AWQ: "awq_lite"}
 _DQ, _MATMUL, _MUL, _GATHER = "DequantizeLinear", "MatMul", "Mul", "Gather"
+# doc_string of the Mul nodes that hold AWQ's input scales (a norm's Mul also multiplies by a constant
+# right before a MatMul, so the marker, not the pattern, tells them apart)
+AWQ_SCALE_MARK = "dllm: AWQ input scale"
 QUANT_INSTALL = "pip install 'dllm-deploy[quant]'"
 
 
@@ -112,9 +115,15 @@ def quantize_matmuls(model: onnx.ModelProto, cfg: QuantConfig, feeds: list[dict]
     else:
         model = to_opset(model, INT4_OPSET)
         kwargs.update(block_size=cfg.block_size)
+    before = {n.name for n in model.graph.node}
     out = _run_modelopt(lambda: int4.quantize(model, **kwargs), what)
     if cfg.bits == QuantBits.INT4:
         out.ir_version = max(out.ir_version, INT4_IR_VERSION)
+    producers = {o: n for n in out.graph.node for o in n.output}
+    for mm in weight_matmul_inputs(out):        # Muls Model Optimizer put in front of a MatMul: AWQ scales
+        pre = producers.get(mm.input[0])
+        if pre is not None and pre.op_type == _MUL and pre.name not in before:
+            pre.doc_string = AWQ_SCALE_MARK
     return out
 
 
@@ -188,15 +197,15 @@ def copy_quantized_matmul(src: onnx.ModelProto, dst: onnx.ModelProto, token: str
     new_nodes.append(copied_dq)
     old_weight = d_node.input[1]
     d_node.input[1] = copied_dq.output[0]
-    pre = producers.get(s_node.input[0])
-    if pre is not None and pre.op_type == _MUL and any(i in s_inits for i in pre.input):
+    pre = _awq_scale_node(producers.get(s_node.input[0]), s_inits)
+    if pre is not None:
         const = next(i for i in pre.input if i in s_inits)
         t = onnx.TensorProto()
         t.CopyFrom(s_inits[const])
         t.name = f"{token}.shared_input_scale"
         new_inits.append(t)
         mul = onnx.helper.make_node(_MUL, [d_node.input[0], t.name], [f"{token}.shared_scaled_in"],
-                                    name=f"{token}.shared_input_scale_mul")
+                                    name=f"{token}.shared_input_scale_mul", doc_string=AWQ_SCALE_MARK)
         d_node.input[0] = mul.output[0]
         new_nodes.append(mul)
     inits = [t for t in dst.graph.initializer if t.name != old_weight] + new_inits
@@ -208,6 +217,13 @@ def copy_quantized_matmul(src: onnx.ModelProto, dst: onnx.ModelProto, token: str
     dst.graph.node.extend(nodes[:at] + new_nodes + nodes[at:])
     dst.ir_version = max(dst.ir_version, src.ir_version)
     return dst
+
+
+def _awq_scale_node(node: onnx.NodeProto | None, inits: dict) -> onnx.NodeProto | None:
+    """``node`` if it is a marked AWQ input-scale Mul with a constant scale, else None."""
+    if node is None or node.op_type != _MUL or node.doc_string != AWQ_SCALE_MARK:
+        return None
+    return node if any(i in inits for i in node.input) else None
 
 
 def weight_matmul_inputs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -257,8 +273,8 @@ def dequantized_weights(model: onnx.ModelProto, base_dir: str | None = None) -> 
         if dq is None or dq.op_type != _DQ:
             continue
         w = dequantize(dq, inits, base_dir)
-        pre = producers.get(node.input[0]) if node.op_type == _MATMUL else None
-        if pre is not None and pre.op_type == _MUL and any(i in inits for i in pre.input):
+        pre = _awq_scale_node(producers.get(node.input[0]), inits) if node.op_type == _MATMUL else None
+        if pre is not None:
             scale = _array(inits[next(i for i in pre.input if i in inits)], base_dir).reshape(-1)   # [in]
             w = w * scale[:, None]
         out[module_token(node.name)] = w
@@ -271,10 +287,12 @@ def weight_bytes(model: onnx.ModelProto, float_itemsize: int) -> tuple[int, int]
     Integer weights feeding a DequantizeLinear count ``float_itemsize`` per element in the second figure,
     their scales and the AWQ input scales count nothing there.
     """
-    producers_of = {}
+    producers_of, awq_scales = {}, set()
     for n in model.graph.node:
         for i, name in enumerate(n.input):
             producers_of.setdefault(name, []).append((n.op_type, i))
+        if n.op_type == _MUL and n.doc_string == AWQ_SCALE_MARK:
+            awq_scales.update(n.input)
     stored = unquantized = 0
     for t in model.graph.initializer:
         numel = math.prod(t.dims)
@@ -283,7 +301,7 @@ def weight_bytes(model: onnx.ModelProto, float_itemsize: int) -> tuple[int, int]
         uses = producers_of.get(t.name, [])
         if (_DQ, 0) in uses:
             unquantized += numel * float_itemsize
-        elif any(op == _DQ for op, _ in uses) or t.name.endswith("_awq_scale") or ".shared_input_scale" in t.name:
+        elif any(op == _DQ for op, _ in uses) or t.name in awq_scales:
             continue
         else:
             unquantized += size

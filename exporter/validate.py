@@ -11,6 +11,10 @@ Which check runs depends on the dtype, and the report says which:
   in ONNX Runtime CPU against the PyTorch module with the same bf16-rounded weights run in
   fp32. This checks the graph and its weights, not bf16 arithmetic; that runs on a GPU
   (CUDA provider or TensorRT).
+
+Weight-only quantized subgraphs (``dllm-export --quant``, exporter/quant.py) run the same check against
+a PyTorch module holding the same dequantized weights, and add their error against the fp32 model to
+the report (``quant_error``), which is reported, not judged.
 """
 
 from __future__ import annotations

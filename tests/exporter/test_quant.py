@@ -14,7 +14,7 @@ from dllm.exporter.calibration import (CalibrationSet, file_samples, is_shipped_
 from dllm.exporter.config import ExportConfig
 from dllm.exporter.export import export_checkpoint
 from dllm.exporter.manifest import read_manifest
-from dllm.exporter.models import Checkpoint, write_tiny_checkpoint
+from dllm.exporter.models import Checkpoint
 from dllm.exporter.quant import load_quantized_weights
 from dllm.exporter.quant_config import QuantConfig
 from dllm.exporter.quant_graph import dequantized_weights, weight_nodes
@@ -28,7 +28,17 @@ SPEC = dict(n_layers=2, d_model=64, mlp_hidden=128)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llada", "llada", seed=3, std=0.1, **SPEC)
+    """A tiny LLaDA checkpoint whose norm weights are not 1 (a norm's Mul then differs from an AWQ scale)."""
+    from dllm.exporter.models.model import DiffusionLM
+    from dllm.exporter.models.writer import init_weights, save_checkpoint, tiny_spec
+
+    model = init_weights(DiffusionLM(tiny_spec("llada", **SPEC)), seed=3, std=0.1)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "llada")
 
 
 @pytest.fixture(scope="module")
