@@ -206,7 +206,8 @@ def load_quantized_weights(module: nn.Module, onnx_path: Path) -> nn.Module:
 
     onnx_path = Path(onnx_path)
     weights = dequantized_weights(onnx.load(str(onnx_path), load_external_data=False), str(onnx_path.parent))
-    by_token = {name.rsplit(".", 1)[-1]: m for name, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    by_token = {name.rsplit(".", 1)[-1]: m for name, m in module.named_modules()
+                if isinstance(m, (nn.Linear, nn.Embedding))}
     with torch.no_grad():
         for token, w in weights.items():
             target = by_token.get(token)

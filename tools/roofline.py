@@ -1,6 +1,6 @@
 """Roofline model of one decode step, and which model fits which device: ``python -m dllm.tools.roofline``.
 
-    python -m dllm.tools.roofline step --model llada-8b --bench docs/bench-gpu-h100-llada8b-p1024.json
+    python -m dllm.tools.roofline step --bench docs/bench-gpu-h100-llada8b-p1024.json --devices orin-nx-16gb
     python -m dllm.tools.roofline compare docs/bench-gpu-h100-llada8b-p1024.json --device h100-sxm
     python -m dllm.tools.roofline fit --model llada-8b --canvas 1280
     python -m dllm.tools.roofline measure --device-figures h100-sxm    # on a GPU: achieved GB/s and TFLOPS
@@ -18,10 +18,11 @@ over a canvas of ``N`` (the real row counts come from a ``dllm-bench`` JSON, ``m
 - the head on the block's rows (final norm + LM head) and the embedding gather of the canvas.
 
 Assumptions, stated because they set the answer: achievable bandwidth and tensor throughput are the
-device's figures times ``--bw-efficiency`` (0.9 by default: a 1 GiB device copy on an H100 moves 2.99 TB/s,
-0.89 of its 3.35 TB/s) and ``--compute-efficiency`` (0.75 by default: LLaDA-8B's seven layer matrix products
-at 1280 rows ran at 766 TFLOPS on an H100 in bf16, 0.77 of 989; ``measure`` reports both on your GPU); activations are 2 bytes; kernels do not
-overlap and cost no launch time unless ``--kernel-overhead-us`` says otherwise (0 by default). Anything the
+device's figures times ``--bw-efficiency`` (0.9 by default: a 1 GiB device copy on an H100 moves
+2.99 TB/s, 0.89 of its 3.35 TB/s) and ``--compute-efficiency`` (0.75 by default: LLaDA-8B's seven layer
+matrix products at 1280 rows ran at 766 TFLOPS on an H100 in bf16, 0.77 of 989; ``measure`` reports both
+on your GPU); activations are 2 bytes; kernels do not overlap and cost no launch time unless
+``--kernel-overhead-us`` says otherwise (0 by default). Anything the
 model leaves out (normalization and RoPE kernels, casts, top-k and commit, host time) shows up as the gap to
 the measurement, which ``compare`` prints.
 """

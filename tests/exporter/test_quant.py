@@ -146,9 +146,9 @@ def test_vproj_probes_take_their_layers_quantized_v_proj_verbatim(int4_dir):
     for i in range(2):
         _, probe = _quantized_matmuls(int4_dir / f"onnx/vproj_{i:02d}.onnx")
         assert set(probe) == {"v_proj"}
-        base = str(int4_dir / "onnx")
-        w_layer = dequantized_weights(onnx.load(str(int4_dir / f"onnx/layer_{i:02d}.onnx"), load_external_data=False), base)
-        w_probe = dequantized_weights(onnx.load(str(int4_dir / f"onnx/vproj_{i:02d}.onnx"), load_external_data=False), base)
+        base = int4_dir / "onnx"
+        w_layer, w_probe = (dequantized_weights(onnx.load(str(base / f"{name}_{i:02d}.onnx"), load_external_data=False),
+                                                str(base)) for name in ("layer", "vproj"))
         np.testing.assert_array_equal(w_layer["v_proj"], w_probe["v_proj"])    # AWQ scale included
 
 

@@ -83,3 +83,8 @@ def test_cli(tmp_path, capsys):
     assert rl.main(["compare", str(bad)]) == 2
     with pytest.raises(ConfigError, match="bw-efficiency"):
         rl.Assumptions(bw_efficiency=1.5)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            rl.measure("h100-sxm", LLADA)
