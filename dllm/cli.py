@@ -70,7 +70,7 @@ def show(value) -> str:
         return "off"
     if isinstance(value, bool):
         return "on" if value else "off"
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value % 1 == 0:       # a whole float (inf and nan are not)
         return str(int(value))
     return str(value)
 

@@ -10,7 +10,8 @@
   names this GPU and TensorRT version (``dllm.engines.trt_build.device_tag``);
 - ``torch``: the PyTorch subgraph modules rebuilt from the checkpoint the directory was exported from
   (``manifest.source["checkpoint"]``, or ``checkpoint=``), for reference runs; its weights must be
-  the ones exported (fingerprint recorded in the manifest; every byte with ``verify_hashes``);
+  the ones exported (fingerprint recorded in the manifest; every byte with ``verify_hashes``); quantized
+  subgraphs take their dequantized weights from the ONNX files, so they compute what those graphs compute;
 - ``tokenizer_dir`` is ``path/tokenizer``.
 
 Backend modules are imported only when asked for, so a Jetson install without ONNX Runtime (or a CPU
@@ -177,8 +178,16 @@ def _open_torch(root, manifest, device, checkpoint, verify_hashes, options, ops)
                              f"{ckpt.spec} vs {manifest.model}; pass the checkpoint it was exported from")
     _check_same_weights(root, manifest, path, verify_hashes)
     verify_files(root, tokenizer_checks(manifest), full=verify_hashes)
-    return {s.decl.name: TorchEngine(s.decl, torch_module(s.decl, ckpt, manifest.dtype, ops), device)
-            for s in manifest.subgraphs}
+    quantized = set((manifest.quantization or {}).get("subgraphs", ()))
+    engines = {}
+    for s in manifest.subgraphs:
+        module = torch_module(s.decl, ckpt, manifest.dtype, ops)
+        if s.decl.name in quantized:
+            from dllm.exporter.quant import load_quantized_weights
+
+            module = load_quantized_weights(module, root / s.onnx)   # the ONNX file's weights, dequantized
+        engines[s.decl.name] = TorchEngine(s.decl, module, device)
+    return engines
 
 
 def _check_same_weights(root: Path, manifest: Manifest, checkpoint: Path, full: bool) -> None:

@@ -46,6 +46,11 @@ ONNX_ELEMENT_TYPES = {
     torch.bfloat16: 16,  # BFLOAT16
 }
 
+# Weight-only quantized graphs (DequantizeLinear -> MatMul) are fused by ONNX Runtime into MatMulNBits, which
+# on the CPU by default also quantizes the activations to int8 (accuracy level 4); level 1 keeps fp32
+# arithmetic, so a graph computes what it says (weight-only, as TensorRT runs it).
+MATMULNBITS_ACCURACY = ("session.qdq_matmulnbits_accuracy_level", "1")
+
 # ONNX Runtime's type strings (NodeArg.type), by the declaration's dtype names.
 ORT_TYPE_STRINGS = {"fp32": "tensor(float)", "fp16": "tensor(float16)", "bf16": "tensor(bfloat16)",
                     "int32": "tensor(int32)", "int64": "tensor(int64)"}
@@ -148,6 +153,7 @@ def _session_options(ort, options: OrtOptions):
     so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", spin)
     so.log_severity_level = options.log_severity
+    so.add_session_config_entry(*MATMULNBITS_ACCURACY)
     return so
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dllm.cli import Progress, add_choice, add_common
 from dllm.cli_common import Parser, run_cli
+from dllm.exporter.quant_config import DEFAULT_BLOCK_SIZE, DEFAULT_CALIB_SAMPLES, TASKS_SOURCE, QuantBits, QuantMethod
 
 # The choices, spelled here so that --help needs no torch (a test checks them against DType and ExportBackend).
 DTYPES = ("fp32", "fp16", "bf16")
@@ -47,6 +48,23 @@ def parser() -> argparse.ArgumentParser:
                    help="skip the ONNX Runtime vs PyTorch parity check of every subgraph")
     p.add_argument("--no-vproj", dest="with_vproj", action="store_false",
                    help="do not export the vproj_i value probes (only needed by value-based change scores)")
+    q = p.add_argument_group("weight-only quantization (needs the quant extra: pip install 'dllm-deploy[quant]')")
+    q.add_argument("--quant", choices=[b.value for b in QuantBits], default=None,
+                   help="quantize the layers' weights: int8 (per output channel) or int4 (block-wise); "
+                        "activations, the embedding and the LM head stay in --dtype (fp32 or fp16)")
+    q.add_argument("--quant-method", choices=[m.value for m in QuantMethod], default=QuantMethod.AWQ.value,
+                   help="awq: activation-aware scales searched on --calib prompts (default); rtn: round to nearest")
+    q.add_argument("--quant-block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="B",
+                   help=f"int4 block along the input dim; must divide d_model and the MLP width "
+                        f"(default {DEFAULT_BLOCK_SIZE})")
+    q.add_argument("--calib", metavar="SOURCE", default=None,
+                   help=f"calibration prompts: '{TASKS_SOURCE}' (dllm.tools.tasks, the default for the shipped "
+                        "model), a text file (one sample per line) or a JSONL file")
+    q.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES, metavar="N",
+                   help=f"calibration samples (default {DEFAULT_CALIB_SAMPLES}; a few more are held out to "
+                        "measure the error)")
+    q.add_argument("--quant-head", action="store_true", help="also quantize the LM head")
+    q.add_argument("--quant-embed", action="store_true", help="also quantize the embedding table")
     add_common(p, threads_for="of PyTorch while tracing and validating the subgraphs", gpu_note="",
                threads_default="1")
     return p
@@ -114,6 +132,9 @@ def summary(out: Path, progress: _Progress | None = None) -> str:
                      f"subgraphs passed; worst output {worst[1]}.{worst[2]} at {worst[0]:.2f} of its tolerance")
     else:
         lines.append("  validation: skipped (--no-validate)")
+    from dllm.exporter.quant import quant_summary
+
+    lines += quant_summary(m.quantization, validation)
     for tag, plans in m.plans.items():
         times = [p.get("build_s") or 0.0 for p in plans.values()]
         size = sum((out / p["file"]).stat().st_size for p in plans.values())
@@ -134,13 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         from dllm.exporter.config import ExportConfig
         from dllm.exporter.export import export_checkpoint
         from dllm.exporter.hub import resolve_checkpoint
+        from dllm.exporter.quant_config import QuantConfig
         from dllm.threads import resolve_threads, torch_threads
 
         try:
             checkpoint = resolve_checkpoint(args.checkpoint, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+            quant = None if args.quant is None else QuantConfig(
+                bits=args.quant, method=args.quant_method, block_size=args.quant_block_size, calib=args.calib,
+                calib_samples=args.calib_samples, head=args.quant_head, embed=args.quant_embed)
             cfg = ExportConfig(checkpoint=checkpoint, out_dir=args.out, dtype=args.dtype,
                                max_seq_len=args.max_seq_len, backend=args.backend, opt_rows=args.opt_rows,
-                               validate=args.validate, with_vproj=args.with_vproj)
+                               validate=args.validate, with_vproj=args.with_vproj, quant=quant)
             with torch_threads(resolve_threads(args.threads, "torch")):
                 out = export_checkpoint(cfg, progress=bars)
         finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dllm.errors import ConfigError
 from dllm.exporter.manifest import Profile
+from dllm.exporter.quant_config import QuantConfig
 from dllm.exporter.subgraphs import DYNAMIC_DIMS, DType, SubgraphDecl
 
 SUPPORTED_OPSETS = (17,)      # TorchScript exporter, parsed by TensorRT 10.3 and ONNX Runtime
@@ -49,6 +50,7 @@ class ExportConfig:
     validate: bool = True
     with_vproj: bool = True              # also export the vproj_i value probes
     opset: int = SUPPORTED_OPSETS[0]
+    quant: QuantConfig | None = None     # weight-only int8/int4 (exporter/quant_config.py)
 
     def __post_init__(self):
         object.__setattr__(self, "checkpoint", Path(self.checkpoint).expanduser().absolute())
@@ -66,6 +68,9 @@ class ExportConfig:
         if self.opset not in SUPPORTED_OPSETS:
             raise ConfigError(f"opset {self.opset} is not supported; use one of {list(SUPPORTED_OPSETS)} "
                               "(what TensorRT 10.3 on JetPack 6 parses and this exporter is tested with)")
+        if self.quant is not None and self.dtype == DType.BF16:
+            raise ConfigError("--quant needs --dtype fp16 or fp32: quantization calibrates and validates in ONNX "
+                              "Runtime on the CPU, which has no bf16 MatMul (fp16 is what Jetson runs anyway)")
         self._check_apart()
 
     def _check_apart(self) -> None:

@@ -83,8 +83,9 @@ def subgraph_tensors(ckpt, decl: SubgraphDecl) -> list[str]:
     return [prefix + theirs for ours, theirs in wanted.items() if spec.qkv_bias or not ours.endswith(".bias")]
 
 
-def input_hash(ckpt, decl: SubgraphDecl, cfg: ExportConfig) -> str:
-    """What an exported subgraph depends on: its weights' bytes, the spec, its declaration, export options."""
+def input_hash(ckpt, decl: SubgraphDecl, cfg: ExportConfig, quant: dict | None = None) -> str:
+    """What an exported subgraph depends on: its weights' bytes, the spec, its declaration, export options
+    (and, when quantized, the quantization settings and calibration data: ``Quantizer.fingerprint``)."""
     import onnx
     import torch
     from safetensors import safe_open
@@ -92,7 +93,8 @@ def input_hash(ckpt, decl: SubgraphDecl, cfg: ExportConfig) -> str:
     h = hashlib.sha256(json.dumps({
         "exporter": EXPORTER_VERSION, "spec": ckpt.spec.to_dict(), "decl": decl.to_dict(),
         "dtype": cfg.dtype.value, "opset": cfg.opset, "export_sizes": EXPORT_SIZES,
-        "torch": torch.__version__, "onnx": onnx.__version__}, sort_keys=True).encode())
+        "torch": torch.__version__, "onnx": onnx.__version__, **({"quant": quant} if quant else {})},
+        sort_keys=True).encode())
     for name in subgraph_tensors(ckpt, decl):
         info = ckpt.tensors[name]
         with safe_open(str(info.file), framework="pt") as f:
@@ -142,6 +144,11 @@ def _export(cfg: ExportConfig, progress: Progress | None) -> Path:
         check_dtype_supported(cfg.dtype, gpu[1] if gpu else None)
         tag = device_tag(trt_mod)
     decls = declare(spec, cfg.dtype, cfg.with_vproj)
+    quant = None
+    if cfg.quant is not None:
+        from dllm.exporter.quant import Quantizer
+
+        quant = Quantizer(cfg.quant, ckpt, cfg.dtype, max_seq_len)
     tmp = prepare_output(cfg.out_dir)
     build = BuildConfig.for_export(cfg, max_seq_len, decls,
                                    timing_cache=tmp / PLANS_DIR / tag / "timing.cache" if tag else None)
@@ -154,19 +161,22 @@ def _export(cfg: ExportConfig, progress: Progress | None) -> Path:
         t0 = time.perf_counter()
         rel = f"{ONNX_DIR}/{decl.name}.onnx"
         key = f"{ONNX_DIR}/{decl.name}"
-        ih = input_hash(ckpt, decl, cfg)
+        ih = input_hash(ckpt, decl, cfg, quant.fingerprint(decl) if quant else None)
         record = records.find(key, ih)
         checked = (record or {}).get("validation") or {}
         needs_validation = cfg.validate and not (checked.get("passed") and checked.get("max_seq_len") == max_seq_len)
         if record is None or needs_validation:
             if record is None:
                 files, module = export_subgraph(decl, ckpt, cfg.dtype, tmp / rel, cfg.opset)
+                if quant is not None:
+                    quant.quantize(decl, tmp / rel)
                 record = {"input_hash": ih, "sha256": files_sha256(files.paths),
                           "files": [rel, data_path(Path(rel)).as_posix()], "seconds": files.seconds}
             else:
                 module = build_module(decl, ckpt, cfg.dtype)
             if cfg.validate:
-                report = validate_subgraph(decl, module, tmp / rel, cfg.dtype, max_seq_len)
+                report = quant.validate(decl, module, tmp / rel, max_seq_len) if quant else \
+                    validate_subgraph(decl, module, tmp / rel, cfg.dtype, max_seq_len)
                 record["validation"] = {**report.to_dict(), "max_seq_len": max_seq_len}
                 reports.append(report)
             del module
@@ -198,7 +208,8 @@ def _export(cfg: ExportConfig, progress: Progress | None) -> Path:
                "max_rows": cfg.max_rows, "max_batch": cfg.max_batch, "validate": cfg.validate,
                "validation": validation if cfg.validate else {}, "export_seconds": export_seconds,
                "external_data": "<onnx file>.data", "tensorrt": build_info},
-        generation=generation_defaults_from_checkpoint(cfg.checkpoint).to_dict())
+        generation=generation_defaults_from_checkpoint(cfg.checkpoint).to_dict(),
+        quantization=quant.record(tmp, [(e.decl, e.onnx) for e in entries]) if quant else None)
     return finalize(tmp, cfg.out_dir, manifest, keep, records)
 
 

@@ -48,6 +48,7 @@ class Manifest:
     source: dict                  # {"checkpoint": abs path, "config_sha256": ...}
     tools: dict                   # tool -> version
     build: dict                   # export/build options
+    quantization: dict | None = None  # weight-only quantization (docs/engine-dir.md); None: float weights
     schema_version: int = SCHEMA_VERSION
     # every file the export wrote (relative path -> {"size", "sha256"}): what the exporter owns and
     # what the loader checks; empty in manifests of the first release, which did not record it
@@ -71,6 +72,7 @@ class Manifest:
             "plans": self.plans, "source": self.source, "tools": self.tools, "build": self.build,
             **({"files": self.files} if self.files else {}),
             "generation": self.generation,
+            "quantization": self.quantization,
         }
 
     @classmethod
@@ -117,7 +119,7 @@ class Manifest:
                    subgraphs=subs, profiles=profiles,
                    plans=d.get("plans", {}), source=d.get("source", {}), tools=d.get("tools", {}),
                    build=d.get("build", {}), schema_version=d["schema_version"], files=d.get("files", {}),
-                   generation=d.get("generation") or {})
+                   generation=d.get("generation") or {}, quantization=d.get("quantization"))
 
     def write(self, engine_dir: Path) -> None:
         (Path(engine_dir) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2))

@@ -11,6 +11,10 @@ Which check runs depends on the dtype, and the report says which:
   in ONNX Runtime CPU against the PyTorch module with the same bf16-rounded weights run in
   fp32. This checks the graph and its weights, not bf16 arithmetic; that runs on a GPU
   (CUDA provider or TensorRT).
+
+Weight-only quantized subgraphs (``dllm-export --quant``, exporter/quant.py) run the same check against
+a PyTorch module holding the same dequantized weights, and add their error against the fp32 model to
+the report (``quant_error``), which is reported, not judged.
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class ValidationReport:
     dtype: DType
     check: Check
     results: tuple[OutputResult, ...]
+    quant_error: dict | None = None      # quantized subgraphs: error against fp32 (exporter/quant.py)
 
     @property
     def failures(self) -> tuple[OutputResult, ...]:
@@ -100,9 +105,12 @@ class ValidationReport:
         return not self.failures
 
     def to_dict(self) -> dict:
-        return {"check": self.check.value, "dtype": self.dtype.value, "passed": self.passed,
-                "outputs": {r.output: {"max_abs_err": r.max_abs_err, "tolerance": r.tolerance, "sizes": r.sizes}
-                            for r in self.results}}
+        out = {"check": self.check.value, "dtype": self.dtype.value, "passed": self.passed,
+               "outputs": {r.output: {"max_abs_err": r.max_abs_err, "tolerance": r.tolerance, "sizes": r.sizes}
+                           for r in self.results}}
+        if self.quant_error is not None:
+            out["quantization_error"] = self.quant_error
+        return out
 
     def format(self) -> str:
         return "\n".join([f"{self.subgraph} [{self.check.value}, {self.dtype.value}]"]
@@ -118,12 +126,15 @@ def validate_subgraph(decl: SubgraphDecl, module: nn.Module, onnx_path: str | Pa
     """Run ``onnx_path`` in ONNX Runtime CPU and ``module`` in PyTorch on several shapes; compare every output."""
     import onnxruntime as ort
 
+    from dllm.engines.ort_backend import MATMULNBITS_ACCURACY
+
     dtype = DType(dtype)
     check = check_for(dtype)
     tol = TOLERANCES[check][dtype]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    opts.add_session_config_entry(*MATMULNBITS_ACCURACY)
     with tempfile.TemporaryDirectory(prefix="dllm-validate-") as tmp:
         if check == Check.ORT_CPU:
             model_path = str(onnx_path)

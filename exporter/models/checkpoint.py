@@ -119,7 +119,7 @@ class _Reader:
 
     def int(self, *keys, default=None, positive=True) -> int:
         key, v = self._value(keys, default)
-        if isinstance(v, float) and v.is_integer():
+        if isinstance(v, float) and v % 1 == 0:              # a whole float (inf and nan are not)
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int) or (positive and v <= 0):
             raise CheckpointError(f"{self.path}: {key!r} must be a {'positive ' if positive else ''}integer, got "
