@@ -203,7 +203,8 @@ def plot(report: dict, path: str | os.PathLike) -> Path:
                 height=0.6, error_kw={"elinewidth": 1})
     for y, n, v, e in zip(ys, names, means, above):
         x = methods[n].get("speedup", 1.0)
-        ax_lat.text(v + e, y, f"  {v:.3g} ms, {x:.2f}x" if x < 10 else f"  {v:.3g} ms, {x:.1f}x", va="center",
+        when = f"{v / 1e3:.3g} s" if v >= 1e3 else f"{v:.3g} ms"
+        ax_lat.text(v + e, y, f"  {when}, {x:.2f}x" if x < 10 else f"  {when}, {x:.1f}x", va="center",
                     fontsize=8)
     ax_lat.set_xscale("log")
     ax_lat.set_xlim(min(m - b for m, b in zip(means, below)) / 2, max(m + a for m, a in zip(means, above)) * 15)
