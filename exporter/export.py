@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -119,6 +121,31 @@ def tool_versions(trt_mod=None) -> dict:
     return tools
 
 
+class DeferredInterrupt:
+    """Ctrl-C during an export stops it at the next subgraph boundary (``check``), not wherever it lands: a
+    KeyboardInterrupt raised inside torch's ONNX exporter can come out as an unrelated torch error. A second
+    Ctrl-C stops at once. Only the main thread can take signals; elsewhere this does nothing."""
+
+    def __enter__(self) -> "DeferredInterrupt":
+        self.pending, self._old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def export_checkpoint(cfg: ExportConfig, progress: Progress | None = None) -> Path:
     """Write the engine directory for ``cfg`` and return its path.
 
@@ -126,11 +153,11 @@ def export_checkpoint(cfg: ExportConfig, progress: Progress | None = None) -> Pa
     with a message that says what to change. Unchanged subgraphs of a previous run are reused.
     A second export into the same ``out_dir`` at the same time fails at once (ExportError).
     """
-    with ExportLock(cfg.out_dir):
-        return _export(cfg, progress)
+    with ExportLock(cfg.out_dir), DeferredInterrupt() as interrupt:
+        return _export(cfg, progress, interrupt)
 
 
-def _export(cfg: ExportConfig, progress: Progress | None) -> Path:
+def _export(cfg: ExportConfig, progress: Progress | None, interrupt: DeferredInterrupt) -> Path:
     progress = progress or (lambda event: None)
     ckpt = open_checkpoint(cfg.checkpoint)
     spec = ckpt.spec
@@ -157,6 +184,7 @@ def _export(cfg: ExportConfig, progress: Progress | None) -> Path:
 
     entries, reports, validation, export_seconds = [], [], {}, {}
     for i, decl in enumerate(decls):
+        interrupt.check()
         progress(ProgressEvent(Stage.EXPORT, decl.name, i, len(decls), Status.START))
         t0 = time.perf_counter()
         rel = f"{ONNX_DIR}/{decl.name}.onnx"
@@ -192,6 +220,7 @@ def _export(cfg: ExportConfig, progress: Progress | None) -> Path:
         entries.append(SubgraphEntry(decl, rel, record["sha256"], ih))
         progress(ProgressEvent(Stage.EXPORT, decl.name, i, len(decls), status, time.perf_counter() - t0))
     raise_for_failures(reports)
+    interrupt.check()
 
     plans, build_info = {}, {}
     if trt_mod is not None:
