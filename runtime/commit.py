@@ -384,9 +384,9 @@ class _FirstPositionStep(DreamSchedule):
     @staticmethod
     def cached_step_logits(logits: torch.Tensor) -> torch.Tensor:
         """The port shifts Dream's logits inside the rows a cached step feeds, so the block's first position
-        reads its own hidden state: the logits we get for the second position. [B, R, V]. (With one row, a
-        block of length 1 in dual mode, the row keeps the previous row's logits; they matter only if the first
-        position drew the mask token itself.)"""
+        reads its own hidden state: the logits we get for the second position. [B, R, V]. (With one row, in a
+        block of length 1, the row keeps the previous row's logits; they matter only if the first position
+        drew the mask token itself.)"""
         if logits.shape[1] < 2:
             return logits
         return torch.cat([logits[:, 1:2], logits[:, 1:]], dim=1)
