@@ -11,8 +11,9 @@ logits for (``logit_range``), then turns those logits into a transfer mask (``se
 | `apd`       | conf >= tau (global scalar or per token), tau moved by -alpha*c + beta*H       | B |
 
 With ``fastdllm_dream`` (Fast-dLLM's Dream port, C.2) the Dream `schedule` and `threshold` commit only
-the block's first position at the block's full step and go on with the timestep schedule at index 1;
-the port's threshold steps are capped by the schedule's count plus the tokens the previous step left.
+the block's first position at the block's full step. Then `schedule` goes on with the timestep schedule
+at index 1, ranked by negative entropy; `threshold` takes the block's masks in order of confidence, the
+first always and the others above the threshold, drawing tokens for every mask of the rows it feeds.
 
 Random draws come from one ``torch.Generator`` (``cfg.seed``) in the reference decoders' order
 and shapes (runtime/reference.py; the draws themselves live in runtime/sampling.py), so a seeded
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from dllm.errors import ConfigError
 from dllm.spec import Arch
-from dllm.runtime.config import Alg, ApdMode, CommitPolicyKind, DecodeConfig, Remasking
+from dllm.runtime.config import Alg, ApdMode, CachePolicyKind, CommitPolicyKind, DecodeConfig, Remasking
 from dllm.runtime.sampling import dream_draw, dream_probs, gumbel_argmax, restrict
 from dllm.runtime.view import StepView
 
@@ -225,14 +226,17 @@ class DreamSchedule(CommitPolicy):
             conf = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
         return conf, tok
 
-    def top_count(self, conf: torch.Tensor, cand: torch.Tensor, k: int, view: StepView) -> torch.Tensor:
-        """Transfer [B, R]: the k candidates [B, R] ranked first by conf [M], or drawn with ``alg_temp``;
-        ranked on a canvas-wide tensor like the reference, so ties and draws come out identical."""
+    def top_count(self, conf: torch.Tensor, cand: torch.Tensor, k: int, view: StepView,
+                  span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Transfer [B, R]: the k candidates [B, R] (rows [start, start+R)) ranked first by conf [M], or
+        drawn with ``alg_temp``; ranked on a tensor over canvas positions ``span`` (default the whole
+        canvas) like the reference, so ties and draws come out identical."""
         B, R = cand.shape
-        lo, N = view.start, view.canvas_len
-        transfer = torch.zeros((B, N), dtype=torch.bool, device=cand.device)
+        s0, s1 = span or (0, view.canvas_len)
+        lo = view.start - s0
+        transfer = torch.zeros((B, s1 - s0), dtype=torch.bool, device=cand.device)
         if k > 0:
-            full = torch.full((B, N), NEG_INF, dtype=conf.dtype, device=cand.device)
+            full = torch.full((B, s1 - s0), NEG_INF, dtype=conf.dtype, device=cand.device)
             rows = full[:, lo:lo + R]
             rows[cand] = conf
             if self.cfg.alg_temp > 0:
@@ -314,79 +318,133 @@ def _with_top1(transfer: torch.Tensor, conf: torch.Tensor, cand: torch.Tensor) -
 
 
 # -- Fast-dLLM's Dream port -------------------------------------------------------------------------
-class _FirstPositionStep:
-    """The port's block-opening step (the cache-refresh forward): commit exactly the block's first
-    position, with Dream's token for it (one draw per block mask, like every other step)."""
+class _FirstPositionStep(DreamSchedule):
+    """What both modes of Fast-dLLM's Dream port share: the block-opening step, the rows a cached step feeds
+    the model, and when a block stops.
+
+    The opening step is the forward that refreshes the cache. The port runs Dream's sampler on every canvas
+    row and keeps only the block's first position, so only that position's logits are needed. At
+    temperature > 0 it makes one categorical draw per canvas row, in canvas order; how a draw consumes the
+    generator does not depend on the probabilities, so a row of any valid distribution (a one-hot) stands in
+    for every other row: the same token and the same generator state after.
+
+    Cached steps feed the region [start, N) (prefix) or [start, end) (dual) and shift Dream's logits inside
+    it. A block stops when a cached step leaves it empty; the first cached step always runs.
+    """
+
+    cached_steps = 0       # cached steps run in this block
+
+    def begin_block(self, view):
+        self.cached_steps = 0
+
+    def after_step(self, view):
+        if view.step_in_block > 0:
+            self.cached_steps += 1
+
+    @property
+    def until_empty(self) -> bool:
+        return self.cached_steps > 0
+
+    def fed_end(self, view: StepView) -> int:
+        """One past the last row a cached step feeds the model."""
+        return view.canvas_len if self.cfg.cache == CachePolicyKind.PREFIX else view.end
+
+    def logit_range(self, view):
+        if view.step_in_block == 0:
+            return view.start, view.start + 1                                   # only the first position is kept
+        return view.start, self.cached_logit_end(view)
+
+    def cached_logit_end(self, view: StepView) -> int:
+        return view.end
+
+    def select(self, logits, ids, view):
+        if view.step_in_block == 0:
+            return self.first_position(logits, ids, view)
+        return self.cached_select(self.cached_step_logits(logits), ids, view)
+
+    def cached_select(self, logits, ids, view):
+        raise NotImplementedError
 
     def first_position(self, logits, ids, view):
-        cand = self.candidates(ids, view.start, view)                           # [B, R]
-        _, tok = self.dream_tokens(logits[cand], Alg.MASKGIT_PLUS)
-        x0 = ids.clone()
-        x0[cand] = tok
-        transfer = torch.zeros_like(cand)
-        transfer[:, 0] = cand[:, 0]                                             # row 0: the block start
-        return self.without_mask_tokens(transfer, x0)
+        """logits [B, 1, V] of the block's first position -> its token, committed unconditionally."""
+        cfg = self.cfg
+        probs = dream_probs(logits[:, 0], cfg.temperature, cfg.top_p, cfg.top_k)  # [B, V]
+        if cfg.temperature > 0:
+            B, V = probs.shape
+            N = view.canvas_len
+            rows = torch.zeros((B, N, V), dtype=probs.dtype, device=probs.device)
+            rows[:, :, 0] = 1                                                   # stand-ins: a valid row each
+            rows[:, view.start] = probs
+            _, tok = dream_draw(rows.view(B * N, V), cfg.temperature, self.gen)  # [B*N], canvas order
+            tok = tok.view(B, N)[:, view.start]                                 # [B]
+        else:
+            tok = probs.max(dim=-1).indices
+        return self.without_mask_tokens(torch.ones_like(ids, dtype=torch.bool), tok[:, None])
 
     @staticmethod
     def cached_step_logits(logits: torch.Tensor) -> torch.Tensor:
-        """The port shifts Dream's logits inside the rows a cached step runs, so the block's first position
-        reads its own hidden state: the logits we get for the second position. [B, R, V] (it only matters
-        while the first position is still masked, i.e. after a model drew the mask token for it)."""
+        """The port shifts Dream's logits inside the rows a cached step feeds, so the block's first position
+        reads its own hidden state: the logits we get for the second position. [B, R, V]. (With one row, in a
+        block of length 1, the row keeps the previous row's logits; they matter only if the first position
+        drew the mask token itself.)"""
         if logits.shape[1] < 2:
             return logits
         return torch.cat([logits[:, 1:2], logits[:, 1:]], dim=1)
 
 
-class FastDllmDreamSchedule(_FirstPositionStep, DreamSchedule):
+class FastDllmDreamSchedule(_FirstPositionStep):
     """Fast-dLLM's Dream port, schedule mode: step 0 of a block commits its first position; steps
-    1..S-1 follow Dream's schedule from timestep index 1 (so the block still ends empty after S steps)."""
-
-    def select(self, logits, ids, view):
-        if view.step_in_block == 0:
-            return self.first_position(logits, ids, view)
-        return super().select(self.cached_step_logits(logits), ids, view)
-
-
-class FastDllmDreamThreshold(_FirstPositionStep, DreamSchedule):
-    """Fast-dLLM's Dream port, threshold mode: after the first-position step, step i may commit at most
-    the schedule's count at index min(i, S-1) plus the tokens the previous step left uncommitted;
-    of the most confident that many, the first always goes and the others need conf >= threshold
-    (Dream's confidence: the probability of the drawn token). Runs until the block is empty."""
-
-    until_empty = True
-
-    def begin_block(self, view):
-        self.carry = 0
+    1..S-1 follow Dream's schedule from timestep index 1 (so the block ends empty after S steps). The port
+    ranks by negative entropy whatever ``alg`` says (``alg_temp`` > 0 draws the positions), on a tensor over
+    the fed rows."""
 
     def block_steps(self, view):
-        # early schedule steps may commit nothing; from index S-1 on each step commits at least one
-        return self.cfg.steps // self.cfg.num_blocks + self.cfg.block_length
+        return self.cfg.steps // self.cfg.num_blocks
 
-    def select(self, logits, ids, view):
-        if view.step_in_block == 0:
-            return self.first_position(logits, ids, view)
-        logits = self.cached_step_logits(logits)
-        B, R, _ = logits.shape
-        lo, N = view.start, view.canvas_len
-        S = self.cfg.steps // self.cfg.num_blocks
-        cand = self.candidates(ids, lo, view)
-        conf, tok = self.dream_tokens(logits[cand], Alg.MASKGIT_PLUS)            # [M]
+    def cached_select(self, logits, ids, view):
+        cand = self.candidates(ids, view.start, view)                           # [B, R] the block's masks
+        conf, tok = self.dream_tokens(logits[cand], Alg.ENTROPY)                 # [M], [M]
         x0 = ids.clone()
         x0[cand] = tok
-        cap = dream_count(view.block_masks / B, min(view.step_in_block, S - 1), S, self.cfg.eps) + self.carry
-        cap = min(cap, view.block_masks)
-        transfer = torch.zeros((B, N), dtype=torch.bool, device=logits.device)
-        self.carry = 0
-        if cap > 0:
-            full = torch.full((B, N), NEG_INF, dtype=conf.dtype, device=logits.device)
-            rows = full[:, lo:lo + R]
-            rows[cand] = conf
-            top_conf, sel = torch.topk(full, cap, dim=-1)                           # [B, cap]
+        k = dream_count(view.block_masks / logits.shape[0], view.step_in_block, self.block_steps(view),
+                        self.cfg.eps)
+        transfer = self.top_count(conf.to(logits.dtype), cand, k, view, span=(view.start, self.fed_end(view)))
+        return self.without_mask_tokens(transfer, x0)
+
+
+class FastDllmDreamThreshold(_FirstPositionStep):
+    """Fast-dLLM's Dream port, threshold mode (its ``alg='confidence_threshold'``): after the first-position
+    step, tokens are drawn for every mask of the fed rows (later blocks too in prefix mode); of the block's
+    masks, as many most confident as the block has masks are taken in order, the first always and the others
+    when their confidence (the drawn token's probability) reaches ``threshold``. Runs until the block is
+    empty (at most ``block_length`` cached steps: more only while a model keeps drawing the mask token)."""
+
+    def block_steps(self, view):
+        return self.cfg.block_length + 1
+
+    def cached_logit_end(self, view):
+        # the draws at temperature > 0 run over every fed mask; at 0 the block's rows decide alone
+        return self.fed_end(view) if self.cfg.temperature > 0 else view.end
+
+    def cached_select(self, logits, ids, view):
+        B, R, _ = logits.shape
+        fed = ids == self.mask_id                                               # [B, R]
+        conf, tok = self.dream_tokens(logits[fed], Alg.MASKGIT_PLUS)             # [M], [M] in canvas order
+        x0 = ids.clone()
+        x0[fed] = tok
+        # ranked on a tensor over the fed rows, as published, so ties break identically
+        full = torch.full((B, self.fed_end(view) - view.start), NEG_INF, dtype=conf.dtype, device=logits.device)
+        rows = full[:, :R]
+        rows[fed] = conf
+        full[:, view.end - view.start:] = NEG_INF                               # the block's masks only
+        transfer = torch.zeros(full.shape, dtype=torch.bool, device=logits.device)
+        k = view.block_masks
+        if k > 0:
+            top_conf, sel = torch.topk(full, k, dim=-1)                         # [B, k]
             keep = top_conf >= self.cfg.threshold
             keep[:, 0] = True
-            self.carry = int((~keep).sum())                                         # host sync: the next cap
             transfer.scatter_(1, sel, keep)
-        return self.without_mask_tokens(transfer[:, lo:lo + R], x0)
+        return self.without_mask_tokens(transfer[:, :R], x0)
 
 
 # -- APD ---------------------------------------------------------------------------------------------

@@ -128,7 +128,8 @@ class DecodeConfig:
     cfg_scale: float = 0.0           # classifier-free guidance: un + (s+1)(cond - un), prompt masked in un
     seed: int = 0
     # Fast-dLLM's Dream port (prefix/dual + schedule/threshold, Dream only): each block's full step commits
-    # just the block's first position, the schedule goes on at timestep 1, threshold steps are capped
+    # just the block's first position; the schedule goes on at timestep 1 ranked by negative entropy, the
+    # threshold mode is Fast-dLLM's confidence_threshold
     fastdllm_dream: bool = False
 
     def __post_init__(self):
@@ -167,12 +168,14 @@ class DecodeConfig:
             raise ConfigError(f"--fastdllm-dream has a schedule and a threshold mode; got --commit "
                               f"{self.commit.value}: use --commit schedule or --commit threshold")
         if self.alg == Alg.ORIGIN:
-            raise ConfigError("--fastdllm-dream ranks positions by confidence; --alg origin is Dream's own "
-                              "loop only: use maskgit-plus, topk-margin or entropy")
-        if self.steps // self.num_blocks < 2 and self.block_length > 1:
-            raise ConfigError(f"--fastdllm-dream needs at least 2 steps per block (one for the block's first "
-                              f"position, then the schedule); got --steps {self.steps} over {self.num_blocks} "
-                              f"blocks: use --steps {2 * self.num_blocks} or more")
+            raise ConfigError("--fastdllm-dream ranks positions by negative entropy whatever --alg says (as "
+                              "Fast-dLLM's port does); --alg origin (no ranking) is Dream's own loop only: leave "
+                              "--alg at its default")
+        schedule = self.commit == CommitPolicyKind.SCHEDULE
+        if schedule and self.steps // self.num_blocks < 2 and self.block_length > 1:
+            raise ConfigError(f"--fastdllm-dream with --commit schedule needs at least 2 steps per block (one for "
+                              f"the block's first position, then the schedule); got --steps {self.steps} over "
+                              f"{self.num_blocks} blocks: use --steps {2 * self.num_blocks} or more")
 
     def _check_ints(self):
         positive = ("gen_length", "block_length", "steps", "prompt_interval", "gen_interval")

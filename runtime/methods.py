@@ -37,7 +37,7 @@ PRESETS = {
     # Dynamic-dLLM's released DCU, spelled out so results and reports show them
     "dcu-reference": dict(proxy="value", allocation="uniform", prompt_interval=5000, gen_interval=5000,
                           refresh_interval=None),
-    # Fast-dLLM's Dream port: its cache loop's first-position commit, schedule and capped threshold
+    # Fast-dLLM's Dream port: its cache loop's first-position commit, entropy-ranked schedule and threshold mode
     "fastdllm-dream-prefix": dict(cache="prefix", fastdllm_dream=True),
     "fastdllm-dream-dual": dict(cache="dual", fastdllm_dream=True),
 }

@@ -17,7 +17,8 @@ Two loops, each a transcription of the published behaviour (see docs/algorithms.
   confidence reaches it, plus the most confident one.
 - ``fastdllm_dream_generate``: Fast-dLLM's Dream port with its prefix or dual
   key/value cache: each block's full forward commits the block's first position, then Dream's
-  schedule (from timestep index 1) or the capped threshold rule decides on the cached steps.
+  schedule (from timestep index 1, ranked by negative entropy) or the threshold rule decides on the
+  cached steps.
 
 The model is any callable ``ids [B, N] LongTensor -> logits [B, N, V]`` (for example
 ``dllm.exporter.models.DiffusionLM``; a Hugging Face style output with ``.logits`` also works).
@@ -209,9 +210,11 @@ class ApdConfig(ReferenceConfig):
 
 @dataclasses.dataclass(frozen=True)
 class FastDllmDreamConfig(DreamConfig):
-    """Fast-dLLM's Dream port: ``cache`` prefix or dual; ``threshold`` None = Dream's schedule ranked by
-    ``alg``, a number = the capped threshold rule (its confidence: the drawn token's probability).
-    ``steps / num_blocks`` (at least 2) sets each block's timestep schedule."""
+    """Fast-dLLM's Dream port: ``cache`` prefix or dual; ``threshold`` None = its schedule mode (Dream's
+    timesteps, ranked by negative entropy whatever ``alg`` says, as published), a number = its
+    ``alg='confidence_threshold'`` mode with that threshold (confidence: the drawn token's probability).
+    ``steps / num_blocks`` (at least 2 in schedule mode) sets each block's timestep schedule; the
+    threshold mode runs every block until it is empty."""
     cache: BlockCacheKind = BlockCacheKind.DUAL
     threshold: float | None = None
 
@@ -223,10 +226,11 @@ class FastDllmDreamConfig(DreamConfig):
             raise ConfigError(f"FastDllmDreamConfig.cache {self.cache!r} is unknown; expected one of "
                               f"{[e.value for e in BlockCacheKind]}") from None
         if self.alg == DreamAlg.ORIGIN:
-            raise ConfigError("FastDllmDreamConfig ranks positions by confidence; alg 'origin' is not part of it")
-        if self.steps_per_block < 2 and self.block_length > 1:
-            raise ConfigError(f"FastDllmDreamConfig needs at least 2 steps per block, got steps {self.steps} "
-                              f"over {self.num_blocks} blocks")
+            raise ConfigError("FastDllmDreamConfig ranks positions by negative entropy whatever alg says; alg "
+                              "'origin' (no ranking) is not part of it: leave alg at its default")
+        if self.threshold is None and self.steps_per_block < 2 and self.block_length > 1:
+            raise ConfigError(f"FastDllmDreamConfig's schedule mode needs at least 2 steps per block (the first "
+                              f"position, then the schedule), got steps {self.steps} over {self.num_blocks} blocks")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ConfigError(f"FastDllmDreamConfig.threshold must be in [0, 1] or None, got {self.threshold}")
 
@@ -651,17 +655,23 @@ class BlockCache:
 @torch.no_grad()
 def fastdllm_dream_generate(model, prompt_ids: torch.Tensor, cfg: FastDllmDreamConfig, *,
                             mask_id: int | None = None) -> ReferenceResult:
-    """Fast-dLLM's Dream port with its prefix or dual cache (docs/algorithms.md, "Reproducing public
-    decoders"), batch 1.
+    """Fast-dLLM's Dream port (``_sample`` with ``block_length``, ``dual_cache``, ``threshold``) with its prefix
+    or dual cache (docs/algorithms.md, "Reproducing public decoders"), batch 1.
 
-    Per block, with S = steps / num_blocks and timesteps ``linspace(1, eps, S + 1)``:
-    - step 0, a full forward that refreshes the cache: Dream's tokens for the block's masks are drawn
-      and only the block's first position is committed;
-    - steps i = 1, 2, ... run the block's rows (dual) or every row from the block on (prefix) against
-      the cache. Schedule mode: ``int(#mask * (1 - s/t))`` of the block masks at timestep index i (all
-      at i = S - 1), ranked by ``alg`` or drawn with ``alg_temp``; S steps per block. Threshold mode:
-      of the ``count(min(i, S - 1)) + carry`` most confident, the first always goes and the others
-      need probability >= threshold; ``carry`` is how many the previous step dropped. Until empty.
+    Per block, with S = steps / num_blocks, timesteps ``linspace(1, eps, S + 1)`` and the fed region
+    [start, N) (prefix) or [start, end) (dual):
+    - the opening step, a full forward that refreshes the cache: Dream's sampler on every canvas row (one
+      draw per row at temperature > 0), and only the block's first position is kept;
+    - cached steps i = 1, 2, ... run the fed region against the cache, Dream's shift applied inside it.
+      Schedule mode (``threshold`` None): stop at i = S; ``int(#mask * (1 - s/t))`` of the block's masks (all
+      at i = S - 1), ranked by negative entropy whatever ``alg`` says, or drawn with ``alg_temp``.
+      Threshold mode (Fast-dLLM's ``alg='confidence_threshold'``): tokens drawn for every mask of the fed
+      region; of the block's masks, as many most confident as it has masks are taken in order, the first
+      always and the others when their confidence (the drawn token's probability) reaches ``threshold``;
+    - the block ends when a cached step leaves it without masks.
+    Ranking happens on a tensor over the fed region (-inf outside the block's masks), as published. One
+    guard the public loop lacks: a threshold block stops after ``block_length`` cached steps (reached only
+    by a model that keeps drawing the mask token itself, where the public loop would go on).
     """
     if not isinstance(cfg, FastDllmDreamConfig):
         raise ConfigError(f"fastdllm_dream_generate needs a FastDllmDreamConfig, got {type(cfg).__name__}")
@@ -675,51 +685,66 @@ def fastdllm_dream_generate(model, prompt_ids: torch.Tensor, cfg: FastDllmDreamC
     commit_step = torch.full_like(x, -1)
     history: list[torch.Tensor] = []
     step = 0
+
+    def record(transfer: torch.Tensor) -> None:                                         # transfer [B, N]
+        nonlocal step
+        commit_step[transfer] = step
+        history.append(transfer.nonzero())
+        step += 1
+
     for b in range(cfg.num_blocks):
         start, end = P + b * bl, P + (b + 1) * bl
-        hi = end if cfg.cache == BlockCacheKind.DUAL else N
-        carry, i = 0, 0
-        while (x[:, start:end] == mask_id).any() and (cfg.threshold is not None or i < S):
-            logits = cache.full(x) if i == 0 else cache.rows(x, start, hi)             # rows from start on
-            lo = 0 if i == 0 else start
-            mask_index = torch.zeros_like(x, dtype=torch.bool)
-            mask_index[:, start:end] = x[:, start:end] == mask_id                      # [B, N]
-            rows = mask_index[:, lo:lo + logits.shape[1]]
-            alg = DreamAlg.MASKGIT_PLUS if (i == 0 or cfg.threshold is not None) else cfg.alg
-            conf, x0 = _sample_tokens(logits[rows], cfg, gen, alg)                      # [M], [M]
-            cand = torch.full_like(x, mask_id)
-            cand[mask_index] = x0
-            transfer = torch.zeros_like(mask_index)
-            if i == 0:
-                transfer[:, start] = mask_index[:, start]
+        hi = end if cfg.cache == BlockCacheKind.DUAL else N                             # fed region [start, hi)
+        logits = cache.full(x)                                                          # [B, N, V]
+        _, x0 = _sample_tokens(logits.flatten(0, 1), cfg, gen, DreamAlg.MASKGIT_PLUS)  # [B*N]: every row
+        x[:, start] = x0.view(B, N)[:, start]
+        transfer = torch.zeros_like(x, dtype=torch.bool)
+        transfer[:, start] = True
+        record(transfer)
+        i = 1
+        while True:
+            if cfg.threshold is None and i == S:
+                break
+            if cfg.threshold is not None and i > bl:                                    # our guard, see above
+                break
+            logits = cache.rows(x, start, hi)                                           # [B, R, V], shifted inside
+            fed = x[:, start:hi]                                                        # [B, R] (a view of x)
+            mask_index = fed == mask_id                                                 # [B, R]
+            if cfg.threshold is None:
+                mask_index[:, bl:] = False                                              # the block's masks
+                conf, x0 = _sample_tokens(logits[mask_index], cfg, gen, DreamAlg.ENTROPY)   # [M], [M]
+                k = dream_transfer_count(mask_index.sum() / B, i, timesteps)
+                full_conf = torch.full(fed.shape, -math.inf, dtype=logits.dtype, device=x.device)
+                full_conf[mask_index] = conf
+                sel = torch.zeros((B, 0), dtype=torch.long, device=x.device)
+                if k > 0:
+                    if cfg.alg_temp == 0:
+                        sel = torch.topk(full_conf, k).indices                          # [B, k]
+                    else:
+                        sel = torch.multinomial(F.softmax(full_conf / cfg.alg_temp, dim=-1), k, generator=gen)
+                fed_transfer = torch.zeros_like(mask_index)
+                fed_transfer[0, sel[0]] = True
             else:
-                full_conf = torch.full(x.shape, -math.inf, dtype=logits.dtype, device=x.device)
-                full_conf[mask_index] = conf.to(logits.dtype)
-                num_mask = mask_index.sum() / B
-                if cfg.threshold is None:
-                    k = dream_transfer_count(num_mask, i, timesteps)
-                    if k > 0:
-                        if cfg.alg_temp == 0:
-                            sel = torch.topk(full_conf, k).indices                      # [B, k]
-                        else:
-                            sel = torch.multinomial(F.softmax(full_conf / cfg.alg_temp, dim=-1), k, generator=gen)
-                        transfer[0, sel[0]] = True
-                else:
-                    k = dream_transfer_count(num_mask, min(i, S - 1), timesteps) + carry
-                    k = min(k, int(mask_index.sum()))
-                    carry = 0
-                    if k > 0:
-                        top_conf, sel = torch.topk(full_conf, k)                         # [B, k]
-                        transfer[0, sel[0, 0]] = True
-                        for j in range(1, k):
-                            if top_conf[0, j] >= cfg.threshold:
-                                transfer[0, sel[0, j]] = True
-                            else:
-                                carry += 1
-            x[transfer] = cand[transfer]
-            commit_step[transfer] = step
-            history.append(transfer.nonzero())
-            step += 1
+                conf, x0 = _sample_tokens(logits[mask_index], cfg, gen, DreamAlg.MASKGIT_PLUS)   # fed masks
+                full_conf = torch.full(fed.shape, -math.inf, dtype=logits.dtype, device=x.device)
+                full_conf[mask_index] = conf
+                full_conf[:, bl:] = -math.inf
+                k = int((x[:, start:end] == mask_id).sum())
+                fed_transfer = torch.zeros_like(mask_index)
+                if k > 0:
+                    top_conf, sel = torch.topk(full_conf, k)                            # [B, k]
+                    fed_transfer[0, sel[0, 0]] = True
+                    for j in range(1, k):
+                        if top_conf[0, j] >= cfg.threshold:
+                            fed_transfer[0, sel[0, j]] = True
+            cand = torch.full_like(fed, mask_id)
+            cand[mask_index] = x0
+            fed[fed_transfer] = cand[fed_transfer]
+            transfer = torch.zeros_like(x, dtype=torch.bool)
+            transfer[:, start:hi] = fed_transfer
+            record(transfer)
+            if not (x[:, start:end] == mask_id).any():
+                break
             i += 1
     return ReferenceResult(x, P, step, step, history, commit_step)
 

@@ -7,19 +7,20 @@ import torch
 import torch.nn.functional as F
 
 from dllm.runtime import reference as R
-from dllm.runtime.commit import (ApdCommit, DreamSchedule, FactorCommit, LladaSchedule, ThresholdCommit,
-                                 dream_count, even_split, factor_transfer, make_commit_policy)
+from dllm.runtime.commit import (ApdCommit, DreamSchedule, FactorCommit, FastDllmDreamSchedule,
+                                 FastDllmDreamThreshold, LladaSchedule, ThresholdCommit, dream_count, even_split,
+                                 factor_transfer, make_commit_policy)
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.view import StepView
 
 MASK = 2
 
 
-def _policy(cls, P=4, G=8, V=10, **cfg):
+def _policy(cls, P=4, G=8, V=10, arch="llada", **cfg):
     cfg.setdefault("gen_length", G)
     cfg.setdefault("block_length", G)
     cfg.setdefault("steps", G)
-    p = cls(DecodeConfig(**cfg), MASK)
+    p = cls(DecodeConfig(**cfg), MASK, arch)
     p.reset(1, P, G, V, torch.device("cpu"), torch.Generator().manual_seed(0))
     return p
 
@@ -249,3 +250,72 @@ def test_apd_global_ignores_rows_without_a_previous_distribution(monkeypatch):
     conf, x0 = _probs(logits2[:, bl:2 * bl]).max(-1)
     want = ((conf >= expected) | (conf == conf.max())) & (x0 != MASK)   # a drawn mask token stays a mask
     assert t[0, :bl].tolist() == want[0].tolist() and int(t.sum()) > 1
+
+
+# -- Fast-dLLM's Dream port ---------------------------------------------------------------------------------
+def _port(cls, cache="prefix", **cfg):
+    commit = "threshold" if cls is FastDllmDreamThreshold else "schedule"
+    cfg.setdefault("steps", 8)
+    return _policy(cls, P=4, G=16, arch="dream", block_length=8, cache=cache, commit=commit, fastdllm_dream=True,
+                   **cfg)
+
+
+@pytest.mark.parametrize("cls", [FastDllmDreamSchedule, FastDllmDreamThreshold])
+def test_port_logit_ranges_stopping_and_capture(cls):
+    """The opening step needs one row; cached steps the block, or in prefix threshold mode at temperature > 0
+    every fed row [start, N) (its draws cover the later blocks' masks). A block stops once a cached step left
+    it empty, never before its first cached step. Nothing is captured in a CUDA graph."""
+    for cache, T in [("prefix", 0.0), ("prefix", 0.5), ("dual", 0.0), ("dual", 0.5)]:
+        p = _port(cls, cache=cache, temperature=T)
+        view = _view(P=4, G=16, start=4, end=12)
+        p.begin_block(view)
+        assert p.logit_range(view) == (4, 5) and p.step_key(view) is None and not p.until_empty
+        p.after_step(view)
+        assert not p.until_empty                                       # the first cached step always runs
+        view.step_in_block = 1
+        wide = cls is FastDllmDreamThreshold and cache == "prefix" and T > 0
+        assert p.logit_range(view) == (4, 20 if wide else 12) and p.step_key(view) is None
+        p.after_step(view)
+        assert p.until_empty
+        p.begin_block(view)
+        assert not p.until_empty
+    assert _port(FastDllmDreamSchedule).block_steps(view) == 4         # S = steps / num_blocks
+    assert _port(FastDllmDreamThreshold).block_steps(view) == 9        # until empty: at most block_length + 1
+    assert isinstance(make_commit_policy(DecodeConfig(cache="dual", fastdllm_dream=True, gen_length=16, block_length=8,
+                                                      steps=8), "dream", MASK), FastDllmDreamSchedule)
+    assert isinstance(make_commit_policy(DecodeConfig(cache="dual", commit="threshold", fastdllm_dream=True),
+                                         "dream", MASK), FastDllmDreamThreshold)
+
+
+def test_port_threshold_is_uncapped_and_ranks_the_block_only():
+    """Every block mask at or above the threshold goes in one cached step, however many; masks of later blocks
+    (fed in prefix mode) are drawn but never committed, however confident."""
+    p = _port(FastDllmDreamThreshold, threshold=0.5)
+    view = _view(P=4, G=16, start=4, end=12, i=1, masks=7)
+    ids = torch.full((1, 16), MASK)
+    ids[0, 0] = 9                                                      # the block's first position: decided
+    probs = [0.9, 0.6, 0.55, 0.7, 0.3, 0.2, 0.51, 0.8] + [0.99] * 8
+    logits = _logits_with_probs(probs).float()                         # rows [4, 20)
+    t, x0 = p.select(logits, ids, view)
+    want = [False, True, True, True, False, False, True, True] + [False] * 8
+    assert t[0].tolist() == want and (x0[0, t[0]] == 5).all()          # 5 commits; the schedule's count would be 2
+    p = _port(FastDllmDreamThreshold, threshold=0.95)
+    t, _ = p.select(logits, ids, view)
+    assert t[0].tolist() == [False] * 7 + [True] + [False] * 8         # none reaches it: the top one alone
+
+
+def test_port_schedule_ranks_by_negative_entropy_whatever_alg_says():
+    """A peaked row beats a flatter one with a higher top probability: the entropy ranking, not maskgit_plus."""
+    V = 10
+    flat_top = torch.full((V,), 0.4 / (V - 1))                         # top 0.6, the rest spread: high entropy
+    flat_top[5] = 0.6
+    peaked = torch.tensor([0.45, 0.54] + [0.01 / (V - 2)] * (V - 2))   # top 0.54 but two tokens only: low entropy
+    logits = torch.stack([r.log() for r in [peaked] * 3 + [flat_top] * 5])[None].float()   # rows [4, 12)
+    ids = torch.full((1, 8), MASK)
+    ids[0, 0] = 9
+    for alg in ("maskgit_plus", "topk_margin", "entropy"):
+        p = _port(FastDllmDreamSchedule, cache="dual", alg=alg)                 # S = 4
+        view = _view(P=4, G=16, start=4, end=12, i=1, masks=7)
+        assert dream_count(7.0, 1, 4, 1e-3) == 2
+        t, x0 = p.select(logits, ids, view)
+        assert t[0].tolist() == [False, True, True] + [False] * 5 and x0[0, 1:3].tolist() == [1, 1]

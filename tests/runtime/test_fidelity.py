@@ -171,24 +171,28 @@ def test_top_k_one_is_greedy(tiny_models, torch_engines):
 PORT_CASES = [  # cache, threshold (None = schedule), sampling
     ("dual", None, dict()),
     ("prefix", None, dict(steps=32)),                         # S = 8 steps for 8 positions: one per step
-    ("prefix", None, dict(alg="entropy")),
+    ("prefix", None, dict(alg="topk_margin")),                # ranked by negative entropy all the same
     ("dual", None, dict(alg_temp=0.3, temperature=0.5)),
+    ("prefix", None, dict(alg_temp=0.3, temperature=0.5)),    # alg_temp's draw over the fed rows [start, N)
+    ("prefix", None, dict(temperature=0.7, top_p=0.9)),
     ("prefix", 0.9, dict()),
     ("dual", 0.9, dict()),
+    ("prefix", 0.3, dict()),
     ("dual", 0.2, dict(temperature=0.6)),
-    ("prefix", 0.3, dict(top_k=5, temperature=0.8)),
+    ("prefix", 0.3, dict(top_k=5, temperature=0.8)),          # draws over every mask of [start, N)
+    ("prefix", 0.5, dict(temperature=0.7, steps=4)),          # threshold mode: steps only divide into blocks
 ]
 
 
-def _port(model, engines, case):
+def _port(model, engines, case, gen_length=32, block_length=8):
     cache, thr, kw = case
     kw = dict(kw)
     steps = kw.pop("steps", 16)
     prompt = _prompt(model.spec)
-    ref = R.fastdllm_dream_generate(model, prompt, R.FastDllmDreamConfig(gen_length=32, block_length=8, steps=steps,
-                                                                            seed=5, cache=cache, threshold=thr, **kw))
-    base = DecodeConfig(gen_length=32, block_length=8, steps=steps, seed=5, threshold=0.9 if thr is None else thr,
-                        **kw)
+    ref = R.fastdllm_dream_generate(model, prompt, R.FastDllmDreamConfig(
+        gen_length=gen_length, block_length=block_length, steps=steps, seed=5, cache=cache, threshold=thr, **kw))
+    base = DecodeConfig(gen_length=gen_length, block_length=block_length, steps=steps, seed=5,
+                        threshold=0.9 if thr is None else thr, **kw)
     name = f"fastdllm-dream-{cache}" + ("+threshold" if thr is not None else "")
     cfg = method_config(name, base)
     res = decode(engines, prompt, cfg)
@@ -197,19 +201,62 @@ def _port(model, engines, case):
     return res
 
 
-@pytest.mark.parametrize("case", PORT_CASES, ids=lambda c: f"{c[0]}-thr{c[1]}-" + "-".join(f"{k}{v}" for k, v in c[2].items()))
+def _case_id(c):
+    return f"{c[0]}-thr{c[1]}-" + "-".join(f"{k}{v}" for k, v in c[2].items())
+
+
+@pytest.mark.parametrize("case", PORT_CASES, ids=_case_id)
 def test_fastdllm_dream_port_equals_its_reference_torch(case, tiny_models, torch_engines):
     res = _port(tiny_models["dream"], torch_engines["dream"], case)
     steps = case[2].get("steps", 16)
     if case[1] is None:
         assert res.steps == steps                                         # S steps per block, the first included
-    if steps == 16:
+    if steps != 32:
         assert max(res.tokens_per_step) > 1                               # steps == 32: 32 steps for 32 tokens
 
 
-@pytest.mark.parametrize("case", [PORT_CASES[0], PORT_CASES[6]], ids=["dual-schedule", "dual-threshold"])
+@pytest.mark.parametrize("case", [PORT_CASES[0], PORT_CASES[4], PORT_CASES[7], PORT_CASES[10]], ids=_case_id)
 def test_fastdllm_dream_port_equals_its_reference_onnxruntime(case, tiny_models, ort_engines):
-    _port(tiny_models["dream"], ort_engines["dream"], case)
+    res = _port(tiny_models["dream"], ort_engines["dream"], case)
+    assert max(res.tokens_per_step) > 1
+
+
+@pytest.mark.parametrize("case", [("dual", None, dict(steps=24)), ("prefix", None, dict(steps=12)),
+                                  ("dual", 0.9, dict(steps=6)), ("prefix", 0.3, dict(temperature=0.8, steps=6))],
+                         ids=_case_id)
+def test_fastdllm_dream_port_blocks_of_one(case, tiny_models, torch_engines):
+    """A block of one position is decided by its opening step; the port still runs one cached step (which
+    commits nothing, but in prefix threshold mode at temperature > 0 draws for the later masks), then stops."""
+    res = _port(tiny_models["dream"], torch_engines["dream"], case, gen_length=6, block_length=1)
+    assert res.steps == 12 and res.tokens_per_step[1::2] == [0] * 6
+
+
+@pytest.mark.parametrize("top", [dict(), dict(top_k=5), dict(top_p=0.8)], ids=["plain", "top_k", "top_p"])
+def test_fastdllm_dream_opening_draw_stands_in_for_every_row(top, tiny_models):
+    """The opening step draws one token per canvas row and keeps one. The policy draws over one real row and
+    one-hot stand-ins for the others: on a tiny model's real logits, the same token as the draw over every
+    real row, and the same generator state after (the draw's consumption does not depend on the values)."""
+    from dllm.runtime.commit import FastDllmDreamSchedule
+    from dllm.runtime.sampling import dream_probs
+    from dllm.runtime.view import StepView
+
+    model = tiny_models["dream"]
+    P, G, V, T = 7, 24, model.spec.vocab_size, 1.5
+    canvas = torch.cat([_prompt(model.spec), torch.full((1, G), model.spec.mask_id)], dim=1)
+    with torch.no_grad():
+        logits = model(canvas)                                             # [1, N, V]
+    cfg = DecodeConfig(gen_length=G, block_length=8, steps=G, cache="prefix", fastdllm_dream=True, temperature=T,
+                       **top)
+    policy = FastDllmDreamSchedule(cfg, model.spec.mask_id, "dream")
+    for seed, start in [(0, P), (1, P + 8), (2, P + 16), (3, P + 8)]:
+        real = torch.Generator().manual_seed(seed)
+        want = torch.multinomial(dream_probs(logits[0], T, cfg.top_p, cfg.top_k), 1, generator=real)[start, 0]
+        ours = torch.Generator().manual_seed(seed)
+        policy.reset(1, P, G, V, torch.device("cpu"), ours)
+        view = StepView(prompt_len=P, canvas_len=P + G, step_in_block=0, start=start, end=start + 8, block_masks=8)
+        transfer, x0 = policy.select(logits[:, start:start + 1], canvas[:, start:start + 1], view)
+        assert x0[0, 0] == want and transfer[0, 0] == (want != model.spec.mask_id)
+        assert torch.equal(ours.get_state(), real.get_state())
 
 
 def test_fastdllm_dream_port_differs_from_our_defaults(tiny_models, torch_engines):

@@ -496,18 +496,81 @@ def test_fastdllm_dream_schedule_counts(dream_no_mask, cache):
         assert all(((h[:, 1] >= 5 + 8 * b) & (h[:, 1] < 13 + 8 * b)).all() for h in steps)
 
 
-def test_fastdllm_dream_threshold_caps_and_carries(dream_no_mask):
-    p = prompt(dream_no_mask.spec, B=1, P=5)
-    cfg = FastDllmDreamConfig(gen_length=16, block_length=8, steps=8, cache="dual", threshold=0.0)
-    r = fastdllm_dream_generate(dream_no_mask, p, cfg)
-    # threshold 0: every capped token passes, so the threshold run is the schedule run
-    sched = fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(gen_length=16, block_length=8, steps=8,
-                                                                          cache="dual"))
-    assert torch.equal(r.ids, sched.ids) and r.steps == sched.steps == 8
-    strict = fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(gen_length=16, block_length=8, steps=8,
-                                                                           cache="dual", threshold=1.0))
+def _opening(model, p, bl):
+    """The canvas after block 0's opening step at temperature 0, and the block cache it refreshed."""
+    P = p.shape[1]
+    x = torch.cat([p, torch.full((1, 2 * bl), model.spec.mask_id)], dim=1)
+    cache = BlockCache(model)
+    with torch.no_grad():
+        x[0, P] = cache.full(x)[0, P].softmax(-1).argmax()
+    return x, cache
+
+
+def test_fastdllm_dream_schedule_ranks_by_negative_entropy_whatever_alg_says(dream_no_mask):
+    """As published, the schedule mode ranks the block's masks by sum p log p; alg is not consulted."""
+    p = prompt(dream_no_mask.spec, B=1, P=5, seed=2)
+    runs = [fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(gen_length=16, block_length=8, steps=8,
+                                                                          cache="dual", alg=alg))
+            for alg in ("maskgit_plus", "topk_margin", "entropy")]
+    assert all(torch.equal(r.ids, runs[0].ids) and torch.equal(r.commit_step, runs[0].commit_step) for r in runs)
+    x, cache = _opening(dream_no_mask, p, 8)
+    with torch.no_grad():
+        probs = cache.rows(x, 5, 13)[0, 1:].softmax(-1)                  # [7, V] positions 6..12 (shifted inside)
+    neg_entropy = (probs * torch.log(probs + 1e-10)).sum(-1)
+    k = dream_transfer_count(7.0, 1, torch.linspace(1, 1e-3, 5))
+    by_entropy = sorted((6 + torch.topk(neg_entropy, k).indices).tolist())
+    by_prob = sorted((6 + torch.topk(probs.max(-1).values, k).indices).tolist())
+    assert runs[0].history[1][:, 1].tolist() == by_entropy != by_prob
+
+
+def test_fastdllm_dream_threshold_is_uncapped(dream_no_mask):
+    """alg='confidence_threshold' as published: a cached step commits every block mask whose probability
+    reaches the threshold (plus the most confident), however many; steps only need to divide into blocks."""
+    p = prompt(dream_no_mask.spec, B=1, P=5, seed=2)
+    cfg = dict(gen_length=16, block_length=8, cache="dual")
+    zero = fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(steps=8, threshold=0.0, **cfg))
+    assert zero.steps == 4 and [len(h) for h in zero.history] == [1, 7, 1, 7]
+    strict = fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(steps=8, threshold=1.0, **cfg))
     assert all(len(h) == 1 for h in strict.history) and strict.steps == 16   # only the forced one each step
     assert not (strict.ids == dream_no_mask.spec.mask_id).any()
+    x, cache = _opening(dream_no_mask, p, 8)
+    with torch.no_grad():
+        conf = cache.rows(x, 5, 13)[0, 1:].softmax(-1).max(-1).values     # [7] positions 6..12
+    thr = float(conf.sort(descending=True).values[3])                    # the 4 most confident pass
+    mid = [fastdllm_dream_generate(dream_no_mask, p, FastDllmDreamConfig(steps=steps, threshold=thr, **cfg))
+           for steps in (2, 16)]
+    want = sorted((6 + (conf >= thr).nonzero().flatten()).tolist())
+    schedule_count = dream_transfer_count(7.0, 1, torch.linspace(1, 1e-3, 5))
+    assert mid[0].history[1][:, 1].tolist() == want and len(want) == 4 > schedule_count
+    assert torch.equal(mid[0].ids, mid[1].ids) and mid[0].steps == mid[1].steps  # no schedule in this mode
+
+
+def test_fastdllm_dream_draws_as_published(dream_no_mask):
+    """At temperature > 0 the opening step draws one token per canvas row and keeps the block's first; the
+    prefix threshold mode's cached steps draw for every mask of [start, N), later blocks included. (How far
+    a draw extends shows in the tokens of later draws: it moves the generator on.)"""
+    m, p, T = dream_no_mask, prompt(dream_no_mask.spec, B=1, P=5, seed=2), 1.0
+    cfg = FastDllmDreamConfig(gen_length=16, block_length=8, steps=8, cache="prefix", threshold=0.0,
+                              temperature=T, seed=9)
+    r = fastdllm_dream_generate(m, p, cfg)
+    assert [h[:, 1].tolist() for h in r.history] == [[5], list(range(6, 13)), [13], list(range(14, 21))]
+
+    def by_hand(opening_all_rows: bool, cached_all_masks: bool) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(9)
+        x = torch.cat([p, torch.full((1, 16), m.spec.mask_id)], dim=1)
+        cache = BlockCache(m)
+        with torch.no_grad():
+            for start in (5, 13):
+                rows = slice(0, 21) if opening_all_rows else slice(start, start + 8)
+                probs = (cache.full(x)[0, rows] / T).softmax(-1)
+                x[0, start] = torch.multinomial(probs, 1, generator=gen)[start - rows.start, 0]
+                probs = (cache.rows(x, start, 21)[0, 1:] / T).softmax(-1)   # positions start+1..20: all masks
+                n = 20 - start if cached_all_masks else 7
+                x[0, start + 1:start + 8] = torch.multinomial(probs[:n], 1, generator=gen)[:7, 0]
+        return x
+
+    assert torch.equal(r.ids, by_hand(True, True))
+    assert not torch.equal(r.ids, by_hand(False, True)) and not torch.equal(r.ids, by_hand(True, False))
 
 
 def test_fastdllm_dream_errors(dream):
