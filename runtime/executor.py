@@ -83,6 +83,7 @@ class Executor:
         self._graph_shape: tuple | None = None
         self.vbuf: torch.Tensor | None = None
         self._layers = [engines.layer(i) for i in range(self.spec.n_layers)]
+        self._takes_pad = [any(t.name == "pad" for t in e.inputs) for e in self._layers]
         self.profiling = False        # mark embed/layer/head/commit as profiler ranges (tools/step_profile.py)
 
     def _region(self, name: str):
@@ -131,6 +132,7 @@ class Executor:
             self.row_attn, self.row_mlp = e((B, N, s.d_model)), e((B, N, s.d_model))
             self.h = e((B, N, s.d_model))
             self.pos_all = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N).contiguous()
+            self.pad = torch.zeros(B, dtype=torch.int32, device=dev)             # left padding per sequence
             self.canvas = torch.empty((B, N), dtype=torch.long, device=dev)
             self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
             self.transfer = torch.zeros((B, N), dtype=torch.bool, device=dev)      # last commit, rows [0, R)
@@ -295,13 +297,20 @@ class Executor:
         k = rows.numel()
         h_rows, pos = ops.gather_rows(h, rows, self.slot)                     # [B, k, D], [B, k]
         out = self._row_outputs(k, engine.writes_cache)
-        res = engine.run({"h_rows": h_rows, "pos": pos, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]},
-                         out)
+        res = engine.run(self._layer_feeds(l, h_rows, pos), out)
         if not engine.writes_cache:
             self.k_cache[l].index_copy_(1, rows, res["k_rows"])
             self.v_cache[l].index_copy_(1, rows, res["v_rows"])
         ops.residual_update(h, attn, mlp, start, rows, res["attn_rows"], res["mlp_rows"], self.slot)
         return k
+
+    def _layer_feeds(self, l: int, h_rows: torch.Tensor, pos: torch.Tensor) -> dict:
+        """Inputs of layer l: rows, their canvas positions, the left padding (engine directories written
+        before batching have no ``pad`` input and decode one unpadded sequence), the caches."""
+        feeds = {"h_rows": h_rows, "pos": pos, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]}
+        if self._takes_pad[l]:
+            feeds["pad"] = self.pad
+        return feeds
 
     def _row_outputs(self, k: int, deltas_only: bool) -> dict | None:
         if self.B != 1:   # leading slices of the preallocated buffers are contiguous only for B == 1
@@ -328,7 +337,7 @@ class Executor:
         return n
 
     def _run_full(self, l: int, engine, h: torch.Tensor) -> None:
-        feeds = {"h_rows": h, "pos": self.pos_all, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]}
+        feeds = self._layer_feeds(l, h, self.pos_all)
         if engine.writes_cache:
             # fused torch layer: keys and values go into the caches inside the layer
             engine.run(feeds, {"attn_rows": self.attn_cache[l], "mlp_rows": self.mlp_cache[l]})
@@ -349,8 +358,7 @@ class Executor:
         B, k = self.B, rows.numel()
         h_rows = h.index_select(1, rows)                                       # [B, k, D]
         pos = rows.to(torch.int32).expand(B, k).contiguous()                   # [B, k]
-        res = engine.run({"h_rows": h_rows, "pos": pos, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]},
-                         self._row_outputs(k, False))
+        res = engine.run(self._layer_feeds(l, h_rows, pos), self._row_outputs(k, False))
         self.k_cache[l].index_copy_(1, rows, res["k_rows"])
         self.v_cache[l].index_copy_(1, rows, res["v_rows"])
         self.attn_cache[l].index_copy_(1, rows, res["attn_rows"])
