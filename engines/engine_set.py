@@ -31,6 +31,14 @@ class EngineSet:
     # the fused work around the engines (dllm.kernels.KernelOps: Triton kernels or their torch twins);
     # None: the plain unfused path
     ops: object | None = None
+    # sequences one step may carry (None: any; TensorRT plans: their profiles' batch range). Layers without
+    # a ``kv_len`` input (engine directories written before batching) decode one sequence at a time.
+    max_batch: int | None = None
+
+    def __post_init__(self):
+        layer = self.engines.get(layer_name(0))
+        if layer is not None and not any(t.name == "kv_len" for t in layer.inputs):
+            self.max_batch = 1
 
     @property
     def torch_threads(self) -> int | None:

@@ -7,7 +7,7 @@ runtime feed checks and output allocation.
 | subgraph  | inputs                                            | outputs                                  |
 |-----------|---------------------------------------------------|------------------------------------------|
 | embed     | ids [B,k] int32                                   | h [B,k,D]                                |
-| layer_{i} | h_rows [B,k,D], pos [B,k] int32, pad [B] int32,   | k_rows, v_rows [B,k,Hkv,hd] (k after RoPE)|
+| layer_{i} | h_rows [B,k,D], pos [B,k] int32, kv_len [B] int32,| k_rows, v_rows [B,k,Hkv,hd] (k after RoPE)|
 |           | k_cache, v_cache [B,N,Hkv,hd]                     | attn_rows, mlp_rows [B,k,D] (deltas)      |
 | head      | h_rows [B,k,D]                                    | logits [B,k,V] (final norm + LM head)     |
 | vproj_{i} | h_rows [B,k,D]                                    | v_rows [B,k,Hkv,hd] (value-proxy probe)   |
@@ -95,11 +95,13 @@ class SubgraphDecl:
                 n = sizes["N"]
                 rows = [torch.randperm(n, generator=g)[: shape[1]].sort().values for _ in range(shape[0])]
                 feeds[t.name] = torch.stack(rows).to(torch.int32)
-            elif t.name == "pad":
-                # batch 1: no padding (the common case must stay exact); larger batches: some of each
+            elif t.name == "kv_len":
+                # batch 1: the whole canvas (the common case must stay exact); larger batches: shorter
+                # sequences too, each still holding its rows (pos < kv_len)
                 n = sizes["N"]
-                feeds[t.name] = torch.randint(0, max(1, n // 2), shape, generator=g).to(torch.int32) \
-                    if shape[0] > 1 else torch.zeros(shape, dtype=torch.int32)
+                low = int(feeds["pos"].max()) + 1 if "pos" in feeds else 1
+                feeds[t.name] = torch.randint(low, n + 1, shape, generator=g).to(torch.int32) \
+                    if shape[0] > 1 else torch.full(shape, n, dtype=torch.int32)
             elif t.name == "ids":
                 feeds[t.name] = torch.randint(0, 16, shape, generator=g, dtype=torch.int32)
             else:
@@ -136,7 +138,7 @@ def declare(spec: ModelSpec, dtype: DType | str, with_vproj: bool = False) -> li
     for i in range(spec.n_layers):
         out.append(SubgraphDecl(
             layer_name(i), Kind.LAYER, i,
-            (rows, TensorDecl("pos", "int32", ("B", "k")), TensorDecl("pad", "int32", ("B",)),
+            (rows, TensorDecl("pos", "int32", ("B", "k")), TensorDecl("kv_len", "int32", ("B",)),
              TensorDecl("k_cache", dt, ("B", "N", Hkv, hd)), TensorDecl("v_cache", dt, ("B", "N", Hkv, hd))),
             (kv_rows("k_rows"), kv_rows("v_rows"),
              TensorDecl("attn_rows", dt, ("B", "k", D)), TensorDecl("mlp_rows", dt, ("B", "k", D)))))
@@ -163,8 +165,8 @@ class LayerModule(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, h_rows, pos, pad, k_cache, v_cache):
-        return self.layer.forward_rows(h_rows, pos, pad, k_cache, v_cache)
+    def forward(self, h_rows, pos, kv_len, k_cache, v_cache):
+        return self.layer.forward_rows(h_rows, pos, kv_len, k_cache, v_cache)
 
 
 class HeadModule(nn.Module):

@@ -35,8 +35,8 @@ class KernelOps:
         self.path, self.device = path, torch.device(device)
         self.triton = path == KernelPath.TRITON
         self.launches = 0                   # kernel calls so far (a proxy for GPU launches; profiling)
-        # whether any sequence of the current batch has left padding (the executor sets it per step; a
-        # host flag so that layers skip the key mask, and keep the fastest attention, when none has)
+        # whether any sequence of the current batch is shorter than the canvas (the executor sets it; a host
+        # flag so that layers skip the key mask, and keep the fastest attention, when none is)
         self.padded = True
         self.profiling = False              # mark each call as a profiler range (tools/step_profile.py)
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -56,10 +56,10 @@ class KernelOps:
     def silu_mul(self, gate, up):
         return self._call("silu_mul", gate, up)
 
-    def rope_to_cache(self, q, key, v, pos, pad, k_cache, v_cache, theta: float):
-        """RoPE on q/key at ``pos - pad``; rotated keys and the values are written into the caches at ``pos``."""
+    def rope_to_cache(self, q, key, v, pos, k_cache, v_cache, theta: float):
+        """RoPE on q/key at ``pos``; rotated keys and the values are written into the caches in place."""
         table = self.rope_table(k_cache.shape[1], q.shape[-1], theta) if self.triton else None
-        return self._call("rope_to_cache", q, key, v, pos, pad, k_cache, v_cache, theta, table)
+        return self._call("rope_to_cache", q, key, v, pos, k_cache, v_cache, theta, table)
 
     def rope_table(self, n: int, head_dim: int, theta: float):
         """cos/sin for positions 0..n-1, computed once per (head_dim, theta) and grown when n grows."""

@@ -24,10 +24,10 @@ def rope_table(n: int, head_dim: int, theta: float, device: torch.device) -> tup
     return freqs.cos(), freqs.sin()
 
 
-def rope_to_cache_torch(q, key, v, pos, pad, k_cache, v_cache, theta: float, table=None):
-    """The plain twin. q [B,k,H,hd], key/v [B,k,Hkv,hd], pos [B,k] int canvas rows, pad [B] int left padding
-    (RoPE position = pos - pad); caches [B,N,Hkv,hd] (updated in place at ``pos``). Returns (q, key) rotated."""
-    cos, sin = rope_cos_sin(pos - pad[:, None], q.shape[-1], theta)
+def rope_to_cache_torch(q, key, v, pos, k_cache, v_cache, theta: float, table=None):
+    """The plain twin. q [B,k,H,hd], key/v [B,k,Hkv,hd], pos [B,k] int; caches [B,N,Hkv,hd] (updated in
+    place at ``pos``). Returns (q rotated, key rotated)."""
+    cos, sin = rope_cos_sin(pos, q.shape[-1], theta)
     q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
     idx = pos.long()[:, :, None, None].expand(-1, -1, key.shape[2], key.shape[3])
     k_cache.scatter_(1, idx, k_rot)
@@ -49,16 +49,15 @@ def _rotate(row_ptr, heads, c, s, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @jit
-def _rope_to_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, pad_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr,
+def _rope_to_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, kc_ptr, vc_ptr,
                           q_rs, k_rs, v_rs, rows_per_batch, N, H, HKV,
                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HKV: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)                  # one row (batch b, canvas row pos[r]) per program
+    r = tl.program_id(0).to(tl.int64)                  # one row (batch b, position pos[r]) per program
     b = r // rows_per_batch
     p = tl.load(pos_ptr + r).to(tl.int64)
-    rope_p = p - tl.load(pad_ptr + b).to(tl.int64)     # the position RoPE sees: the row minus the left padding
     j = tl.arange(0, HALF)[None, :]
-    c = tl.load(cos_ptr + rope_p * HALF + j)
-    s = tl.load(sin_ptr + rope_p * HALF + j)
+    c = tl.load(cos_ptr + p * HALF + j)
+    s = tl.load(sin_ptr + p * HALF + j)
     q_out, kv_out, cache_row = r * H * 2 * HALF, r * HKV * 2 * HALF, (b * N + p) * HKV * 2 * HALF
     # queries: rotated into their own output
     off, m, o1, o2 = _rotate(q_ptr + r * q_rs, H, c, s, HALF, BLOCK_H)
@@ -76,20 +75,20 @@ def _rope_to_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, pad_ptr, cos_ptr, sin_pt
     tl.store(vc_ptr + cache_row + off + HALF, tl.load(v_ptr + r * v_rs + off + HALF, mask=m), mask=m)
 
 
-def rope_to_cache_triton(q, key, v, pos, pad, k_cache, v_cache, theta: float, table):
+def rope_to_cache_triton(q, key, v, pos, k_cache, v_cache, theta: float, table):
     B, k, H, hd = q.shape
     Hkv, N = key.shape[2], k_cache.shape[1]
     cos, sin = table
     if pos.numel() and cos.shape[0] < N:
         raise ValueError(f"rope table covers {cos.shape[0]} positions, the canvas has {N}")
     q, key, v = _packed_rows(q), _packed_rows(key), _packed_rows(v)
-    pos, pad = pos.contiguous(), pad.contiguous()
+    pos = pos.contiguous()
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("rope_to_cache writes the caches through their data pointers; pass contiguous caches")
     q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_rot = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if B * k:
-        _rope_to_cache_kernel[(B * k,)](q, key, v, pos, pad, cos, sin, q_rot, k_rot, k_cache, v_cache,
+        _rope_to_cache_kernel[(B * k,)](q, key, v, pos, cos, sin, q_rot, k_rot, k_cache, v_cache,
                                         _row_stride(q), _row_stride(key), _row_stride(v), k, N, H, Hkv,
                                         HALF=hd // 2, BLOCK_H=next_pow2(H), BLOCK_HKV=next_pow2(Hkv),
                                         num_warps=4, enable_fp_fusion=False)

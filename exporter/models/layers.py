@@ -42,9 +42,9 @@ def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.
     return emb.cos(), emb.sin()
 
 
-def key_valid(pad: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n] bool: canvas rows at or after each sequence's left padding ``pad`` [B]."""
-    return torch.arange(n, device=pad.device)[None, :] >= pad[:, None]
+def key_valid(kv_len: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] bool: the canvas rows before each sequence's length ``kv_len`` [B] (the rest is padding)."""
+    return torch.arange(n, device=kv_len.device)[None, :] < kv_len[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -127,18 +127,18 @@ class DecoderLayer(nn.Module):
         y = h + self.attend(q, key, v)
         return y + self.mlp(y)
 
-    def forward_rows(self, h_rows, pos, pad, k_cache, v_cache):
+    def forward_rows(self, h_rows, pos, kv_len, k_cache, v_cache):
         """Recompute rows at ``pos`` against the canvas caches.
 
-        h_rows [B,k,D], pos [B,k] int (canvas rows), pad [B] int (left padding per sequence),
-        k_cache/v_cache [B,N,Hkv,hd] (keys after RoPE). Returns k_rows, v_rows [B,k,Hkv,hd] and the
-        residual deltas attn_rows, mlp_rows [B,k,D]. The caches are not modified: fresh rows are
-        scattered into copies for attention.
+        h_rows [B,k,D], pos [B,k] int (canvas rows = positions), kv_len [B] int (each sequence's canvas
+        length: keys at rows >= kv_len are padding), k_cache/v_cache [B,N,Hkv,hd] (keys after RoPE).
+        Returns k_rows, v_rows [B,k,Hkv,hd] and the residual deltas attn_rows, mlp_rows [B,k,D]. The
+        caches are not modified: fresh rows are scattered into copies for attention.
         """
-        q, k_rows, v_rows = self.project_qkv(h_rows, pos - pad[:, None])       # RoPE at the true position
+        q, k_rows, v_rows = self.project_qkv(h_rows, pos)
         idx = pos.long()[:, :, None, None].expand(-1, -1, self.n_kv_heads, self.head_dim)
         keys = k_cache.scatter(1, idx, k_rows)
         values = v_cache.scatter(1, idx, v_rows)
-        attn_rows = self.attend(q, keys, values, key_valid(pad, k_cache.shape[1]))
+        attn_rows = self.attend(q, keys, values, key_valid(kv_len, k_cache.shape[1]))
         mlp_rows = self.mlp(h_rows + attn_rows)
         return k_rows, v_rows, attn_rows, mlp_rows

@@ -23,7 +23,7 @@ def full_forward(engines: EngineSet, ids: torch.Tensor) -> torch.Tensor:
     for i in range(spec.n_layers):
         # every row is overwritten by the scatter (fused torch layers write these caches in place)
         kc, vc = (torch.zeros(B, N, spec.n_kv_heads, spec.head_dim) for _ in range(2))
-        o = engines.layer(i).run({"h_rows": h, "pos": pos, "pad": torch.zeros(B, dtype=torch.int32),
+        o = engines.layer(i).run({"h_rows": h, "pos": pos, "kv_len": torch.full((B,), N, dtype=torch.int32),
                                   "k_cache": kc, "v_cache": vc})
         h = h + o["attn_rows"] + o["mlp_rows"]
     return engines.head.run({"h_rows": h})["logits"]

@@ -18,10 +18,8 @@ def test_kernel_equals_twin(device, dtype, B, k, N, H, Hkv, hd):
     pos = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)]).to(torch.int32).to(device)
     kc, vc = rand(B, N, Hkv, hd, dtype=dtype, seed=5), rand(B, N, Hkv, hd, dtype=dtype, seed=6)
     kc2, vc2 = kc.clone(), vc.clone()
-    pad = torch.tensor([0, 2][:B], dtype=torch.int32, device=device)             # left padding of each sequence
-    pos = torch.maximum(pos, pad[:, None])                                       # real rows only
-    q_want, k_want = rope_to_cache_torch(q, key, v, pos, pad, kc, vc, theta)
-    q_got, k_got = rope_to_cache_triton(q, key, v, pos, pad, kc2, vc2, theta, rope_table(N, hd, theta, device))
+    q_want, k_want = rope_to_cache_torch(q, key, v, pos, kc, vc, theta)
+    q_got, k_got = rope_to_cache_triton(q, key, v, pos, kc2, vc2, theta, rope_table(N, hd, theta, device))
     assert_bit_equal(q_got, q_want)
     assert_bit_equal(k_got, k_want)
     assert_bit_equal(kc2, kc)                                        # same rows written, the rest untouched
@@ -33,7 +31,7 @@ def test_twin_is_the_layer_math():
     pos = torch.tensor([[0, 5, 2, 9]], dtype=torch.int32)
     kc, vc = torch.randn(1, 10, 2, 8), torch.randn(1, 10, 2, 8)
     keys = kc.clone()
-    q_rot, k_rot = rope_to_cache_torch(q, key, v, pos, torch.zeros(1, dtype=torch.int32), kc, vc, 500000.0)
+    q_rot, k_rot = rope_to_cache_torch(q, key, v, pos, kc, vc, 500000.0)
     cos, sin = rope_cos_sin(pos, 8, 500000.0)
     assert torch.equal(q_rot, apply_rope(q, cos, sin)) and torch.equal(k_rot, apply_rope(key, cos, sin))
     keys[0, pos[0].long()] = k_rot[0]
@@ -55,8 +53,7 @@ def test_strided_rows_of_one_qkv_product(device):
     pos = torch.tensor([[1, 4, 9, 20, 21, 29]], dtype=torch.int32, device=device)
     kc, vc = rand(B, N, Hkv, hd, seed=8), rand(B, N, Hkv, hd, seed=9)
     kc2, vc2 = kc.clone(), vc.clone()
-    pad = torch.tensor([1], dtype=torch.int32, device=device)
-    want = rope_to_cache_torch(q, key, v, pos, pad, kc, vc, 10000.0)
-    got = rope_to_cache_triton(q, key, v, pos, pad, kc2, vc2, 10000.0, rope_table(N, hd, 10000.0, device))
+    want = rope_to_cache_torch(q, key, v, pos, kc, vc, 10000.0)
+    got = rope_to_cache_triton(q, key, v, pos, kc2, vc2, 10000.0, rope_table(N, hd, 10000.0, device))
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(kc2, kc) and torch.equal(vc2, vc)

@@ -78,7 +78,7 @@ def test_rows_per_layer_follow_the_plan_and_unrecomputed_rows_keep_cached_deltas
     with torch.no_grad():
         h1 = model.layers[0](model.embed(canvas2))
         rows = torch.tensor(plan[1])
-        _, _, attn, _ = layer.forward_rows(h1[:, rows], rows[None].int(), torch.zeros(1, dtype=torch.int32),
+        _, _, attn, _ = layer.forward_rows(h1[:, rows], rows[None].int(), torch.tensor([N], dtype=torch.int32),
                                            ex.k_cache[1], ex.v_cache[1])
     torch.testing.assert_close(ex.attn_cache[1][:, rows], attn, rtol=1e-5, atol=1e-6)
 
