@@ -102,6 +102,7 @@ class Executor:
         self._layers = [engines.layer(i) for i in range(self.spec.n_layers)]
         self._takes_kv_len = [any(t.name == "kv_len" for t in e.inputs) for e in self._layers]
         self.profiling = False        # mark embed/layer/head/commit as profiler ranges (tools/step_profile.py)
+        self.steps_run = 0            # batched steps since creation (dllm-bench --batch: time per step)
 
     def _region(self, name: str):
         return torch.profiler.record_function(f"dllm::{name}") if self.profiling else contextlib.nullcontext()
@@ -226,6 +227,7 @@ class Executor:
                 st.commit.after_step(st.view)
         engine_s = time.perf_counter() - t0
         committed = self._read_committed_all(steps)
+        self.steps_run += 1
         return [None if st is None else StepOutcome(c, StepStats(r, engine_s))
                 for st, c, r in zip(steps, committed, rows)]
 

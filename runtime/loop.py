@@ -175,7 +175,7 @@ def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor:
 
 def _result(run: SequenceRun, canvas_row: torch.Tensor, eos_ids) -> DecodeResult:
     """The DecodeResult of a finished sequence from its canvas row (its padding dropped)."""
-    final = canvas_row[:run.N].cpu()[None]                                         # [1, P + G]
+    final = canvas_row[:run.N].to("cpu", copy=True)[None]       # a copy: the executor reuses its canvas
     P, view = run.prompt.shape[1], run.view
     return DecodeResult(ids=final[0, P:].tolist(), canvas=final, prompt_length=P, steps=view.step, nfe=view.step,
                         rows_per_step=run.rows_per_step, tokens_per_step=run.tokens_per_step,
@@ -184,8 +184,11 @@ def _result(run: SequenceRun, canvas_row: torch.Tensor, eos_ids) -> DecodeResult
 
 
 def canvas_length(prompt_lens: list[int], gen_length: int, limit: int) -> int:
-    """The canvas of a batch: its longest sequence, rounded up to CANVAS_BUCKET rows while that fits."""
+    """The canvas of a batch: its longest sequence, rounded up to CANVAS_BUCKET rows while that fits (prompts
+    of one length need no padding: their canvas is exact)."""
     N = max(prompt_lens) + gen_length
+    if len(set(prompt_lens)) == 1:
+        return N
     bucket = -(-N // CANVAS_BUCKET) * CANVAS_BUCKET
     return bucket if bucket <= limit else N
 
@@ -243,6 +246,18 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
                           f"re-export with dllm-export --max-batch {B}")
     B = min(B, len(prompts))
     executor = executor or Executor(engines)
+    if B == 1:                      # one slot: each prompt on its own canvas, no padding
+        results = []
+        for i, t in enumerate(tensors):
+            steps = decode_steps(engines, t, cfg, executor=executor, max_seq_len=max_seq_len)
+            while True:
+                try:
+                    event = next(steps)
+                except StopIteration as stop:
+                    results.append(stop.value)
+                    break
+                yield (i, *event)
+        return results
     G = cfg.gen_length
     N = canvas_length([t.shape[1] for t in tensors], G, max_seq_len or spec.max_seq_len)
     first = executor.cache_policy(cfg, spec, 0)
