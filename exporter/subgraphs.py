@@ -13,6 +13,11 @@ runtime feed checks and output allocation.
 | vproj_{i} | h_rows [B,k,D]                                    | v_rows [B,k,Hkv,hd] (value-proxy probe)   |
 
 Dims named by strings are dynamic: ``B`` batch, ``k`` rows recomputed, ``N`` canvas length.
+
+``pad`` is each sequence's left padding: sequences of different prompt lengths share a batch as canvases
+``[pad rows, prompt, generation]`` of one length N; a layer never attends to keys at canvas rows below
+``pad[b]`` and rotates (RoPE) at position ``pos - pad[b]``. Engine directories of manifest schema 1
+declare layers without ``pad`` (``declare(..., padded=False)``): one unpadded sequence.
 """
 
 from __future__ import annotations
@@ -80,13 +85,19 @@ class SubgraphDecl:
     inputs: tuple[TensorDecl, ...]
     outputs: tuple[TensorDecl, ...]
 
+    @property
+    def takes_pad(self) -> bool:
+        """Whether the subgraph has the ``pad`` input (layers, except those of schema-1 engine directories)."""
+        return any(t.name == "pad" for t in self.inputs)
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx.export style dynamic axes, derived from the declaration."""
         return {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
                 for t in self.inputs + self.outputs}
 
     def dummy_inputs(self, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
-        """Random feeds of the declared dtypes; ``pos`` gets distinct positions < N, ids stay small."""
+        """Random feeds of the declared dtypes; ``pos`` gets distinct positions < N, ids stay small, ``pad`` is
+        mixed left padding (``dummy_pad``)."""
         g = torch.Generator().manual_seed(seed)
         feeds = {}
         for t in self.inputs:
@@ -95,16 +106,13 @@ class SubgraphDecl:
                 n = sizes["N"]
                 rows = [torch.randperm(n, generator=g)[: shape[1]].sort().values for _ in range(shape[0])]
                 feeds[t.name] = torch.stack(rows).to(torch.int32)
-            elif t.name == "pad":
-                # batch 1: no padding (the common case must stay exact); larger batches: some of each
-                n = sizes["N"]
-                feeds[t.name] = torch.randint(0, max(1, n // 2), shape, generator=g).to(torch.int32) \
-                    if shape[0] > 1 else torch.zeros(shape, dtype=torch.int32)
             elif t.name == "ids":
                 feeds[t.name] = torch.randint(0, 16, shape, generator=g, dtype=torch.int32)
-            else:
+            elif t.name != "pad":
                 feeds[t.name] = torch.randn(shape, generator=g).to(t.torch_dtype)
-        return feeds
+        if self.takes_pad:            # drawn last, so the other feeds are the same as without a pad input
+            feeds["pad"] = dummy_pad(sizes["B"], sizes["N"], g)
+        return {t.name: feeds[t.name] for t in self.inputs}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind.value, "layer": self.layer,
@@ -117,6 +125,18 @@ class SubgraphDecl:
                    tuple(TensorDecl.from_dict(t) for t in d["outputs"]))
 
 
+def dummy_pad(batch: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """[B] int32 left padding for test feeds: none at batch 1 (the common case, which must stay exact);
+    mixed in a batch: the first sequence none, the last the most (when the canvas allows), the rest drawn.
+    At most half the canvas is padding, so every sequence keeps real rows."""
+    if batch == 1:
+        return torch.zeros(1, dtype=torch.int32)
+    most = (n - 1) // 2
+    pad = torch.randint(0, most + 1, (batch,), generator=g, dtype=torch.int32)
+    pad[0], pad[-1] = 0, most
+    return pad
+
+
 def layer_name(i: int) -> str:
     return f"layer_{i:02d}"
 
@@ -125,18 +145,24 @@ def vproj_name(i: int) -> str:
     return f"vproj_{i:02d}"
 
 
-def declare(spec: ModelSpec, dtype: DType | str, with_vproj: bool = False) -> list[SubgraphDecl]:
-    """All subgraphs of a model, in execution order: embed, layer_00.., head, [vproj_00..]."""
+def declare(spec: ModelSpec, dtype: DType | str, with_vproj: bool = False, padded: bool = True
+            ) -> list[SubgraphDecl]:
+    """All subgraphs of a model, in execution order: embed, layer_00.., head, [vproj_00..].
+
+    ``padded``: layers take ``pad`` (what every export writes); False declares the layers of schema-1
+    engine directories, which have no ``pad`` input and serve one unpadded sequence.
+    """
     dt = DType(dtype).value
     D, Hkv, hd, V = spec.d_model, spec.n_kv_heads, spec.head_dim, spec.vocab_size
     rows = TensorDecl("h_rows", dt, ("B", "k", D))
     kv_rows = lambda n: TensorDecl(n, dt, ("B", "k", Hkv, hd))  # noqa: E731
+    pad = (TensorDecl("pad", "int32", ("B",)),) if padded else ()
     out = [SubgraphDecl("embed", Kind.EMBED, None, (TensorDecl("ids", "int32", ("B", "k")),),
                         (TensorDecl("h", dt, ("B", "k", D)),))]
     for i in range(spec.n_layers):
         out.append(SubgraphDecl(
             layer_name(i), Kind.LAYER, i,
-            (rows, TensorDecl("pos", "int32", ("B", "k")), TensorDecl("pad", "int32", ("B",)),
+            (rows, TensorDecl("pos", "int32", ("B", "k")), *pad,
              TensorDecl("k_cache", dt, ("B", "N", Hkv, hd)), TensorDecl("v_cache", dt, ("B", "N", Hkv, hd))),
             (kv_rows("k_rows"), kv_rows("v_rows"),
              TensorDecl("attn_rows", dt, ("B", "k", D)), TensorDecl("mlp_rows", dt, ("B", "k", D)))))
@@ -167,6 +193,25 @@ class LayerModule(nn.Module):
         return self.layer.forward_rows(h_rows, pos, pad, k_cache, v_cache)
 
 
+class UnpaddedLayer(nn.Module):
+    """A layer module as schema-1 engine directories declare it: no ``pad`` input, i.e. no left padding
+    (pad 0 masks nothing and leaves RoPE at ``pos``, so this is exactly the layer of that schema)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.writes_cache = bool(getattr(inner, "writes_cache", False))
+
+    @property
+    def layer(self) -> nn.Module:
+        """The decoder layer inside (as ``LayerModule.layer``)."""
+        return self.inner.layer
+
+    def forward(self, h_rows, pos, k_cache, v_cache):
+        pad = torch.zeros(h_rows.shape[0], dtype=torch.int32, device=h_rows.device)     # [B]
+        return self.inner(h_rows, pos, pad, k_cache, v_cache)
+
+
 class HeadModule(nn.Module):
     def __init__(self, norm: nn.Module, lm_head: nn.Linear):
         super().__init__()
@@ -186,7 +231,7 @@ class VProjModule(nn.Module):
 
 
 def build_module(decl: SubgraphDecl, source, dtype: DType | str) -> nn.Module:
-    """The PyTorch module of one subgraph.
+    """The PyTorch module of one subgraph (a layer declared without ``pad`` gets ``UnpaddedLayer``).
 
     ``source`` is a ``Checkpoint`` (loads only this subgraph's weights: bounded memory)
     or a loaded ``DiffusionLM``.
@@ -208,4 +253,6 @@ def build_module(decl: SubgraphDecl, source, dtype: DType | str) -> nn.Module:
         if decl.kind == Kind.HEAD:
             return HeadModule(source.load_norm(tdt), source.load_head(tdt)).eval()
         layer = source.load_layer(decl.layer, tdt)
-    return (LayerModule(layer) if decl.kind == Kind.LAYER else VProjModule(layer)).eval()
+    if decl.kind == Kind.VPROJ:
+        return VProjModule(layer).eval()
+    return (LayerModule(layer) if decl.takes_pad else UnpaddedLayer(LayerModule(layer))).eval()
