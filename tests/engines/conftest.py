@@ -75,4 +75,3 @@ def engine_dirs(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
         dirs[arch] = export_checkpoint(ExportConfig(ckpt, root / arch, dtype="fp32", max_seq_len=64,
                                                     validate=False, backend=backend))
     return dirs
-
