@@ -109,8 +109,8 @@ class BenchConfig:
             raise ConfigError(f"--methods lists a method twice: {list(methods)}")
         for m in methods:
             parse_method(m, self.decode)           # raises ConfigError naming the bad part
-        if REFERENCE not in normal:
-            methods = (REFERENCE,) + methods       # the reference every ratio is taken against
+        if REFERENCE not in normal and not self.batch_sizes:
+            methods = (REFERENCE,) + methods       # the reference every ratio is taken against (--batch: batch 1)
         object.__setattr__(self, "methods", methods)
         for name in ("num_prompts", "repeat"):
             if getattr(self, name) < 1:

@@ -2,7 +2,9 @@
 
 Every batch size decodes the same prompts (``decode_batch`` with that many slots; batch 1 decodes them
 one after another), so tokens/s compare directly: the ratio to batch 1 is what batching buys. Rounds
-alternate the order of the batch sizes, as the method comparison alternates methods. A batched step
+alternate the order of the batch sizes, as the method comparison alternates methods. Each batch size
+has its own executor (its own caches and captured CUDA graphs, so sizes do not evict each other's), and
+the warm-up decodes one batch's worth of prompts per size (enough to see every shape). A batched step
 runs every occupied slot at once, so ``step_ms`` is the time of one batched step (wall over the steps
 the executor ran), and ``identical_to_batch1`` checks that batching changed no token.
 """
@@ -42,37 +44,40 @@ def parse_batch_sizes(text: str, max_batch: int | None = None) -> tuple[int, ...
     return tuple(sorted(set(sizes) | {1}))
 
 
-def decode_pass(pipe, prompts, cfg, batch: int, max_seq_len: int | None, cuda: bool):
+def decode_pass(engines, executor, prompts, cfg, batch: int, max_seq_len: int | None):
     """Every prompt at ``batch`` slots; returns (results, wall seconds, batched steps)."""
     import torch
 
     from dllm.runtime.loop import decode_batch
 
-    before = pipe.executor.steps_run
+    before = executor.steps_run
     t0 = time.perf_counter()
-    results = decode_batch(pipe.engines, [list(p) for p in prompts], cfg, executor=pipe.executor, batch_size=batch,
+    results = decode_batch(engines, [list(p) for p in prompts], cfg, executor=executor, batch_size=batch,
                            max_seq_len=max_seq_len)
-    if cuda:
-        torch.cuda.synchronize(pipe.engines.device)
-    return results, time.perf_counter() - t0, pipe.executor.steps_run - before
+    if engines.device.type == "cuda":
+        torch.cuda.synchronize(engines.device)
+    return results, time.perf_counter() - t0, executor.steps_run - before
 
 
 def run_batch_bench(pipe, prompts, bench_cfg, batch_sizes: tuple[int, ...], max_seq_len: int | None = None,
                     log=print) -> dict[str, dict[int, list[BatchRun]]]:
     """Warm up, then ``repeat`` rounds of every method at every batch size (size order reversed on odd rounds)."""
+    from dllm.runtime.executor import Executor
+
     configs = bench_cfg.method_configs()
-    cuda = pipe.engines.device.type == "cuda"
+    engines = pipe.engines
+    executors = {b: pipe.executor if b == 1 else Executor(engines) for b in batch_sizes}
     for w in range(bench_cfg.warmup):
         for c in configs.values():
             for b in batch_sizes:
-                decode_pass(pipe, prompts.ids, c, b, max_seq_len, cuda)
+                decode_pass(engines, executors[b], prompts.ids[:b], c, b, max_seq_len)
         log(f"[bench] warm-up {w + 1}/{bench_cfg.warmup} done")
     runs: dict[str, dict[int, list[BatchRun]]] = {m: {b: [] for b in batch_sizes} for m in configs}
     for r in range(bench_cfg.repeat):
         order = list(batch_sizes) if r % 2 == 0 else list(reversed(batch_sizes))
         for m, c in configs.items():
             for b in order:
-                results, wall, steps = decode_pass(pipe, prompts.ids, c, b, max_seq_len, cuda)
+                results, wall, steps = decode_pass(engines, executors[b], prompts.ids, c, b, max_seq_len)
                 runs[m][b].append(BatchRun(r, wall, steps, [x.ids for x in results],
                                            sum(x.answer_length for x in results), [x.wall_s for x in results]))
         log(f"[bench] round {r + 1}/{bench_cfg.repeat} done")

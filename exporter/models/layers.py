@@ -6,9 +6,10 @@ and where logits are read. One layer class serves both.
 
 The layer has two forwards:
 - ``forward(h)``: the plain full-sequence layer, the reference.
-- ``forward_rows(h_rows, pos, k_cache, v_cache)``: recompute only the rows at
+- ``forward_rows(h_rows, pos, kv_len, k_cache, v_cache)``: recompute only the rows at
   ``pos`` against cached keys/values of the whole canvas (the exported contract,
-  docs/engine-dir.md). With ``pos = 0..N-1`` it equals ``forward``.
+  docs/engine-dir.md), never attending to keys past each sequence's length ``kv_len``
+  (right padding). With ``pos = 0..N-1`` and ``kv_len = N`` it equals ``forward``.
 """
 
 from __future__ import annotations

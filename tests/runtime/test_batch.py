@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dllm.errors import ConfigError
+from dllm.kernels._triton import HAVE_TRITON
 from dllm.runtime import reference as R
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.loop import canvas_length, decode, decode_batch
@@ -62,6 +63,22 @@ def test_batch_equals_solo_onnxruntime(arch, method, ort_engines):
     _same(solo, decode_batch(es, prompts, cfg, batch_size=2))
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("arch, method", [("llada", "dcu+apd"), ("dream", "dual+threshold")])
+def test_batch_with_triton_kernels_equals_solo(arch, method, tiny_models):
+    """The fused path (Triton's interpreter on the CPU) batches exactly as well: each sequence gets what it
+    gets alone with the same kernels, and the tokens of the plain path."""
+    from dllm.engines.engine_set import torch_engine_set
+
+    model = tiny_models[arch]
+    plain, tri = torch_engine_set(model, "fp32", kernels="plain"), torch_engine_set(model, "fp32", kernels="triton")
+    prompts, cfg = _prompts(model.spec.vocab_size, (5, 11, 8)), _config(method).replace(gen_length=16, steps=16)
+    batch = decode_batch(tri, prompts, cfg, batch_size=2)
+    _same([decode(tri, p, cfg) for p in prompts], batch)
+    assert [r.ids for r in batch] == [decode(plain, p, cfg).ids for p in prompts]
+    assert tri.ops.launches > 0
+
+
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_batch_with_sampling_equals_solo(arch, torch_engines):
     """Each sequence draws from its own generator (seeded by the config), whatever shares its step."""
@@ -104,8 +121,8 @@ def test_on_step_reports_every_step_of_every_sequence(torch_engines):
 def test_canvas_lengths_come_in_buckets():
     assert canvas_length([5, 17], 32, 128) == 64             # 49 rounded up to a multiple of 32
     assert canvas_length([3, 3], 32, 128) == 35                # one prompt length: no padding
-    assert canvas_length([100], 20, 128) == 128
-    assert canvas_length([100], 25, 126) == 125               # the bucket would pass the limit: exact
+    assert canvas_length([100, 90], 20, 128) == 128
+    assert canvas_length([100, 90], 25, 126) == 125           # the bucket would pass the limit: exact
 
 
 def test_bad_batch_input_names_the_prompt_and_the_fix(torch_engines):
