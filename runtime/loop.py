@@ -35,7 +35,8 @@ from dllm.runtime.guidance import GuidedExecutor
 from dllm.runtime.sequence import SequenceRun
 from dllm.runtime.view import StepView
 
-# Batched canvases are rounded up to a multiple of this many rows, so that shapes repeat.
+# With CUDA graphs, batched canvases are rounded up to a multiple of this many rows, so that shapes repeat
+# and captured graphs replay across batches; elsewhere a batch's canvas is exact (padding rows cost compute).
 CANVAS_BUCKET = 32
 
 
@@ -183,14 +184,14 @@ def _result(run: SequenceRun, canvas_row: torch.Tensor, eos_ids) -> DecodeResult
                         engine_s=run.engine_s, step_end_s=run.step_end_s, eos_ids=tuple(eos_ids))
 
 
-def canvas_length(prompt_lens: list[int], gen_length: int, limit: int) -> int:
-    """The canvas of a batch: its longest sequence, rounded up to CANVAS_BUCKET rows while that fits (prompts
+def canvas_length(prompt_lens: list[int], gen_length: int, limit: int, bucket: int = CANVAS_BUCKET) -> int:
+    """The canvas of a batch: its longest sequence, rounded up to ``bucket`` rows while that fits (prompts
     of one length need no padding: their canvas is exact)."""
     N = max(prompt_lens) + gen_length
     if len(set(prompt_lens)) == 1:
         return N
-    bucket = -(-N // CANVAS_BUCKET) * CANVAS_BUCKET
-    return bucket if bucket <= limit else N
+    rounded = -(-N // bucket) * bucket
+    return rounded if rounded <= limit else N
 
 
 BatchStepCallback = Callable[[int, torch.Tensor, StepView, list], None]
@@ -259,7 +260,8 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
                 yield (i, *event)
         return results
     G = cfg.gen_length
-    N = canvas_length([t.shape[1] for t in tensors], G, max_seq_len or spec.max_seq_len)
+    bucket = CANVAS_BUCKET if executor.cuda_graphs else 1
+    N = canvas_length([t.shape[1] for t in tensors], G, max_seq_len or spec.max_seq_len, bucket)
     first = executor.cache_policy(cfg, spec, 0)
     executor.reset(B, N - G, N, first)
     canvas = executor.canvas                                                        # [B, N]

@@ -123,6 +123,7 @@ def test_canvas_lengths_come_in_buckets():
     assert canvas_length([3, 3], 32, 128) == 35                # one prompt length: no padding
     assert canvas_length([100, 90], 20, 128) == 128
     assert canvas_length([100, 90], 25, 126) == 125           # the bucket would pass the limit: exact
+    assert canvas_length([5, 17], 32, 128, bucket=1) == 49    # no CUDA graphs: exact
 
 
 def test_bad_batch_input_names_the_prompt_and_the_fix(torch_engines):
