@@ -2,7 +2,7 @@
 
 >>> from dllm.engines import open_engine_dir
 >>> engines = open_engine_dir("out/", backend="onnxruntime", device="cpu")
->>> engines.layer(0).run({"h_rows": h, "pos": pos, "k_cache": kc, "v_cache": vc})
+>>> engines.layer(0).run({"h_rows": h, "pos": pos, "kv_len": kv_len, "k_cache": kc, "v_cache": vc})
 
 Only light modules are imported here; ONNX Runtime and TensorRT load when a backend is asked for.
 """

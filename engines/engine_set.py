@@ -10,7 +10,7 @@ import torch
 from dllm.spec import ModelSpec
 from dllm.threads import resolve_threads, torch_threads_for
 from dllm.engines.base import Backend, Engine
-from dllm.exporter.subgraphs import DType, Kind, build_module, declare, layer_name, vproj_name
+from dllm.exporter.subgraphs import DType, Kind, UnpaddedLayer, build_module, declare, layer_name, vproj_name
 from dllm.kernels import KernelPath, make_ops
 
 
@@ -31,6 +31,14 @@ class EngineSet:
     # the fused work around the engines (dllm.kernels.KernelOps: Triton kernels or their torch twins);
     # None: the plain unfused path
     ops: object | None = None
+    # the largest batch B the engines were exported for (the manifest's ``max_batch``; 1 for schema-1
+    # directories, whose layers take no padding); None: no limit (torch engines straight from a checkpoint)
+    max_batch: int | None = None
+
+    def __post_init__(self):
+        layer = self.engines.get(layer_name(0))
+        if layer is not None and not any(t.name == "kv_len" for t in layer.inputs):
+            self.max_batch = 1          # layers without kv_len take one sequence whatever the caller says
 
     @property
     def torch_threads(self) -> int | None:
@@ -92,12 +100,14 @@ def torch_engine_set(source, dtype: DType | str = "fp32", device: str | torch.de
 
 def torch_module(decl, source, dtype: DType | str, ops=None):
     """The torch backend's module for one subgraph: the exported module, or with ``ops`` (KernelOps) its
-    fused twin for layers and the head (engines/torch_fused.py)."""
+    fused twin for layers and the head (engines/torch_fused.py). Layers declared without ``kv_len`` (schema-1
+    engine directories) run unpadded (``UnpaddedLayer``)."""
     from dllm.engines.torch_fused import FusedHeadModule, FusedLayerModule
 
     module = build_module(decl, source, dtype)
     if ops is not None and decl.kind == Kind.LAYER:
-        return FusedLayerModule(module.layer, ops)
+        fused = FusedLayerModule(module.layer, ops)
+        return fused if decl.takes_kv_len else UnpaddedLayer(fused)
     if ops is not None and decl.kind == Kind.HEAD:
         return FusedHeadModule(module.norm, module.lm_head, ops)
     return module

@@ -249,4 +249,4 @@ def open_engine_dir(path: str | os.PathLike, backend: Backend | str = Backend.ON
     cuda_graphs = backend == Backend.TORCH and bool(options.get("cuda_graphs")) and device.type == "cuda"
     return EngineSet(manifest.model, DType(manifest.dtype), backend, device, engines,
                      tokenizer if tokenizer.is_dir() else None, cuda_graphs=cuda_graphs, threads=threads,
-                     ops=ops)
+                     ops=ops, max_batch=manifest.max_batch)

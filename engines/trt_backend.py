@@ -150,7 +150,7 @@ class TrtEngine(Engine):
             if idx is None:
                 raise BackendError(f"{self.decl.name}: sizes {sizes} are outside every optimization profile of "
                                    f"{self.plan_path.name} ({describe(self.profiles)}); re-export with a larger "
-                                   "--max-seq-len or --max-rows")
+                                   "--max-seq-len or --max-batch (or ExportConfig.max_rows)")
             self._choice[key] = idx
         return idx
 

@@ -7,7 +7,8 @@ Only TensorRT 10 APIs are used. Networks are strongly typed (precision comes fro
 graph), so the plan computes in the dtype that was exported.
 
 Every subgraph gets the same optimization profiles (``BuildConfig.profiles``, recorded in
-the manifest): profile 0 "cached" for small k, profile 1 "refresh" for k = N. One timing
+the manifest): profile 0 "cached" for small k, profile 1 "refresh" for k = N, both for any batch
+B in 1..max_batch (a layer's ``kv_len`` input has shape [B]). One timing
 cache is shared by all subgraphs of a build (the layers are identical, so later layers reuse
 the first one's timings) and saved in the engine directory.
 """

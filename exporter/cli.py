@@ -19,6 +19,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("onnx", "tensorrt")
 DEFAULT_MAX_SEQ_LEN = 2048    # = dllm.exporter.config.DEFAULT_MAX_SEQ_LEN
 DEFAULT_OPT_ROWS = 32         # = dllm.exporter.config.DEFAULT_OPT_ROWS
+DEFAULT_MAX_BATCH = 8         # = dllm.exporter.config.DEFAULT_MAX_BATCH
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
                     "installed tensorrt or tensorrt_rtx module")
     p.add_argument("--opt-rows", type=int, default=DEFAULT_OPT_ROWS, metavar="K",
                    help=f"rows recomputed per cached step that TensorRT optimizes for (default {DEFAULT_OPT_ROWS})")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="B",
+                   help=f"most sequences decoded together in one step (prompts of different lengths share a batch "
+                        f"by right padding); sets the TensorRT profiles' batch range and is recorded in the manifest "
+                        f"(default {DEFAULT_MAX_BATCH}; larger batches need more TensorRT scratch memory)")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs PyTorch parity check of every subgraph")
     p.add_argument("--no-vproj", dest="with_vproj", action="store_false",
@@ -110,7 +115,8 @@ def summary(out: Path, progress: _Progress | None = None) -> str:
     files = [p for p in out.rglob("*") if p.is_file()]
     total = sum(p.stat().st_size for p in files)
     lines = [f"wrote {out}: {len(files)} files, {_size(total)}",
-             f"  model {m.model.arch.value}, {m.model.n_layers} layers, dtype {m.dtype}, max_seq_len {m.max_seq_len}"]
+             f"  model {m.model.arch.value}, {m.model.n_layers} layers, dtype {m.dtype}, max_seq_len {m.max_seq_len}, "
+             f"max_batch {m.max_batch}"]
     onnx = [out / s.onnx for s in m.subgraphs]
     onnx_size = sum(p.stat().st_size + p.with_name(p.name + ".data").stat().st_size for p in onnx)
     made = ""
@@ -165,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 calib_samples=args.calib_samples, head=args.quant_head, embed=args.quant_embed)
             cfg = ExportConfig(checkpoint=checkpoint, out_dir=args.out, dtype=args.dtype,
                                max_seq_len=args.max_seq_len, backend=args.backend, opt_rows=args.opt_rows,
-                               validate=args.validate, with_vproj=args.with_vproj, quant=quant)
+                               max_batch=args.max_batch, validate=args.validate, with_vproj=args.with_vproj,
+                               quant=quant)
             with torch_threads(resolve_threads(args.threads, "torch")):
                 out = export_checkpoint(cfg, progress=bars)
         finally:

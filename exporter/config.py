@@ -21,6 +21,7 @@ from dllm.exporter.subgraphs import DYNAMIC_DIMS, DType, SubgraphDecl
 SUPPORTED_OPSETS = (17,)      # TorchScript exporter, parsed by TensorRT 10.3 and ONNX Runtime
 DEFAULT_MAX_SEQ_LEN = 2048    # used when the model allows more and the user does not say
 DEFAULT_OPT_ROWS = 32         # typical rows recomputed per cached step (a block plus its neighbours)
+DEFAULT_MAX_BATCH = 8         # sequences per step the profiles admit (a server's or an evaluation's batch)
 
 
 class ExportBackend(str, enum.Enum):
@@ -46,7 +47,7 @@ class ExportConfig:
     backend: ExportBackend = ExportBackend.ONNX
     opt_rows: int = DEFAULT_OPT_ROWS     # TensorRT "cached" profile: optimal k
     max_rows: int | None = None          # TensorRT "cached" profile: largest k (None: 4 * opt_rows)
-    max_batch: int = 1                   # largest B of every profile
+    max_batch: int = DEFAULT_MAX_BATCH   # largest B of every profile (manifest ``max_batch``)
     validate: bool = True
     with_vproj: bool = True              # also export the vproj_i value probes
     opset: int = SUPPORTED_OPSETS[0]
@@ -124,11 +125,14 @@ class BuildConfig:
 
 
 def make_profiles(decls: list[SubgraphDecl], max_seq_len: int, opt_rows: int,
-                  max_rows: int | None = None, max_batch: int = 1) -> tuple[Profile, ...]:
+                  max_rows: int | None = None, max_batch: int = DEFAULT_MAX_BATCH) -> tuple[Profile, ...]:
     """The two optimization profiles every subgraph is built with, over the dims the declarations use.
 
     - ``cached``: k in 1..opt_rows..max_rows (rows recomputed per cached step), N in 1..opt..max_seq_len.
     - ``refresh``: k = N, both in 1..opt..max_seq_len (full recompute, prefill).
+
+    Both take any batch B in 1..max_batch (a layer's ``kv_len`` [B] follows B); TensorRT tunes for B = 1,
+    the latency case, and the larger batches run the same plan.
     """
     used = {d for decl in decls for t in decl.inputs for d in t.dims if isinstance(d, str)}
     unknown = used - set(DYNAMIC_DIMS)

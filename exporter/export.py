@@ -192,7 +192,8 @@ def _export(cfg: ExportConfig, progress: Progress | None, interrupt: DeferredInt
         ih = input_hash(ckpt, decl, cfg, quant.fingerprint(decl) if quant else None)
         record = records.find(key, ih)
         checked = (record or {}).get("validation") or {}
-        needs_validation = cfg.validate and not (checked.get("passed") and checked.get("max_seq_len") == max_seq_len)
+        needs_validation = cfg.validate and not (checked.get("passed") and checked.get("max_seq_len") == max_seq_len
+                                                 and "batches" in checked)   # validated at B = 1 and B > 1
         if record is None or needs_validation:
             if record is None:
                 files, module = export_subgraph(decl, ckpt, cfg.dtype, tmp / rel, cfg.opset)
@@ -227,14 +228,14 @@ def _export(cfg: ExportConfig, progress: Progress | None, interrupt: DeferredInt
         plans[tag], build_info = _build_plans(entries, build, trt_mod, tag, tmp, records, keep, progress)
 
     manifest = Manifest(
-        model=spec, dtype=cfg.dtype.value, max_seq_len=max_seq_len, subgraphs=tuple(entries),
+        model=spec, dtype=cfg.dtype.value, max_seq_len=max_seq_len, max_batch=cfg.max_batch, subgraphs=tuple(entries),
         profiles=build.profiles, plans=plans,
         source={"checkpoint": str(cfg.checkpoint), "config_sha256": files_sha256([cfg.checkpoint / "config.json"]),
                 **checkpoint_identity(cfg.checkpoint)},
         tools=tool_versions(trt_mod),
         build={"backend": cfg.backend.value, "exporter": "torch.onnx.export(dynamo=False)", "opset": cfg.opset,
                "export_sizes": EXPORT_SIZES, "with_vproj": cfg.with_vproj, "opt_rows": cfg.opt_rows,
-               "max_rows": cfg.max_rows, "max_batch": cfg.max_batch, "validate": cfg.validate,
+               "max_rows": cfg.max_rows, "validate": cfg.validate,
                "validation": validation if cfg.validate else {}, "export_seconds": export_seconds,
                "external_data": "<onnx file>.data", "tensorrt": build_info},
         generation=generation_defaults_from_checkpoint(cfg.checkpoint).to_dict(),

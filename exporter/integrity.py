@@ -3,7 +3,8 @@
 Loading checks, in this order, before any engine is created:
 
 1. **consistency** of the manifest with itself: the subgraph list and every declaration follow from
-   ``model`` and ``dtype`` (an edited layer count or dtype fails here), paths stay inside the directory,
+   ``model``, ``dtype`` and ``schema_version`` (an edited layer count or dtype fails here; layers take
+   ``kv_len`` from schema 2 on), the profiles' batch range is ``max_batch``, paths stay inside the directory,
    and no subgraph file lies in ``onnx/`` that the manifest does not list;
 2. **sizes** of every file the backend reads, against ``files`` in the manifest (a stat each);
 3. **content**: each file's sha256 must match the manifest. Hashing 16 GB takes seconds to a minute,
@@ -166,7 +167,7 @@ def check_consistency(root: Path, manifest: Manifest) -> None:
     fix = "the manifest was edited or damaged; re-run dllm-export"
     spec, got = manifest.model, manifest.subgraphs
     with_vproj = any(s.decl.kind == Kind.VPROJ for s in got)
-    want = declare(spec, DType(manifest.dtype), with_vproj=with_vproj)
+    want = declare(spec, DType(manifest.dtype), with_vproj=with_vproj, padded=manifest.padded)
     layers = sum(s.decl.kind == Kind.LAYER for s in got)
     if layers != spec.n_layers:
         raise EngineDirError(f"{where}: model.n_layers is {spec.n_layers} but the manifest lists {layers} layer "
@@ -177,6 +178,10 @@ def check_consistency(root: Path, manifest: Manifest) -> None:
     for s, d in zip(got, want):
         if s.decl == d:
             continue
+        names = [t.name for t in s.decl.inputs]
+        if names != [t.name for t in d.inputs]:
+            raise EngineDirError(f"{where}: subgraph {d.name} has inputs {names}, but schema version "
+                                 f"{manifest.schema_version} implies {[t.name for t in d.inputs]}; {fix}")
         for kind, mine, theirs in (("input", s.decl.inputs, d.inputs), ("output", s.decl.outputs, d.outputs)):
             for a, b in zip(mine, theirs):
                 if a.dtype != b.dtype:
@@ -187,6 +192,10 @@ def check_consistency(root: Path, manifest: Manifest) -> None:
                                          f"{list(a.dims)}, but the model spec implies {list(b.dims)}; {fix}")
         raise EngineDirError(f"{where}: subgraph {d.name}'s declaration differs from what model and dtype imply; "
                              f"{fix}")
+    batches = sorted({p.max["B"] for p in manifest.profiles if "B" in p.max})
+    if manifest.padded and batches and batches != [manifest.max_batch]:
+        raise EngineDirError(f"{where}: max_batch is {manifest.max_batch} but the profiles admit batches up to "
+                             f"{batches}; {fix}")
     if manifest.max_seq_len > spec.max_seq_len:
         raise EngineDirError(f"{where}: max_seq_len {manifest.max_seq_len} exceeds the model's limit "
                              f"{spec.max_seq_len}; {fix}")

@@ -2,6 +2,10 @@
 
 The format is documented in docs/engine-dir.md for C++ consumers; bump
 SCHEMA_VERSION on any incompatible change.
+
+Schema versions: 2 (every export now) declares the layers' ``kv_len`` input and records ``max_batch``;
+1 (before batching) has layers without ``kv_len`` and serves one sequence at a time (``max_batch`` 1).
+Both are read; any other version is refused with a message saying what to do.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from dllm.errors import ConfigError, EngineDirError
 from dllm.spec import ModelSpec
 from dllm.exporter.subgraphs import DType, SubgraphDecl
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)     # versions this toolkit reads
 FORMAT = "dllm-engine-dir"
 MANIFEST = "manifest.json"
 
@@ -54,6 +59,12 @@ class Manifest:
     # what the loader checks; empty in manifests of the first release, which did not record it
     files: dict = dataclasses.field(default_factory=dict)
     generation: dict = dataclasses.field(default_factory=dict)   # decode defaults (dllm.generation); optional
+    max_batch: int = 1            # largest batch B the engines serve (schema 2; schema-1 directories: 1)
+
+    @property
+    def padded(self) -> bool:
+        """Whether the layers take ``kv_len`` (each sequence's length in a padded batch): schema 2 and later."""
+        return self.schema_version >= 2
 
     def subgraph(self, name: str) -> SubgraphEntry:
         for s in self.subgraphs:
@@ -66,6 +77,7 @@ class Manifest:
         return {
             "format": FORMAT, "schema_version": self.schema_version, "model": self.model.to_dict(),
             "dtype": self.dtype, "max_seq_len": self.max_seq_len,
+            **({"max_batch": self.max_batch} if self.padded else {}),   # schema 1 has no such key
             "subgraphs": [{**s.decl.to_dict(), "onnx": s.onnx, "sha256": s.sha256, "input_hash": s.input_hash}
                           for s in self.subgraphs],
             "profiles": [dataclasses.asdict(p) for p in self.profiles],
@@ -82,11 +94,11 @@ class Manifest:
             raise _malformed(where, f"expected a JSON object, got a JSON {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise EngineDirError(f"{where} is not a dllm engine manifest (format {d.get('format')!r})")
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise EngineDirError(
-                f"{where} has schema version {d.get('schema_version')}, this toolkit reads version "
-                f"{SCHEMA_VERSION}; re-export the checkpoint with this version's dllm-export")
-        missing = [k for k in ("model", "dtype", "max_seq_len", "subgraphs", "profiles") if k not in d]
+        version = d.get("schema_version")
+        if not _is_size(version) or version not in READABLE_SCHEMAS:
+            raise EngineDirError(_unknown_schema(where, version))
+        required = ("model", "dtype", "max_seq_len", "subgraphs", "profiles") + (("max_batch",) if version >= 2 else ())
+        missing = [k for k in required if k not in d]
         if missing:
             raise _malformed(where, f"it lacks the keys {missing}")
         if not isinstance(d["subgraphs"], list) or not d["subgraphs"]:
@@ -98,6 +110,9 @@ class Manifest:
                 raise _malformed(where, f"{key!r} must be an object, got {_kind(d[key])}")
         if not isinstance(d["max_seq_len"], int) or isinstance(d["max_seq_len"], bool) or d["max_seq_len"] < 1:
             raise _malformed(where, f"'max_seq_len' must be a positive integer, got {d['max_seq_len']!r}")
+        max_batch = d["max_batch"] if version >= 2 else 1        # schema 1: one unpadded sequence
+        if not _is_size(max_batch) or max_batch < 1:
+            raise _malformed(where, f"'max_batch' must be a positive integer, got {max_batch!r}")
         if d["dtype"] not in [t.value for t in DType]:
             raise _malformed(where, f"'dtype' must be one of {[t.value for t in DType]}, got {d['dtype']!r}")
         try:
@@ -119,7 +134,7 @@ class Manifest:
                    subgraphs=subs, profiles=profiles,
                    plans=d.get("plans", {}), source=d.get("source", {}), tools=d.get("tools", {}),
                    build=d.get("build", {}), schema_version=d["schema_version"], files=d.get("files", {}),
-                   generation=d.get("generation") or {}, quantization=d.get("quantization"))
+                   generation=d.get("generation") or {}, quantization=d.get("quantization"), max_batch=max_batch)
 
     def write(self, engine_dir: Path) -> None:
         (Path(engine_dir) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2))
@@ -127,6 +142,16 @@ class Manifest:
 
 def _kind(value) -> str:
     return f"a JSON {type(value).__name__}" if not isinstance(value, (list, dict)) or value else "an empty one"
+
+
+def _unknown_schema(where: str, version) -> str:
+    readable = " and ".join(map(str, READABLE_SCHEMAS))
+    if _is_size(version) and version > SCHEMA_VERSION:
+        fix = ("it was written by a newer dllm-export: upgrade dllm-deploy to read it, or re-export the checkpoint "
+               "with this version's dllm-export")
+    else:
+        fix = "re-export the checkpoint with this version's dllm-export"
+    return f"{where} has schema version {version!r}, this toolkit reads versions {readable}; {fix}"
 
 
 def _malformed(where: str, what: str) -> EngineDirError:

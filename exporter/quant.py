@@ -93,6 +93,8 @@ class Quantizer:
             if decl.kind == Kind.LAYER:
                 N, spec = x.shape[1], self.ckpt.spec
                 feed["pos"] = torch.arange(N, dtype=torch.int32)[None]
+                if decl.takes_kv_len:
+                    feed["kv_len"] = torch.full((1,), N, dtype=torch.int32)   # one canvas per feed: no padding
                 feed["k_cache"] = feed["v_cache"] = torch.zeros(1, N, spec.n_kv_heads, spec.head_dim)
             out.append(feed)
         return out

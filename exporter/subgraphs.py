@@ -7,12 +7,18 @@ runtime feed checks and output allocation.
 | subgraph  | inputs                                            | outputs                                  |
 |-----------|---------------------------------------------------|------------------------------------------|
 | embed     | ids [B,k] int32                                   | h [B,k,D]                                |
-| layer_{i} | h_rows [B,k,D], pos [B,k] int32,                  | k_rows, v_rows [B,k,Hkv,hd] (k after RoPE)|
+| layer_{i} | h_rows [B,k,D], pos [B,k] int32, kv_len [B] int32,| k_rows, v_rows [B,k,Hkv,hd] (k after RoPE)|
 |           | k_cache, v_cache [B,N,Hkv,hd]                     | attn_rows, mlp_rows [B,k,D] (deltas)      |
 | head      | h_rows [B,k,D]                                    | logits [B,k,V] (final norm + LM head)     |
 | vproj_{i} | h_rows [B,k,D]                                    | v_rows [B,k,Hkv,hd] (value-proxy probe)   |
 
 Dims named by strings are dynamic: ``B`` batch, ``k`` rows recomputed, ``N`` canvas length.
+
+``kv_len`` is each sequence's length: sequences of different prompt lengths share a batch as canvases
+``[prompt, generation, padding rows]`` of one length N (right padding); a layer never attends to keys
+at canvas rows ``>= kv_len[b]``, and RoPE stays at ``pos`` (each sequence starts at row 0, exactly where
+it sits alone). Engine directories of manifest schema 1 declare layers without ``kv_len``
+(``declare(..., padded=False)``): one unpadded sequence.
 """
 
 from __future__ import annotations
@@ -80,13 +86,19 @@ class SubgraphDecl:
     inputs: tuple[TensorDecl, ...]
     outputs: tuple[TensorDecl, ...]
 
+    @property
+    def takes_kv_len(self) -> bool:
+        """Whether the subgraph has the ``kv_len`` input (layers, except those of schema-1 engine directories)."""
+        return any(t.name == "kv_len" for t in self.inputs)
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx.export style dynamic axes, derived from the declaration."""
         return {t.name: {i: d for i, d in enumerate(t.dims) if isinstance(d, str)}
                 for t in self.inputs + self.outputs}
 
     def dummy_inputs(self, sizes: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
-        """Random feeds of the declared dtypes; ``pos`` gets distinct positions < N, ids stay small."""
+        """Random feeds of the declared dtypes; ``pos`` gets distinct positions < N, ids stay small, ``kv_len``
+        mixes sequence lengths (``dummy_kv_len``)."""
         g = torch.Generator().manual_seed(seed)
         feeds = {}
         for t in self.inputs:
@@ -97,9 +109,11 @@ class SubgraphDecl:
                 feeds[t.name] = torch.stack(rows).to(torch.int32)
             elif t.name == "ids":
                 feeds[t.name] = torch.randint(0, 16, shape, generator=g, dtype=torch.int32)
-            else:
+            elif t.name != "kv_len":
                 feeds[t.name] = torch.randn(shape, generator=g).to(t.torch_dtype)
-        return feeds
+        if self.takes_kv_len:         # drawn last, so the other feeds are the same as without a kv_len input
+            feeds["kv_len"] = dummy_kv_len(sizes["B"], sizes["N"], g)
+        return {t.name: feeds[t.name] for t in self.inputs}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "kind": self.kind.value, "layer": self.layer,
@@ -112,6 +126,18 @@ class SubgraphDecl:
                    tuple(TensorDecl.from_dict(t) for t in d["outputs"]))
 
 
+def dummy_kv_len(batch: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """[B] int32 sequence lengths for test feeds: the whole canvas at batch 1 (the common case, which must
+    stay exact); mixed in a batch: the first sequence unpadded, the last with the most padding (when the
+    canvas allows), the rest drawn. At most half the canvas is padding, so every sequence keeps real keys."""
+    if batch == 1:
+        return torch.full((1,), n, dtype=torch.int32)
+    most = (n - 1) // 2
+    kv_len = n - torch.randint(0, most + 1, (batch,), generator=g, dtype=torch.int32)
+    kv_len[0], kv_len[-1] = n, n - most
+    return kv_len
+
+
 def layer_name(i: int) -> str:
     return f"layer_{i:02d}"
 
@@ -120,18 +146,24 @@ def vproj_name(i: int) -> str:
     return f"vproj_{i:02d}"
 
 
-def declare(spec: ModelSpec, dtype: DType | str, with_vproj: bool = False) -> list[SubgraphDecl]:
-    """All subgraphs of a model, in execution order: embed, layer_00.., head, [vproj_00..]."""
+def declare(spec: ModelSpec, dtype: DType | str, with_vproj: bool = False, padded: bool = True
+            ) -> list[SubgraphDecl]:
+    """All subgraphs of a model, in execution order: embed, layer_00.., head, [vproj_00..].
+
+    ``padded``: layers take ``kv_len`` (what every export writes); False declares the layers of schema-1
+    engine directories, which have no ``kv_len`` input and serve one unpadded sequence.
+    """
     dt = DType(dtype).value
     D, Hkv, hd, V = spec.d_model, spec.n_kv_heads, spec.head_dim, spec.vocab_size
     rows = TensorDecl("h_rows", dt, ("B", "k", D))
     kv_rows = lambda n: TensorDecl(n, dt, ("B", "k", Hkv, hd))  # noqa: E731
+    kv_len = (TensorDecl("kv_len", "int32", ("B",)),) if padded else ()
     out = [SubgraphDecl("embed", Kind.EMBED, None, (TensorDecl("ids", "int32", ("B", "k")),),
                         (TensorDecl("h", dt, ("B", "k", D)),))]
     for i in range(spec.n_layers):
         out.append(SubgraphDecl(
             layer_name(i), Kind.LAYER, i,
-            (rows, TensorDecl("pos", "int32", ("B", "k")),
+            (rows, TensorDecl("pos", "int32", ("B", "k")), *kv_len,
              TensorDecl("k_cache", dt, ("B", "N", Hkv, hd)), TensorDecl("v_cache", dt, ("B", "N", Hkv, hd))),
             (kv_rows("k_rows"), kv_rows("v_rows"),
              TensorDecl("attn_rows", dt, ("B", "k", D)), TensorDecl("mlp_rows", dt, ("B", "k", D)))))
@@ -158,8 +190,27 @@ class LayerModule(nn.Module):
         super().__init__()
         self.layer = layer
 
+    def forward(self, h_rows, pos, kv_len, k_cache, v_cache):
+        return self.layer.forward_rows(h_rows, pos, kv_len, k_cache, v_cache)
+
+
+class UnpaddedLayer(nn.Module):
+    """A layer module as schema-1 engine directories declare it: no ``kv_len`` input, i.e. no padding
+    (kv_len = N masks nothing, so this is exactly the layer of that schema)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.writes_cache = bool(getattr(inner, "writes_cache", False))
+
+    @property
+    def layer(self) -> nn.Module:
+        """The decoder layer inside (as ``LayerModule.layer``)."""
+        return self.inner.layer
+
     def forward(self, h_rows, pos, k_cache, v_cache):
-        return self.layer.forward_rows(h_rows, pos, k_cache, v_cache)
+        kv_len = torch.full((h_rows.shape[0],), k_cache.shape[1], dtype=torch.int32, device=h_rows.device)  # [B]
+        return self.inner(h_rows, pos, kv_len, k_cache, v_cache)
 
 
 class HeadModule(nn.Module):
@@ -181,7 +232,7 @@ class VProjModule(nn.Module):
 
 
 def build_module(decl: SubgraphDecl, source, dtype: DType | str) -> nn.Module:
-    """The PyTorch module of one subgraph.
+    """The PyTorch module of one subgraph (a layer declared without ``kv_len`` gets ``UnpaddedLayer``).
 
     ``source`` is a ``Checkpoint`` (loads only this subgraph's weights: bounded memory)
     or a loaded ``DiffusionLM``.
@@ -203,4 +254,6 @@ def build_module(decl: SubgraphDecl, source, dtype: DType | str) -> nn.Module:
         if decl.kind == Kind.HEAD:
             return HeadModule(source.load_norm(tdt), source.load_head(tdt)).eval()
         layer = source.load_layer(decl.layer, tdt)
-    return (LayerModule(layer) if decl.kind == Kind.LAYER else VProjModule(layer)).eval()
+    if decl.kind == Kind.VPROJ:
+        return VProjModule(layer).eval()
+    return (LayerModule(layer) if decl.takes_kv_len else UnpaddedLayer(LayerModule(layer))).eval()

@@ -35,6 +35,9 @@ class KernelOps:
         self.path, self.device = path, torch.device(device)
         self.triton = path == KernelPath.TRITON
         self.launches = 0                   # kernel calls so far (a proxy for GPU launches; profiling)
+        # whether any sequence of the current batch is shorter than the canvas (the executor sets it; a host
+        # flag so that layers skip the key mask, and keep the fastest attention, when none is)
+        self.padded = True
         self.profiling = False              # mark each call as a profiler range (tools/step_profile.py)
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

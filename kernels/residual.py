@@ -6,9 +6,10 @@ is bit for bit the full layer's ``y = h + attn; y + mlp(y)``. Two savings over u
 - only rows ``[start, N)`` are updated: the executor passes the lowest row that anything later in the
   step reads (the next layers' rows and change scores, the head), so rows nobody reads again this step
   (the prompt, in a DCU step) are skipped; the embedding rewrites every row at the next step;
-- the layer's fresh deltas (``attn_rows``/``mlp_rows`` [B, k, D] for the rows in ``rows``) are written
-  into the caches in the same pass: the Triton kernel finds a row's slot in ``slot`` [B, N] (its index
-  in ``rows``, or -1), which the row gather filled, and resets it to -1 for the next layer.
+- the layer's fresh deltas (``attn_rows``/``mlp_rows`` [B, k, D] for the rows in ``rows`` [B, k], each
+  sequence its own) are written into the caches in the same pass: the Triton kernel finds a row's slot in
+  ``slot`` [B, N] (its index in ``rows[b]``, or -1), which the row gather filled, and resets it to -1 for
+  the next layer.
 
 Both paths add in the model dtype with the same two roundings, so they agree bit for bit.
 """
@@ -22,11 +23,21 @@ from dllm.kernels._triton import jit, launch_options, next_pow2, tl
 
 def residual_update_torch(h, attn_cache, mlp_cache, start: int, rows=None, attn_rows=None, mlp_rows=None,
                           slot=None) -> None:
-    """The plain twin: scatter the rows' deltas (when ``rows`` is given), then update h[:, start:] in place."""
+    """The plain twin: scatter the rows' deltas (when ``rows`` [B, k] is given), then update h[:, start:]."""
     if rows is not None:
-        attn_cache.index_copy_(1, rows, attn_rows)
-        mlp_cache.index_copy_(1, rows, mlp_rows)
+        scatter_rows(attn_cache, rows, attn_rows)
+        scatter_rows(mlp_cache, rows, mlp_rows)
     h[:, start:].add_(attn_cache[:, start:]).add_(mlp_cache[:, start:])
+
+
+def scatter_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[b, rows[b]] = src[b] for dst [B, N, ...], rows [B, k], src [B, k, ...] (repeated rows carry
+    the same values, so which copy lands does not matter)."""
+    if rows.shape[0] == 1:     # one sequence: the copy used before batching
+        dst.index_copy_(1, rows[0], src)
+        return
+    idx = rows.reshape(rows.shape + (1,) * (dst.dim() - 2)).expand(src.shape)
+    dst.scatter_(1, idx, src)
 
 
 @jit
@@ -63,7 +74,7 @@ def residual_update_triton(h, attn_cache, mlp_cache, start: int, rows=None, attn
     """``rows`` must all lie in [start, N) and be marked in ``slot`` (see ``gather_rows``)."""
     B, N, D = h.shape
     has_rows = rows is not None
-    k = rows.numel() if has_rows else 0
+    k = rows.shape[1] if has_rows else 0
     if has_rows:
         attn_rows, mlp_rows = attn_rows.contiguous(), mlp_rows.contiguous()
     else:

@@ -6,9 +6,10 @@ Ties go to the lower row (a stable descending sort), so the choice is determinis
 The torch twin sorts; the Triton kernel ranks every row against every other in one program and writes
 the selected rows in order with a prefix sum: one launch instead of about eight, bit-identical rows.
 
-``gather_rows(h, rows, slot)``: the layer's input rows ``h[:, rows]`` and their positions as int32,
-and (Triton) each row's slot in ``slot`` [B, N] for the fused residual update
-(``kernels/residual.py``), which resets it.
+``gather_rows(h, rows, slot)``: each sequence's input rows ``h[b, rows[b]]`` (rows [B, k]: every
+sequence of a batch recomputes its own rows, as many for each; a shorter list is padded with copies of
+its last row, which compute and write the same values) and their positions as int32, and (Triton) each
+row's slot in ``slot`` [B, N] for the fused residual update (``kernels/residual.py``), which resets it.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def select_rows_triton(d: torch.Tensor, window: torch.Tensor | None, k: int, pro
 
 def gather_rows_torch(h: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [B, N, D], rows [k] int64 -> (h[:, rows] [B, k, D], pos [B, k] int32). ``slot`` is unused here."""
-    B, k = h.shape[0], rows.numel()
-    return h.index_select(1, rows), rows.to(torch.int32).expand(B, k).contiguous()
+    """h [B, N, D], rows [B, k] int64 -> (h[b, rows[b]] [B, k, D], pos [B, k] int32). ``slot`` is unused here."""
+    if rows.shape[0] == 1:     # one sequence: the same copy as before batching, through index_select
+        return h.index_select(1, rows[0]), rows.to(torch.int32)
+    return torch.gather(h, 1, rows[..., None].expand(-1, -1, h.shape[-1])), rows.to(torch.int32)
 
 
 @jit
@@ -75,7 +77,7 @@ def _gather_kernel(h_ptr, rows_ptr, out_ptr, pos_ptr, slot_ptr, N, k, D, HAS_SLO
                    BLOCK_D: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
-    r = tl.load(rows_ptr + i)
+    r = tl.load(rows_ptr + b * k + i)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
     tl.store(out_ptr + (b * k + i) * D + cols, tl.load(h_ptr + (b * N + r) * D + cols, mask=m), mask=m)
@@ -87,7 +89,8 @@ def _gather_kernel(h_ptr, rows_ptr, out_ptr, pos_ptr, slot_ptr, N, k, D, HAS_SLO
 def gather_rows_triton(h: torch.Tensor, rows: torch.Tensor, slot: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, D = h.shape
-    k = rows.numel()
+    k = rows.shape[1]
+    rows = rows.contiguous()
     out = torch.empty((B, k, D), dtype=h.dtype, device=h.device)
     pos = torch.empty((B, k), dtype=torch.int32, device=h.device)
     if B * k:

@@ -11,12 +11,17 @@ It owns the EngineSet and the device-resident state, allocated once per canvas s
 
 (The value proxy compares against the gen rows of v_cache itself.)
 
-One step (``run_step``): ``h = embed(canvas)``; for each layer: change scores if the policy wants them,
-ask the policy for rows, run the layer on ``h[rows]`` at ``pos = rows``, scatter its outputs into the
-caches, then ``h = (h + attn_cache) + mlp_cache``, which is bit for bit the full layer's
-``y = h + attn; y + mlp(y)``. The head runs only on the rows whose logits the commit policy needs
-(Dream: position i reads hidden row i-1), the commit policy picks the tokens, and the canvas is
-updated. The host reads back only the committed positions: one sync per step.
+One step (``run_batch``, one ``SlotStep`` per sequence of the batch): ``h = embed(canvas)``; for each
+layer: change scores if a policy wants them, ask each sequence's policy for its rows, run the layer on
+``h[b, rows[b]]`` (every sequence the same number of rows: a shorter list repeats its last row, which
+recomputes and writes the same values), scatter its outputs into the caches, then
+``h = (h + attn_cache) + mlp_cache``, which is bit for bit the full layer's ``y = h + attn; y + mlp(y)``.
+The head runs only on the rows whose logits each commit policy needs (Dream: position i reads hidden
+row i-1), each sequence's commit policy picks its tokens, and the canvas is updated. The host reads back
+only the committed positions: one sync per step, whatever the batch size. Sequences of different lengths
+share the canvas padded at the end (``set_lengths``): each sits in the rows it has alone, and the layers
+never attend to the padding rows. A slot without a sequence (``None``) computes whatever its rows hold
+and is ignored.
 
 Two implementations of the work around the engines (``EngineSet.ops``, see dllm.kernels):
 
@@ -44,6 +49,8 @@ import torch.nn.functional as F
 
 from dllm.engines.engine_set import EngineSet
 from dllm.errors import BackendError
+from dllm.kernels.residual import scatter_rows
+from dllm.kernels.select import gather_rows_torch
 from dllm.runtime.cache_policy import CachePolicy, make_cache_policy
 from dllm.runtime.commit import CommitPolicy, make_commit_policy
 from dllm.runtime.config import Proxy
@@ -61,6 +68,16 @@ class StepStats:
 class StepOutcome:
     committed: list[int]     # absolute canvas positions committed this step, ascending
     stats: StepStats
+
+
+@dataclasses.dataclass
+class SlotStep:
+    """One sequence's part of a batched step: its policies, its view and the rows [lo, hi) it needs logits of."""
+    cache: CachePolicy
+    commit: CommitPolicy | None
+    view: StepView
+    lo: int
+    hi: int
 
 
 class Executor:
@@ -83,25 +100,27 @@ class Executor:
         self._graph_shape: tuple | None = None
         self.vbuf: torch.Tensor | None = None
         self._layers = [engines.layer(i) for i in range(self.spec.n_layers)]
+        self._takes_kv_len = [any(t.name == "kv_len" for t in e.inputs) for e in self._layers]
         self.profiling = False        # mark embed/layer/head/commit as profiler ranges (tools/step_profile.py)
+        self.steps_run = 0            # batched steps since creation (dllm-bench --batch: time per step)
 
     def _region(self, name: str):
         return torch.profiler.record_function(f"dllm::{name}") if self.profiling else contextlib.nullcontext()
 
     # -- policies (kept per config: captured graphs read their buffers) ------
-    def cache_policy(self, cfg, spec) -> CachePolicy:
-        """The cache policy for ``cfg``, reused by later generations with the same config."""
-        policy = self._policies.get(cfg)
+    def cache_policy(self, cfg, spec, slot: int = 0) -> CachePolicy:
+        """The cache policy of batch slot ``slot`` for ``cfg``, reused by later generations with the same config."""
+        policy = self._policies.get((cfg, slot))
         if policy is None:
-            policy = self._policies[cfg] = make_cache_policy(cfg, spec)
+            policy = self._policies[(cfg, slot)] = make_cache_policy(cfg, spec)
             policy.ops = self.ops
         return policy
 
-    def commit_policy(self, cfg, spec) -> CommitPolicy:
-        """The commit policy for ``cfg``, reused by later generations with the same config."""
-        policy = self._commits.get(cfg)
+    def commit_policy(self, cfg, spec, slot: int = 0) -> CommitPolicy:
+        """The commit policy of batch slot ``slot`` for ``cfg``, reused by later generations with the same config."""
+        policy = self._commits.get((cfg, slot))
         if policy is None:
-            policy = self._commits[cfg] = make_commit_policy(cfg, spec.arch, spec.mask_id)
+            policy = self._commits[(cfg, slot)] = make_commit_policy(cfg, spec.arch, spec.mask_id)
             policy.ops = self.ops
         return policy
 
@@ -131,6 +150,8 @@ class Executor:
             self.row_attn, self.row_mlp = e((B, N, s.d_model)), e((B, N, s.d_model))
             self.h = e((B, N, s.d_model))
             self.pos_all = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N).contiguous()
+            self.rows_all = torch.arange(N, device=dev)                          # every row, as row indices
+            self.kv_len = torch.full((B,), N, dtype=torch.int32, device=dev)     # each sequence's canvas length
             self.canvas = torch.empty((B, N), dtype=torch.long, device=dev)
             self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
             self.transfer = torch.zeros((B, N), dtype=torch.bool, device=dev)      # last commit, rows [0, R)
@@ -140,6 +161,7 @@ class Executor:
             self._shape = (B, N)
             self._prev_in_shape = None
         self.slot.fill_(-1)
+        self.lengths = None
         if (B, N, P) != self._graph_shape:
             self.step_graphs.clear()      # graphs bake P (the gen slice) and buffer addresses
             self.layer_graphs.clear()
@@ -153,63 +175,113 @@ class Executor:
             self._prev_in_shape = (B, G)
         if self.proxy == Proxy.VALUE and (self.vbuf is None or self.vbuf.shape[:2] != (B, G)):
             self.vbuf = torch.empty((B, G, s.n_kv_heads, s.head_dim), dtype=dt, device=dev)
+        self.set_lengths([N] * B)
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Each slot's canvas length (its prompt + generation); rows from there on are padding."""
+        lengths = tuple(int(n) for n in lengths)
+        if lengths == self.lengths:
+            return
+        self.lengths = lengths
+        self.kv_len.copy_(torch.tensor(lengths, dtype=torch.int32))
+        gen_start = [n - self.G for n in lengths]
+        self.gen_start = gen_start[0] if len(set(gen_start)) == 1 else None   # one slice serves every slot
+        if self.gen_start is None:
+            idx = torch.tensor([list(range(s, s + self.G)) for s in gen_start], device=self.device)
+            self.gen_idx = idx                                                  # [B, G] each slot's gen rows
+        if self.ops is not None:
+            self.ops.padded = any(n < self.N for n in lengths)   # none padded: no key mask (fastest attention)
+
+    def clear_slot(self, b: int) -> None:
+        """Forget what slot b's previous sequence left in the per-row bookkeeping (a new sequence takes it)."""
+        self.slot[b].fill_(-1)
 
     # -- one step, as the decode loop runs it --------------------------------
-    @torch.inference_mode()
     def run_step(self, cache: CachePolicy, commit: CommitPolicy, view: StepView, lo: int, hi: int) -> StepOutcome:
-        """Layers, head and commit for canvas positions [lo, hi); updates ``self.canvas`` and returns the
-        committed positions (the step's one host sync)."""
+        """``run_batch`` for a batch of one sequence."""
+        return self.run_batch([SlotStep(cache, commit, view, lo, hi)])[0]
+
+    @torch.inference_mode()
+    def run_batch(self, steps: list[SlotStep | None]) -> list[StepOutcome | None]:
+        """Layers, head and commit of every sequence (``steps[b]`` for slot b, None for an empty slot);
+        updates ``self.canvas`` and returns each sequence's committed positions (one host sync in all)."""
+        if len(steps) != self.B:
+            raise ValueError(f"run_batch got {len(steps)} slots for a batch of {self.B}")
         t0 = time.perf_counter()
-        commit_key = commit.step_key(view) if self.cuda_graphs else None
-        key = self._step_key(cache, commit, commit_key, view, lo, hi) if self.cuda_graphs else None
+        commit_keys = [None if st is None else st.commit.step_key(st.view) for st in steps] \
+            if self.cuda_graphs else [None] * self.B
+        capturable = self.cuda_graphs and all(st is None or k is not None for st, k in zip(steps, commit_keys))
+        key = self._step_key(steps, commit_keys) if self.cuda_graphs else None
         replayed, payload = self.step_graphs.replay(key) if key is not None else (False, None)
         if replayed:
             rows, logits = payload
         else:
-            graphed_commit = commit if commit_key is not None else None
-            rows, logits = self._step_body(cache, graphed_commit, view, lo, hi, self.cuda_graphs)
+            rows, logits = self._step_body(steps, capturable, self.cuda_graphs)
             if key is not None and self.step_graphs.seen(key):
-                self.step_graphs.capture(key, lambda: self._step_body(cache, graphed_commit, view, lo, hi, False))
-        if commit_key is None:                  # the commit runs eagerly on the head's logits
-            self.apply_commit(commit, logits, view, lo, hi)
-        cache.after_step()
-        commit.after_step(view)
+                self.step_graphs.capture(key, lambda: self._step_body(steps, capturable, False))
+        if not capturable:                      # the commits run eagerly on the head's logits
+            self._commit_all(steps, logits)
+        for st in steps:
+            if st is not None:
+                st.cache.after_step()
+                st.commit.after_step(st.view)
         engine_s = time.perf_counter() - t0
-        return StepOutcome(self.read_committed(lo, hi), StepStats(rows, engine_s))
+        committed = self._read_committed_all(steps)
+        self.steps_run += 1
+        return [None if st is None else StepOutcome(c, StepStats(r, engine_s))
+                for st, c, r in zip(steps, committed, rows)]
 
-    def _step_body(self, cache, commit, view, lo, hi, layer_graphs: bool):
-        logits, rows = self._forward(cache, view, lo, hi, layer_graphs)
-        if commit is not None:
-            self.apply_commit(commit, logits, view, lo, hi)
+    def _step_body(self, steps, commit: bool, layer_graphs: bool):
+        logits, rows = self._forward(steps, layer_graphs)
+        if commit:
+            self._commit_all(steps, logits)
         return rows, logits
 
-    def apply_commit(self, commit: CommitPolicy, logits: torch.Tensor, view: StepView, lo: int, hi: int) -> None:
-        """Let ``commit`` pick tokens from the logits of positions [lo, hi) and write them into the canvas."""
+    def _commit_all(self, steps, logits: torch.Tensor) -> None:
+        for b, st in enumerate(steps):
+            if st is not None:
+                self.apply_commit(st.commit, logits[b:b + 1, :st.hi - st.lo], st.view, st.lo, st.hi, b)
+
+    def apply_commit(self, commit: CommitPolicy, logits: torch.Tensor, view: StepView, lo: int, hi: int,
+                     b: int = 0) -> None:
+        """Let ``commit`` pick slot b's tokens from the logits [1, hi-lo, V] of positions [lo, hi) and write
+        them into the canvas."""
         with self._region("commit"):
-            ids = self.canvas[:, lo:hi]
-            transfer, x0 = commit.select(logits, ids, view)                   # [B, R] each
-            self.canvas[:, lo:hi] = torch.where(transfer, x0, ids)
-            self.transfer[:, :hi - lo].copy_(transfer)
+            ids = self.canvas[b:b + 1, lo:hi]
+            transfer, x0 = commit.select(logits, ids, view)                   # [1, R] each
+            self.canvas[b:b + 1, lo:hi] = torch.where(transfer, x0, ids)
+            self.transfer[b:b + 1, :hi - lo].copy_(transfer)
 
     def read_committed(self, lo: int, hi: int) -> list[int]:
-        """The positions the last ``apply_commit`` committed (waits for the device: the step's one sync)."""
-        R = hi - lo
-        if self.pinned is not None:
-            self.pinned[:, :R].copy_(self.transfer[:, :R], non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()          # the one sync per step
-            mask = self.pinned[0, :R]
-        else:
-            mask = self.transfer[0, :R]
-        return [lo + j for j in mask.nonzero().flatten().tolist()]
+        """The positions slot 0's last ``apply_commit`` committed (the step's one sync)."""
+        return self._read_committed_all([SlotStep(None, None, None, lo, hi)])[0]
 
-    def _step_key(self, cache, commit, commit_key, view, lo, hi) -> tuple | None:
+    def _read_committed_all(self, steps) -> list[list[int]]:
+        R = max((st.hi - st.lo for st in steps if st is not None), default=0)
+        if self.pinned is not None:
+            B = len(steps)
+            self.pinned[:B, :R].copy_(self.transfer[:B, :R], non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()          # the one sync per step
+            mask = self.pinned
+        else:
+            mask = self.transfer
+        return [[] if st is None else [st.lo + j for j in mask[b, :st.hi - st.lo].nonzero().flatten().tolist()]
+                for b, st in enumerate(steps)]
+
+    def _step_key(self, steps, commit_keys) -> tuple | None:
         """What fixes a whole step's kernels; None when a layer cannot be captured."""
-        scored = self._scored(cache, view)
-        layer_keys = tuple(cache.layer_key(l, scored[l]) for l in range(len(self._layers)))
-        if any(k is None for k in layer_keys):
-            return None
-        starts = tuple(self._residual_starts(cache, lo)) if self.ops is not None else None
-        return (id(cache), id(commit), layer_keys, starts, commit_key, lo, hi)
+        parts = []
+        for st, ck in zip(steps, commit_keys):
+            if st is None:
+                parts.append(None)
+                continue
+            scored = self._scored(st.cache, st.view)
+            layer_keys = tuple(st.cache.layer_key(l, scored[l]) for l in range(len(self._layers)))
+            if any(k is None for k in layer_keys):
+                return None
+            parts.append((id(st.cache), id(st.commit), layer_keys, ck, st.lo, st.hi))
+        starts = tuple(self._residual_starts(steps)) if self.ops is not None else None
+        return (tuple(parts), starts, self.lengths)
 
     # -- layers and head ------------------------------------------------------
     @torch.inference_mode()
@@ -220,43 +292,80 @@ class Executor:
         t0 = time.perf_counter()
         if canvas is not self.canvas:
             self.canvas.copy_(canvas)
-        logits, rows = self._forward(policy, view, lo, hi, self.cuda_graphs)
+        logits, rows = self._forward([SlotStep(policy, None, view, lo, hi)], self.cuda_graphs)
         policy.after_step()
-        return logits, StepStats(rows, time.perf_counter() - t0)
+        return logits, StepStats(rows[0], time.perf_counter() - t0)
 
     def _scored(self, policy: CachePolicy, view: StepView) -> list[bool]:
         proxy_ready = view.step > 1                                            # step 1 wrote every cache
         return [self.proxy is not None and l > 0 and proxy_ready and policy.wants_scores(l)
                 for l in range(len(self._layers))]
 
-    def _forward(self, policy: CachePolicy, view: StepView, lo: int, hi: int, layer_graphs: bool):
+    def _forward(self, steps: list[SlotStep | None], layer_graphs: bool):
+        """Every layer for every slot, then the head; returns (logits [B, R, V], rows per layer per slot)."""
         h = self.h                                                             # [B, N, D]
         with self._region("embed"):
             self.canvas_i32.copy_(self.canvas)
             self.engines.embed.run({"ids": self.canvas_i32}, {"h": h})
-        scored = self._scored(policy, view)
-        starts = self._residual_starts(policy, lo) if self.ops is not None else [0] * len(self._layers)
-        rows_per_layer = []
+        idle = [False] * len(self._layers)
+        scored = [idle if st is None else self._scored(st.cache, st.view) for st in steps]
+        starts = self._residual_starts(steps) if self.ops is not None else [0] * len(self._layers)
+        rows_per_layer = []                                                    # [L][B]
         for l in range(len(self._layers)):
-            key = policy.layer_key(l, scored[l]) if layer_graphs else None
-            if key is not None:
-                key = (id(policy), l, starts[l]) + key     # a graph reads its own policy's buffers
+            scored_l = [s[l] for s in scored]
+            key = self._layer_key(steps, l, scored_l, starts[l]) if layer_graphs else None
             replayed, n = self.layer_graphs.replay(key) if key is not None else (False, None)
             if not replayed:
                 with self._region("layer"):
-                    n = self._layer(l, policy, scored[l], starts[l])
+                    n = self._layer(l, steps, scored_l, starts[l])
                 if key is not None and self.layer_graphs.seen(key):
-                    self.layer_graphs.capture(key, lambda l=l: self._layer(l, policy, scored[l], starts[l]))
+                    self.layer_graphs.capture(key, lambda l=l, s=scored_l: self._layer(l, steps, s, starts[l]))
             rows_per_layer.append(n)
-        policy.end_step()
-        # Dream: logits of position i come from hidden row i-1 (lo >= P >= 1, so the slice stays inside)
-        shift = 1 if self.spec.logit_shift else 0
+        for st in steps:
+            if st is not None:
+                st.cache.end_step()
         with self._region("head"):
-            return self._head(h[:, lo - shift:hi - shift]), rows_per_layer
+            logits = self._head(self._head_rows(steps))
+        per_slot = [[rows_per_layer[l][b] for l in range(len(self._layers))] for b in range(len(steps))]
+        return logits, per_slot
 
-    def _residual_starts(self, policy: CachePolicy, lo: int) -> list[int]:
-        """Per layer, the first row its residual update must cover: its own recomputed rows, and every row
-        a later layer (its rows, the change scores' gen rows) or the head still reads this step."""
+    def _layer_key(self, steps, l: int, scored_l: list[bool], start: int) -> tuple | None:
+        parts = []
+        for st, sc in zip(steps, scored_l):
+            if st is None:
+                parts.append(None)
+                continue
+            k = st.cache.layer_key(l, sc)
+            if k is None:
+                return None
+            parts.append((id(st.cache),) + k)       # a graph reads its own policies' buffers
+        return (l, start, self.lengths, tuple(parts))
+
+    def _head_rows(self, steps) -> torch.Tensor:
+        """Hidden rows whose logits the commits need: [B, R] (Dream: position i reads hidden row i-1)."""
+        shift = 1 if self.spec.logit_shift else 0
+        if len(steps) == 1:                     # one sequence: a slice (lo >= P >= 1 keeps it inside)
+            st = steps[0]
+            return self.h[:, st.lo - shift:st.hi - shift]
+        live = [st for st in steps if st is not None]
+        R = max(st.hi - st.lo for st in live)
+        idx = []
+        for st in steps:
+            lo, hi = (st.lo, st.hi) if st is not None else (live[0].lo, live[0].lo + 1)
+            r = list(range(lo - shift, hi - shift))
+            idx.append(r + [r[-1]] * (R - len(r)))       # shorter ranges repeat their last row
+        idx_t = torch.tensor(idx, device=self.device)
+        return torch.gather(self.h, 1, idx_t[..., None].expand(-1, -1, self.h.shape[-1]))
+
+    def _residual_starts(self, steps) -> list[int]:
+        """Per layer, the first row its residual update must cover, over every slot: each layer's own
+        recomputed rows, and every row a later layer (its rows, the change scores' gen rows) or the head
+        still reads this step."""
+        starts = [min(x) for x in zip(*(self._residual_starts_one(st.cache, st.lo)
+                                        for st in steps if st is not None))]
+        return starts if starts else [0] * len(self._layers)
+
+    def _residual_starts_one(self, policy: CachePolicy, lo: int) -> list[int]:
         shift = 1 if self.spec.logit_shift else 0
         later = lo - shift
         starts = [0] * len(self._layers)
@@ -265,43 +374,94 @@ class Executor:
             starts[l] = later if floor is None else min(floor, later)
             reads = 0 if floor is None else floor
             if self.proxy is not None and l > 0:
-                reads = min(reads, self.P)
+                reads = min(reads, policy.P)                   # the change scores read the gen rows
             later = min(later, reads)
         return starts
 
-    def _layer(self, l: int, policy: CachePolicy, scored: bool, start: int) -> int:
-        """One layer's work this step; returns the number of rows recomputed."""
+    def _layer(self, l: int, steps, scored: list[bool], start: int) -> list[int]:
+        """One layer's work for every slot; returns the rows each slot's sequence recomputed."""
         if self.ops is None:
-            return self._layer_plain(l, policy, scored)
-        return self._layer_fused(l, policy, scored, start)
+            return self._layer_plain(l, steps, scored)
+        return self._layer_fused(l, steps, scored, start)
 
-    def _layer_fused(self, l: int, policy: CachePolicy, scored: bool, start: int) -> int:
-        h, P, N, ops = self.h, self.P, self.N, self.ops
+    def _slot_rows(self, l: int, steps, scores, scored: list[bool]) -> tuple[torch.Tensor | None, list[int]]:
+        """Each slot's policy picks its rows. Returns (rows [B, k], or None when every sequence recomputes
+        every row; the rows each sequence recomputed of its own canvas, padding left out)."""
+        N = self.N
+        picked, counts = [], []
+        for b, st in enumerate(steps):
+            if st is None:
+                picked.append(None)
+                counts.append(0)
+                continue
+            n_b = self.lengths[b]                                          # this sequence's own canvas
+            r = st.cache.rows(l, scores[b:b + 1] if scores is not None and scored[b] else None)
+            if r is not None and r.numel() == n_b:
+                r = None
+            picked.append(r)
+            counts.append(n_b if r is None else r.numel())
+        live = [r for r, st in zip(picked, steps) if st is not None]
+        if all(r is None for r in live):                   # every sequence recomputes every row
+            return None, counts
+        if len(steps) == 1:
+            return picked[0].unsqueeze(0), counts
+        k = max(self.lengths[b] if r is None else r.numel() for b, (r, st) in enumerate(zip(picked, steps))
+                if st is not None)
+        rows = []
+        for b, (st, r) in enumerate(zip(steps, picked)):
+            if r is None:
+                r = self.rows_all[:k] if st is None else self.rows_all[:self.lengths[b]]
+            if r.numel() < k:              # as many rows as the others: repeat the last one (same values)
+                r = torch.cat([r, r[-1:].expand(k - r.numel())])
+            rows.append(r)
+        return torch.stack(rows), counts
+
+    def _layer_fused(self, l: int, steps, scored: list[bool], start: int) -> list[int]:
+        h, ops = self.h, self.ops
         scores = None
         if self.proxy == Proxy.INPUT and l > 0:
-            if scored:
-                scores = ops.cosine_distance_copy(h[:, P:], self.prev_in[l])      # [B, G], prev_in <- h
+            if any(scored):
+                scores = ops.cosine_distance_copy(self._gen_rows(h), self.prev_in[l])   # [B, G], prev_in <- h
             else:
-                self.prev_in[l].copy_(h[:, P:])
-        elif scored:
+                self.prev_in[l].copy_(self._gen_rows(h))
+        elif any(scored):
             scores = self._value_scores(l, h)
-        rows = policy.rows(l, scores)
+        rows, counts = self._slot_rows(l, steps, scores, scored)
         engine = self._layers[l]
         attn, mlp = self.attn_cache[l], self.mlp_cache[l]
-        if rows is None or rows.numel() == N:
+        if rows is None:
             self._run_full(l, engine, h)
             ops.residual_update(h, attn, mlp, start)
-            return N
-        k = rows.numel()
+            return counts
         h_rows, pos = ops.gather_rows(h, rows, self.slot)                     # [B, k, D], [B, k]
-        out = self._row_outputs(k, engine.writes_cache)
-        res = engine.run({"h_rows": h_rows, "pos": pos, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]},
-                         out)
+        out = self._row_outputs(rows.shape[1], engine.writes_cache)
+        res = engine.run(self._layer_feeds(l, h_rows, pos), out)
         if not engine.writes_cache:
-            self.k_cache[l].index_copy_(1, rows, res["k_rows"])
-            self.v_cache[l].index_copy_(1, rows, res["v_rows"])
+            scatter_rows(self.k_cache[l], rows, res["k_rows"])
+            scatter_rows(self.v_cache[l], rows, res["v_rows"])
         ops.residual_update(h, attn, mlp, start, rows, res["attn_rows"], res["mlp_rows"], self.slot)
-        return k
+        return counts
+
+    def _layer_feeds(self, l: int, h_rows: torch.Tensor, pos: torch.Tensor) -> dict:
+        """Inputs of layer l: rows, their positions, each sequence's length (engine directories written before
+        batching have no ``kv_len`` input and decode one sequence at a time), the caches."""
+        feeds = {"h_rows": h_rows, "pos": pos, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]}
+        if self._takes_kv_len[l]:
+            feeds["kv_len"] = self.kv_len
+        return feeds
+
+    def _gen_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Each slot's generation rows of a canvas tensor x [B, N, ...] -> [B, G, ...] (a view when every slot's
+        generation starts at the same row, else a copy)."""
+        if self.gen_start is not None:
+            return x[:, self.gen_start:self.gen_start + self.G]
+        idx = self.gen_idx.reshape(self.gen_idx.shape + (1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+        return torch.gather(x, 1, idx)
+
+    def _set_gen_rows(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write [B, G, ...] back into each slot's generation rows of x (after ``_gen_rows`` made a copy)."""
+        if self.gen_start is None:
+            scatter_rows(x, self.gen_idx, rows)
 
     def _row_outputs(self, k: int, deltas_only: bool) -> dict | None:
         if self.B != 1:   # leading slices of the preallocated buffers are contiguous only for B == 1
@@ -311,24 +471,22 @@ class Executor:
             out.update(k_rows=self.row_k[:, :k], v_rows=self.row_v[:, :k])
         return out
 
-    def _layer_plain(self, l: int, policy: CachePolicy, scored: bool) -> int:
-        h, P, N = self.h, self.P, self.N
-        scores = self._scores_plain(l, h) if scored else None                  # [B, G]
+    def _layer_plain(self, l: int, steps, scored: list[bool]) -> list[int]:
+        h = self.h
+        scores = self._scores_plain(l, h) if any(scored) else None             # [B, G]
         if self.proxy == Proxy.INPUT and l > 0:
-            self.prev_in[l].copy_(h[:, P:])
-        rows = policy.rows(l, scores)
+            self.prev_in[l].copy_(self._gen_rows(h))
+        rows, counts = self._slot_rows(l, steps, scores, scored)
         engine = self._layers[l]
-        if rows is None or rows.numel() == N:
+        if rows is None:
             self._run_full(l, engine, h)
-            n = N
         else:
             self._run_rows_plain(l, engine, h, rows)
-            n = rows.numel()
         h.add_(self.attn_cache[l]).add_(self.mlp_cache[l])                     # (h + attn) + mlp, every row
-        return n
+        return counts
 
     def _run_full(self, l: int, engine, h: torch.Tensor) -> None:
-        feeds = {"h_rows": h, "pos": self.pos_all, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]}
+        feeds = self._layer_feeds(l, h, self.pos_all)
         if engine.writes_cache:
             # fused torch layer: keys and values go into the caches inside the layer
             engine.run(feeds, {"attn_rows": self.attn_cache[l], "mlp_rows": self.mlp_cache[l]})
@@ -346,29 +504,27 @@ class Executor:
             self.v_cache[l], self.row_v = self.row_v, self.v_cache[l]
 
     def _run_rows_plain(self, l: int, engine, h: torch.Tensor, rows: torch.Tensor) -> None:
-        B, k = self.B, rows.numel()
-        h_rows = h.index_select(1, rows)                                       # [B, k, D]
-        pos = rows.to(torch.int32).expand(B, k).contiguous()                   # [B, k]
-        res = engine.run({"h_rows": h_rows, "pos": pos, "k_cache": self.k_cache[l], "v_cache": self.v_cache[l]},
-                         self._row_outputs(k, False))
-        self.k_cache[l].index_copy_(1, rows, res["k_rows"])
-        self.v_cache[l].index_copy_(1, rows, res["v_rows"])
-        self.attn_cache[l].index_copy_(1, rows, res["attn_rows"])
-        self.mlp_cache[l].index_copy_(1, rows, res["mlp_rows"])
+        h_rows, pos = gather_rows_torch(h, rows)                               # [B, k, D], [B, k]
+        res = engine.run(self._layer_feeds(l, h_rows, pos), self._row_outputs(rows.shape[1], False))
+        for cache, name in ((self.k_cache[l], "k_rows"), (self.v_cache[l], "v_rows"),
+                            (self.attn_cache[l], "attn_rows"), (self.mlp_cache[l], "mlp_rows")):
+            scatter_rows(cache, rows, res[name])
 
     def _value_scores(self, l: int, h: torch.Tensor) -> torch.Tensor:
         """Value proxy: V = W_V attn_norm(h) of every gen row vs the gen V cache, which then takes the fresh
         V (so attention sees fresh values for every gen row). [B, G]"""
-        h_gen = h[:, self.P:]
+        h_gen = self._gen_rows(h)
         if self.B > 1:
             h_gen = h_gen.contiguous()
         v = self.engines.vproj(l).run({"h_rows": h_gen}, {"v_rows": self.vbuf})["v_rows"]   # [B, G, Hkv, hd]
-        return self.ops.cosine_distance_copy(v, self.v_cache[l][:, self.P:])
+        cached = self._gen_rows(self.v_cache[l])
+        d = self.ops.cosine_distance_copy(v, cached)                          # cached <- v
+        self._set_gen_rows(self.v_cache[l], cached)
+        return d
 
     def _scores_plain(self, l: int, h: torch.Tensor) -> torch.Tensor:
         """Per-gen-row change scores d [B, G] (1 - cosine similarity) of layer l at this step."""
-        P = self.P
-        h_gen = h[:, P:]                                                       # [B, G, D]
+        h_gen = self._gen_rows(h)                                              # [B, G, D]
         if self.proxy == Proxy.INPUT:
             # Cosine of the raw layer inputs. RMSNorm divides each row by its RMS, which cosine ignores,
             # so this equals the cosine of the normalised inputs without the learned gain: the change
@@ -377,9 +533,10 @@ class Executor:
         if self.B > 1:
             h_gen = h_gen.contiguous()
         v = self.engines.vproj(l).run({"h_rows": h_gen}, {"v_rows": self.vbuf})["v_rows"]   # [B, G, Hkv, hd]
-        cached = self.v_cache[l][:, P:]
+        cached = self._gen_rows(self.v_cache[l])
         d = 1 - F.cosine_similarity(v.flatten(2).float(), cached.flatten(2).float(), dim=-1, eps=1e-12)
         cached.copy_(v)
+        self._set_gen_rows(self.v_cache[l], cached)
         return d
 
     def _head(self, h_rows: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,22 @@
-"""The one decode loop for LLaDA and Dream: a canvas, blocks, steps, one cache and one commit policy.
+"""The one decode loop for LLaDA and Dream: canvases, blocks, steps, a cache and a commit policy per sequence.
 
 ```
-canvas = [prompt, MASK * G]
-for each block:
-    for each step (schedule: steps/num_blocks; adaptive: until the block is empty, <= block_length):
-        cache.begin_step(view)                        # which rows each layer recomputes
-        lo, hi = commit.logit_range(view)             # which positions need logits
-        committed = executor.run_step(cache, commit, view, lo, hi).committed
+canvas[b] = [prompt_b, MASK * G, padding]          # one row per slot of the batch
+while any sequence has steps left:
+    for each slot b: lo_b, hi_b = run_b.next_step()    # its block, its step (runtime/sequence.py)
+    committed = executor.run_batch(steps)             # every layer, head and commit, all slots at once
+    for each slot b: run_b.finish_step(committed[b])  # a finished sequence frees its slot for the next prompt
 ```
-``run_step`` runs the layers, the head and the commit decision, updates the canvas (which the
-executor owns, so a whole step can be one CUDA graph) and returns the committed positions.
-Token ids only: tokenizers live in ``Pipeline``. One host sync per step (the committed positions,
-which the loop needs anyway to stop adaptive blocks and to centre the DCU window).
+A sequence takes exactly the steps it takes alone: each ``SequenceRun`` owns its policies, view and
+random generator, and its canvas row holds it where it sits alone, ``[prompt, generation, padding]``.
+Slots are continuous batching at the level of steps: when a sequence finishes, the
+next waiting prompt takes its slot at the next step (every policy recomputes all rows at a sequence's
+first step, so nothing of the previous occupant remains). ``decode`` is a batch of one.
+
+``run_batch`` runs the layers, the head and the commit decisions, updates the canvas (which the executor
+owns, so a whole step can be one CUDA graph) and returns the committed positions. Token ids only:
+tokenizers live in ``Pipeline``. One host sync per step, whatever the batch size (the committed
+positions, which the loop needs anyway to stop adaptive blocks and to centre the DCU windows).
 """
 
 from __future__ import annotations
@@ -25,9 +30,14 @@ import torch
 from dllm.engines.engine_set import EngineSet
 from dllm.errors import ConfigError
 from dllm.runtime.config import DecodeConfig
-from dllm.runtime.executor import Executor
+from dllm.runtime.executor import Executor, SlotStep
 from dllm.runtime.guidance import GuidedExecutor
+from dllm.runtime.sequence import SequenceRun
 from dllm.runtime.view import StepView
+
+# With CUDA graphs, batched canvases are rounded up to a multiple of this many rows, so that shapes repeat
+# and captured graphs replay across batches; elsewhere a batch's canvas is exact (padding rows cost compute).
+CANVAS_BUCKET = 32
 
 
 @dataclasses.dataclass
@@ -149,48 +159,150 @@ def decode_steps(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor:
     executor = executor or Executor(engines)
     if cfg.cfg_scale > 0:                     # classifier-free guidance: a twin runs the prompt-masked canvas
         executor = GuidedExecutor(executor, cfg)
-    B, P, G = 1, prompt.shape[1], cfg.gen_length
+    P, G = prompt.shape[1], cfg.gen_length
     N = P + G
-    t_start = time.perf_counter()
-
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    cache = executor.cache_policy(cfg, spec)
-    commit = executor.commit_policy(cfg, spec)
-    cache.reset(spec.n_layers, P, G, device)
-    executor.reset(B, P, N, cache)
-    commit.reset(B, P, G, spec.vocab_size, device, generator)
+    run = SequenceRun(0, prompt, cfg, executor.cache_policy(cfg, spec), executor.commit_policy(cfg, spec))
+    executor.reset(1, P, N, run.cache)
+    run.start(spec.n_layers, spec.vocab_size, device)
     canvas = executor.canvas                                                          # [1, N]
     canvas.fill_(spec.mask_id)
     canvas[:, :P] = prompt
+    while (span := run.next_step()) is not None:
+        outcome = executor.run_step(run.cache, run.commit, run.view, *span)
+        run.finish_step(outcome.committed, outcome.stats.rows, outcome.stats.engine_s)
+        yield canvas, run.view, outcome.committed
+    return _result(run, canvas[0], spec.eos_ids)
 
-    view = StepView(prompt_len=P, canvas_len=N, key_pos=P - 1)
-    rows_per_step, tokens_per_step, step_end_s, engine_s = [], [], [], 0.0
-    commit_step = [-1] * G
-    for b in range(cfg.num_blocks):
-        view.block_index, view.start, view.end = b, P + b * cfg.block_length, P + (b + 1) * cfg.block_length
-        view.block_masks, view.step_in_block = cfg.block_length, 0
-        commit.begin_block(view)
-        for i in range(commit.block_steps(view)):
-            if commit.until_empty and view.block_masks == 0:
-                break
-            view.step_in_block = i
-            view.step += 1
-            cache.begin_step(view)
-            lo, hi = commit.logit_range(view)
-            outcome = executor.run_step(cache, commit, view, lo, hi)
-            committed = outcome.committed
-            for pos in committed:
-                commit_step[pos - P] = view.step - 1
-            view.block_masks -= len(committed)
-            if committed:
-                view.key_pos = committed[-1]
-            rows_per_step.append(outcome.stats.rows)
-            tokens_per_step.append(len(committed))
-            engine_s += outcome.stats.engine_s
-            step_end_s.append(time.perf_counter() - t_start)
-            yield canvas, view, committed
-    final = canvas.cpu()
-    wall = time.perf_counter() - t_start
+
+def _result(run: SequenceRun, canvas_row: torch.Tensor, eos_ids) -> DecodeResult:
+    """The DecodeResult of a finished sequence from its canvas row (its padding dropped)."""
+    final = canvas_row[:run.N].to("cpu", copy=True)[None]       # a copy: the executor reuses its canvas
+    P, view = run.prompt.shape[1], run.view
     return DecodeResult(ids=final[0, P:].tolist(), canvas=final, prompt_length=P, steps=view.step, nfe=view.step,
-                        rows_per_step=rows_per_step, tokens_per_step=tokens_per_step, commit_step=commit_step,
-                        wall_s=wall, engine_s=engine_s, step_end_s=step_end_s, eos_ids=tuple(spec.eos_ids))
+                        rows_per_step=run.rows_per_step, tokens_per_step=run.tokens_per_step,
+                        commit_step=run.commit_step, wall_s=time.perf_counter() - run.t_start,
+                        engine_s=run.engine_s, step_end_s=run.step_end_s, eos_ids=tuple(eos_ids))
+
+
+def canvas_length(prompt_lens: list[int], gen_length: int, limit: int, bucket: int = CANVAS_BUCKET) -> int:
+    """The canvas of a batch: its longest sequence, rounded up to ``bucket`` rows while that fits (prompts
+    of one length need no padding: their canvas is exact)."""
+    N = max(prompt_lens) + gen_length
+    if len(set(prompt_lens)) == 1:
+        return N
+    rounded = -(-N // bucket) * bucket
+    return rounded if rounded <= limit else N
+
+
+BatchStepCallback = Callable[[int, torch.Tensor, StepView, list], None]
+
+
+def decode_batch(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, executor: Executor | None = None,
+                 batch_size: int | None = None, on_step: BatchStepCallback | None = None,
+                 max_seq_len: int | None = None) -> list[DecodeResult]:
+    """Decode every prompt of ``prompts`` with ``cfg``, up to ``batch_size`` of them at a time.
+
+    Each result equals what ``decode`` gives for that prompt alone. Prompts beyond the batch size wait
+    and take a slot as soon as a sequence finishes. on_step(index, canvas, view, committed): after every
+    step of every sequence (``index`` into ``prompts``; canvas [1, P + G] of that sequence).
+    """
+    steps = decode_batch_steps(engines, prompts, cfg, executor=executor, batch_size=batch_size,
+                               max_seq_len=max_seq_len)
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if on_step is not None:
+            on_step(*event)
+
+
+def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, executor: Executor | None = None,
+                       batch_size: int | None = None, max_seq_len: int | None = None):
+    """``decode_batch`` as a generator: yields ``(index, canvas, view, committed)`` after every step of every
+    sequence and returns the list of DecodeResults (``StopIteration.value``), in the order of ``prompts``."""
+    if not isinstance(cfg, DecodeConfig):
+        raise ConfigError(f"decode needs a DecodeConfig, got {type(cfg).__name__}")
+    if cfg.cfg_scale > 0:
+        raise ConfigError("classifier-free guidance (--cfg-scale) decodes one prompt at a time; "
+                          "pass the prompts one by one")
+    spec, device = engines.spec, torch.device(engines.device)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ConfigError(f"decode_batch needs a non-empty list of prompts, got {type(prompts).__name__}")
+    tensors = []
+    for i, p in enumerate(prompts):
+        try:
+            t = as_prompt_tensor(p, device)
+            check_prompt(t, engines, cfg, max_seq_len)
+        except ConfigError as e:
+            raise ConfigError(f"prompt {i}: {e}") from None
+        tensors.append(t)
+    limit = engines.max_batch
+    B = len(prompts) if batch_size is None else batch_size
+    if isinstance(B, bool) or not isinstance(B, int) or B < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if limit is not None and B > limit:
+        raise ConfigError(f"batch size {B} exceeds the {limit} sequences these engines take at once (their "
+                          f"--max-batch); pass batch_size={limit} or less (the other prompts wait for a slot), or "
+                          f"re-export with dllm-export --max-batch {B}")
+    B = min(B, len(prompts))
+    executor = executor or Executor(engines)
+    if B == 1:                      # one slot: each prompt on its own canvas, no padding
+        results = []
+        for i, t in enumerate(tensors):
+            steps = decode_steps(engines, t, cfg, executor=executor, max_seq_len=max_seq_len)
+            while True:
+                try:
+                    event = next(steps)
+                except StopIteration as stop:
+                    results.append(stop.value)
+                    break
+                yield (i, *event)
+        return results
+    G = cfg.gen_length
+    bucket = CANVAS_BUCKET if executor.cuda_graphs else 1
+    N = canvas_length([t.shape[1] for t in tensors], G, max_seq_len or spec.max_seq_len, bucket)
+    first = executor.cache_policy(cfg, spec, 0)
+    executor.reset(B, N - G, N, first)
+    canvas = executor.canvas                                                        # [B, N]
+    canvas.fill_(spec.mask_id)
+    slots: list[SequenceRun | None] = [None] * B
+    lengths = [N] * B
+    waiting = list(range(len(prompts)))[::-1]                                       # popped from the end
+    results: list[DecodeResult | None] = [None] * len(prompts)
+
+    def admit(b: int) -> SequenceRun:
+        i = waiting.pop()
+        run = SequenceRun(i, tensors[i], cfg, executor.cache_policy(cfg, spec, b), executor.commit_policy(cfg, spec, b),
+                          slot=b)
+        canvas[b, :run.P] = tensors[i][0]
+        canvas[b, run.P:run.N] = spec.mask_id
+        canvas[b, run.N:] = spec.eos_ids[0]         # padding rows: any real token; never attended to
+        executor.clear_slot(b)
+        lengths[b] = run.N
+        run.start(spec.n_layers, spec.vocab_size, device)
+        return run
+
+    while True:
+        steps: list[SlotStep | None] = []
+        for b in range(B):
+            run = slots[b]
+            span = run.next_step() if run is not None else None
+            while span is None:
+                if run is not None:                   # finished: its result, and the slot is free
+                    results[run.index] = _result(run, canvas[b], spec.eos_ids)
+                    slots[b] = run = None
+                if not waiting:
+                    break
+                run = slots[b] = admit(b)
+                span = run.next_step()
+            steps.append(None if span is None else SlotStep(run.cache, run.commit, run.view, *span))
+        if all(st is None for st in steps):
+            return results
+        executor.set_lengths(lengths)
+        outcomes = executor.run_batch(steps)
+        for b, out in enumerate(outcomes):
+            if out is not None:
+                run = slots[b]
+                run.finish_step(out.committed, out.stats.rows, out.stats.engine_s)
+                yield run.index, canvas[b:b + 1, :run.N], run.view, out.committed

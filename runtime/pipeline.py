@@ -27,7 +27,7 @@ from dllm.errors import ConfigError, DllmWarning
 from dllm.generation import GenerationDefaults, generation_defaults_from_checkpoint
 from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
-from dllm.runtime.loop import DecodeResult, StepCallback, decode_steps
+from dllm.runtime.loop import DecodeResult, StepCallback, decode_batch_steps, decode_steps
 from dllm.runtime.prompts import check_ids, encode_chat, encode_text, encode_text_as_chat, load_tokenizer
 from dllm.threads import torch_threads
 
@@ -87,6 +87,7 @@ class Pipeline:
         self.generation = generation or GenerationDefaults()
         self.executor = Executor(engines)
         self.last_result: GenerationResult | None = None
+        self.last_results: list[GenerationResult] = []
         self._warned: set[int] = set()
 
     # -- construction -------------------------------------------------------
@@ -179,26 +180,35 @@ class Pipeline:
 
     # -- generation ---------------------------------------------------------
     def generate(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None,
-                 on_step: StepCallback | None = None) -> GenerationResult:
+                 on_step: StepCallback | None = None, batch_size: int | None = None):
         """Generate ``config.gen_length`` tokens after ``prompt`` (ids, text or chat messages).
 
+        A list of prompts (texts, id lists, tensors or message lists) is a batch: it returns one
+        GenerationResult per prompt, in order, each exactly what that prompt gives alone; up to
+        ``batch_size`` of them (default all, at most the engines' ``--max-batch``) share every step,
+        and a waiting prompt takes the slot of a finished one.
         config: None uses ``default_config()``. chat: wrap a text prompt as a user message in the chat
         template; None follows the model's generation defaults (on for instruct models).
         on_step(canvas, view, committed): called after every step with the canvas [1, N] (prompt +
             generation, still-masked positions hold the mask id), the step view and the positions
-            committed in that step; an exception it raises stops the generation between two steps
-            and propagates (a server cancels a request this way)."""
-        for _ in self._run(prompt, config, chat, stream=False, on_step=on_step):
-            pass
-        return self.last_result
+            committed in that step (a batch calls on_step(index, canvas, view, committed)); an exception
+            it raises stops the generation between two steps and propagates (a server cancels a request
+            this way)."""
+        results = None
+        for event in self._run(prompt, config, chat, stream=False, on_step=on_step, batch_size=batch_size):
+            results = event
+        return results
 
     def stream(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None,
-               on_step: StepCallback | None = None) -> Iterator[str]:
+               on_step: StepCallback | None = None, batch_size: int | None = None) -> Iterator:
         """Yield the generated text as it becomes final: each time the committed prefix of the
         generation (up to the first still-masked position, cut at EOS) grows, the new text is
         yielded, so ``"".join(stream)`` is the final text. ``self.last_result`` holds the result.
-        ``chat`` and ``on_step`` as in ``generate``."""
-        yield from self._run(prompt, config, chat, stream=True, on_step=on_step)
+        A list of prompts streams ``(index, text)`` pairs, each sequence's deltas in order, and
+        ``self.last_results`` holds the results. ``chat``, ``on_step`` and ``batch_size`` as in ``generate``."""
+        for event in self._run(prompt, config, chat, stream=True, on_step=on_step, batch_size=batch_size):
+            if not isinstance(event, (list, GenerationResult)):     # the last event is the result
+                yield event
 
     def _check_length(self, gen_length: int) -> None:
         message = self.generation.length_warning(gen_length)
@@ -206,51 +216,117 @@ class Pipeline:
             self._warned.add(gen_length)
             warnings.warn(message, GenerationWarning, stacklevel=4)
 
-    def _run(self, prompt, config, chat, stream: bool, on_step: StepCallback | None = None) -> Iterator[str]:
+    def _run(self, prompt, config, chat, stream: bool, on_step=None, batch_size: int | None = None) -> Iterator:
+        """Yields text deltas (``stream``), then the result (one GenerationResult, or a list for a batch)."""
         cfg = self.default_config() if config is None else config
         if not isinstance(cfg, DecodeConfig):
             raise ConfigError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
         self._check_length(cfg.gen_length)
-        prompt_ids = self.encode(prompt, chat=isinstance(prompt, str) and self._wants_chat(chat))
-        with torch_threads(self.engines.torch_threads):
-            yield from self._decode(prompt_ids, cfg, stream, on_step)
-
-    def _decode(self, prompt_ids: list[int], cfg: DecodeConfig, stream: bool,
-                on_step: StepCallback | None) -> Iterator[str]:
+        batch = is_prompt_batch(prompt)
+        if not batch and batch_size is not None:
+            raise ConfigError("batch_size applies to a list of prompts; pass [prompt, ...] or drop batch_size")
+        prompts = list(prompt) if batch else [prompt]
+        ids = []
+        for i, p in enumerate(prompts):
+            try:
+                ids.append(self.encode(p, chat=isinstance(p, str) and self._wants_chat(chat)))
+            except ConfigError as e:
+                raise ConfigError(f"prompt {i}: {e}" if batch else str(e)) from None
         text_out = self._has_tokenizer()
         if stream and not text_out:
             raise ConfigError("stream() yields text and needs a tokenizer; use generate() for ids only")
-        steps = decode_steps(self.engines, prompt_ids, cfg, executor=self.executor, max_seq_len=self.max_seq_len)
-        P, mask, eos = len(prompt_ids), self.spec.mask_id, set(self.spec.eos_ids)
-        emitted, done = "", False
-        while True:
-            try:
-                canvas, view, committed = next(steps)
-            except StopIteration as stop:
-                result: DecodeResult = stop.value
+        with torch_threads(self.engines.torch_threads):
+            if batch:
+                steps = decode_batch_steps(self.engines, ids, cfg, executor=self.executor, batch_size=batch_size,
+                                           max_seq_len=self.max_seq_len)
+            else:
+                steps = _indexed(decode_steps(self.engines, ids[0], cfg, executor=self.executor,
+                                              max_seq_len=self.max_seq_len))
+            texts = [_TextStream(len(p), self.spec.mask_id, self.spec.eos_ids) for p in ids]
+            while True:
+                try:
+                    index, canvas, view, committed = next(steps)
+                except StopIteration as stop:
+                    decoded = stop.value
+                    break
+                if on_step is not None:
+                    if batch:
+                        on_step(index, canvas, view, committed)
+                    else:
+                        on_step(canvas, view, committed)
+                if stream and committed:
+                    delta = texts[index].advance(canvas[0], self.tokenizer)
+                    if delta:
+                        yield (index, delta) if batch else delta
+        decoded = decoded if batch else [decoded]
+        results = []
+        for i, (p, res) in enumerate(zip(ids, decoded)):
+            text = self.decode_text(res.ids) if text_out else None
+            if stream and text is not None:
+                delta = texts[i].finish(text)
+                if delta:
+                    yield (i, delta) if batch else delta
+            results.append(_generation_result(p, res, text))
+        self.last_results = results
+        self.last_result = results[-1]
+        yield results if batch else results[0]
+
+
+def _indexed(steps):
+    """A single decode's events as those of a batch of one: ``(0, canvas, view, committed)``."""
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield (0, *event)
+
+
+def is_prompt_batch(prompt) -> bool:
+    """Whether ``prompt`` is a list of prompts: a list whose items are texts, id lists, id tensors or
+    message lists (a list of ints is one prompt of ids, a list of dicts one chat)."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    return all(isinstance(p, (str, torch.Tensor)) or (isinstance(p, (list, tuple)) and not isinstance(p, str))
+               for p in prompt)
+
+
+class _TextStream:
+    """The text of one sequence as it becomes final: the committed prefix of its generation, cut at EOS."""
+
+    def __init__(self, prompt_length: int, mask_id: int, eos_ids):
+        self.P, self.mask, self.eos = prompt_length, mask_id, set(eos_ids)
+        self.emitted, self.done = "", False
+
+    def advance(self, canvas_row: torch.Tensor, tokenizer) -> str:
+        """The new text after a step (empty when the committed prefix did not grow into new text)."""
+        if self.done:
+            return ""
+        prefix = []
+        for t in canvas_row[self.P:].tolist():
+            if t == self.mask:
                 break
-            if on_step is not None:
-                on_step(canvas, view, committed)
-            if stream and committed and not done:
-                gen = canvas[0, P:].tolist()
-                prefix = []
-                for t in gen:
-                    if t == mask:
-                        break
-                    if t in eos:
-                        done = True
-                        break
-                    prefix.append(t)
-                text = self.tokenizer.decode(prefix, skip_special_tokens=True)
-                if len(text) > len(emitted) and text.startswith(emitted):
-                    yield text[len(emitted):]
-                    emitted = text
-        text = self.decode_text(result.ids) if text_out else None
-        if stream and text is not None and text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted):]
-        self.last_result = GenerationResult(
-            ids=result.ids, text=text, prompt_ids=prompt_ids, steps=result.steps, nfe=result.nfe,
-            rows_per_layer=result.mean_rows_per_layer, rows_per_step=result.rows_per_step,
-            tokens_per_step=result.tokens_per_step, wall_s=result.wall_s, first_token_s=result.first_token_s,
-            answer_tokens=result.answer_length, tokens_per_second=result.tokens_per_second,
-            canvas_tokens_per_second=result.canvas_tokens_per_second, engine_s=result.engine_s, decode=result)
+            if t in self.eos:
+                self.done = True
+                break
+            prefix.append(t)
+        return self._emit(tokenizer.decode(prefix, skip_special_tokens=True))
+
+    def finish(self, text: str) -> str:
+        """What the final text adds to what was streamed."""
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        if len(text) > len(self.emitted) and text.startswith(self.emitted):
+            delta, self.emitted = text[len(self.emitted):], text
+            return delta
+        return ""
+
+
+def _generation_result(prompt_ids: list[int], result: DecodeResult, text: str | None) -> GenerationResult:
+    return GenerationResult(
+        ids=result.ids, text=text, prompt_ids=prompt_ids, steps=result.steps, nfe=result.nfe,
+        rows_per_layer=result.mean_rows_per_layer, rows_per_step=result.rows_per_step,
+        tokens_per_step=result.tokens_per_step, wall_s=result.wall_s, first_token_s=result.first_token_s,
+        answer_tokens=result.answer_length, tokens_per_second=result.tokens_per_second,
+        canvas_tokens_per_second=result.canvas_tokens_per_second, engine_s=result.engine_s, decode=result)

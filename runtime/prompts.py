@@ -118,16 +118,16 @@ def check_ids(prompt, vocab_size: int) -> list[int]:
     """Token ids of one prompt (a list, a 1-D or [1, P] tensor), each in [0, vocab_size)."""
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() > 2 or (prompt.dim() == 2 and prompt.shape[0] != 1):
-            raise ConfigError(f"the prompt tensor has shape {list(prompt.shape)}, a batch; this API decodes one "
-                              "prompt at a time: pass a [P] or [1, P] tensor and call it once per prompt")
+            raise ConfigError(f"the prompt tensor has shape {list(prompt.shape)}, a batch in one tensor; pass one "
+                              "[P] or [1, P] tensor per prompt (a list of prompts decodes as a batch)")
         if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
             raise ConfigError(f"prompt ids must be integers, got a {prompt.dtype} tensor")
         ids = prompt.reshape(-1).tolist()
     else:
         ids = list(prompt)
         if any(isinstance(x, (list, tuple)) or (isinstance(x, torch.Tensor) and x.dim() > 0) for x in ids):
-            raise ConfigError("the prompt is a list of lists, a batch; this API decodes one prompt at a time: call "
-                              "it once per prompt")
+            raise ConfigError("the prompt mixes token ids and lists; pass one list of ids per prompt (a list of "
+                              "such lists decodes as a batch)")
         for i, x in enumerate(ids):
             if isinstance(x, bool) or not isinstance(x, (numbers.Integral, torch.Tensor)):
                 raise ConfigError(f"prompt id {i} is {x!r} ({type(x).__name__}); token ids are integers")

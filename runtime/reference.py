@@ -27,7 +27,7 @@ All randomness comes from one ``torch.Generator`` seeded with ``cfg.seed``, draw
 so a run is reproducible and a faster path can replay the same draws.
 
 Prompts are ``[B, P]`` without padding (every row has the same length); the reference does not
-support left padding.
+support padding (a batch of different lengths runs each prompt alone).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@
 #              tests, attention backends timed at the step's shapes (scripts/sdpa-backends.py), and the other
 #              prompt lengths unprofiled (about 5 minutes)
 #   tests      versions and the GPU tests (kernels vs twins, graph replay == eager, Triton path == plain path)
+#   batch      batched decoding at the first prompt length (default 512): `full`, `dcu` and `dcu+apd` at
+#              batch 1, 4 and 16 side by side (dllm-bench --batch 1,4,16, 16 prompts), about 7 minutes
 #   torch      the torch-backend benches only, per prompt length
 #   ort        the same on ONNX Runtime's CUDA provider; needs onnxruntime-gpu staged beforehand with
 #              ../shared/tools/device-wheels onnxruntime-gpu==1.31.1 and PYTHONPATH / LD_LIBRARY_PATH exported
@@ -24,7 +26,7 @@
 # Environment (defaults): SHAPE=llada-8b DEVICE=cuda DTYPE=bf16 GEN=256 BLOCK=32 OUT=gpu-out
 # A CPU smoke run: DEVICE=cpu DTYPE=fp32 SHAPE=spec.json GEN=16 BLOCK=16 bash scripts/measure-gpu.sh torch 32
 set -u
-stage=${1:?usage: bash scripts/measure-gpu.sh all|main|verify|kernels|tests|torch|ort [PROMPT_LEN ...]}
+stage=${1:?usage: bash scripts/measure-gpu.sh all|main|verify|kernels|tests|batch|torch|ort [PROMPT_LEN ...]}
 shift
 prompts=("$@")
 [ $# -eq 0 ] && prompts=(1024 512)
@@ -53,7 +55,7 @@ bench() {  # bench NAME PROMPT KERNELS BACKEND SECONDS [extra flags]: one dllm-b
     shift 5
     step "$name" "$limit" python3 -m dllm.tools.bench --random-weights "$SHAPE" --backend "$backend" \
         --device "$DEVICE" --dtype "$DTYPE" --kernels "$kernels" --methods "$METHODS" --prompt-len "$p" \
-        --gen-length "$GEN" --block-length "$BLOCK" --steps "$GEN" --num-prompts 1 --repeat 1 --warmup "${WARMUP:-1}" \
+        --gen-length "$GEN" --block-length "$BLOCK" --steps "$GEN" --num-prompts "${NUM_PROMPTS:-1}" --repeat 1 --warmup "${WARMUP:-1}" \
         --json "$OUT/$name.json" "$@"
 }
 
@@ -112,6 +114,16 @@ tests)
     versions
     gpu_tests 300
     ;;
+batch)
+    versions
+    p=${prompts[0]}
+    [ $# -eq 0 ] && p=512
+    # full at batch 16 is compute-bound (16 x 768 rows per layer): it gets its own run and time limit
+    export NUM_PROMPTS=16
+    METHODS=full bench "bench-batch-full-p$p" "$p" auto torch 320 --batch 1,4,16
+    METHODS=dcu@allocation=uniform,dcu+apd@allocation=uniform bench "bench-batch-dcu-p$p" "$p" auto torch 130 \
+        --batch 1,4,16
+    ;;
 torch | ort)
     backend=$stage
     [ "$stage" = ort ] && backend=onnxruntime
@@ -125,7 +137,7 @@ torch | ort)
     done
     ;;
 *)
-    echo "unknown stage '$stage': expected all, main, verify, kernels, tests, torch or ort"
+    echo "unknown stage '$stage': expected all, main, verify, kernels, tests, batch, torch or ort"
     exit 2
     ;;
 esac

@@ -2,12 +2,14 @@
 
 Triton decides between compiling for the GPU and its CPU interpreter when a kernel module is imported,
 so the interpreter is switched on here, before anything imports dllm.kernels, on machines without CUDA.
-The fixtures: the shipped model exported once, and a real dllm-serve on it.
+The fixtures: the shipped model exported once, and a real dllm-serve on it. ``write_schema_1`` turns an
+export into an engine directory of the layout before batching.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +51,48 @@ def reference_pipeline(shipped_engine_dir):
     from dllm.runtime import Pipeline
 
     return Pipeline.from_dir(shipped_engine_dir, backend="onnxruntime", device="cpu", intra_op_threads=1)
+
+
+def write_schema_1(src: Path, dst: Path) -> Path:
+    """A schema-1 engine directory (the layout before batching) made from the schema-2 export ``src``.
+
+    Each layer is exported again from the same checkpoint weights, declared without ``kv_len``: the module is
+    ``UnpaddedLayer``, the layer with no padding, which is what the first release exported (kv_len = N masks
+    no key). The manifest is rewritten as that release wrote it: schema_version 1,
+    no ``max_batch``, layers without ``kv_len``, batch-1 profiles (``build.max_batch`` 1), validation records
+    without the batched regime, every file's size and sha256. ONNX only: ``src``'s plans are left out.
+    """
+    import json
+    import shutil
+
+    from dllm.exporter.config import ExportConfig
+    from dllm.exporter.engine_dir import files_sha256
+    from dllm.exporter.export import input_hash
+    from dllm.exporter.manifest import MANIFEST, read_manifest
+    from dllm.exporter.models.checkpoint import Checkpoint
+    from dllm.exporter.onnx_export import export_subgraph
+    from dllm.exporter.subgraphs import declare
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("plans", ".verified*"))
+    m = read_manifest(dst)
+    ckpt = Checkpoint(m.source["checkpoint"])
+    old = {d.name: d for d in declare(m.model, m.dtype, with_vproj=True, padded=False)}
+    data = json.loads((dst / MANIFEST).read_text())
+    for entry in data["subgraphs"]:
+        if entry["kind"] == "layer":
+            files, _ = export_subgraph(old[entry["name"]], ckpt, m.dtype, dst / entry["onnx"])
+            cfg = ExportConfig(ckpt.path, dst, dtype=m.dtype, opset=data["build"]["opset"])
+            entry.update(old[entry["name"]].to_dict(), sha256=files_sha256(files.paths),
+                         input_hash=input_hash(ckpt, old[entry["name"]], cfg))    # what that export recorded
+            for path in files.paths:
+                data["files"][path.relative_to(dst).as_posix()] = {"size": path.stat().st_size,
+                                                                   "sha256": files_sha256([path])}
+    data["files"] = {rel: info for rel, info in data["files"].items() if not rel.startswith("plans/")}
+    del data["max_batch"]
+    for profile in data["profiles"]:
+        profile["max"]["B"] = 1
+    for record in data["build"].get("validation", {}).values():
+        record.pop("batches", None)                      # validated at batch 1 only then
+    data.update(schema_version=1, plans={}, build={**data["build"], "max_batch": 1, "tensorrt": {}})
+    (dst / MANIFEST).write_text(json.dumps(data, indent=2))
+    return dst

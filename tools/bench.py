@@ -36,6 +36,7 @@ from dllm.cli_common import Parser, check_output_file, run_cli, write_text
 from dllm.errors import ConfigError
 from dllm.runtime.config import CachePolicyKind, DecodeConfig, Proxy
 from dllm.runtime.methods import method_config
+from dllm.tools.bench_batch import format_batch_table, parse_batch_sizes, run_batch_bench, summarize_batches
 from dllm.tools.bench_report import command_line, format_table, median, percentile
 
 REFERENCE = "full"
@@ -96,6 +97,7 @@ class BenchConfig:
     seed: int = 0
     step_times: bool = True              # per-step timing hook (else step latency = wall / steps)
     tasks: tuple[str, ...] = ("arithmetic", "sorting")
+    batch_sizes: tuple[int, ...] = ()    # --batch: measure these batch sizes instead of comparing methods
 
     def __post_init__(self):
         methods = tuple(m.strip() for m in self.methods if m.strip())
@@ -107,8 +109,8 @@ class BenchConfig:
             raise ConfigError(f"--methods lists a method twice: {list(methods)}")
         for m in methods:
             parse_method(m, self.decode)           # raises ConfigError naming the bad part
-        if REFERENCE not in normal:
-            methods = (REFERENCE,) + methods       # the reference every ratio is taken against
+        if REFERENCE not in normal and not self.batch_sizes:
+            methods = (REFERENCE,) + methods       # the reference every ratio is taken against (--batch: batch 1)
         object.__setattr__(self, "methods", methods)
         for name in ("num_prompts", "repeat"):
             if getattr(self, name) < 1:
@@ -331,12 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "overrides e.g. full,dcu+apd,dcu+apd@budget=8,window=8")
     p.add_argument("--prompt-len", type=int, metavar="N", help="prompt tokens (task prompts: pad/cut; default "
                                                                "natural; random prompts: default 64)")
-    p.add_argument("--num-prompts", type=int, default=4, metavar="N", help="prompts per method per round (default 4)")
+    p.add_argument("--num-prompts", type=int, metavar="N", help="prompts per method per round (default 4; with "
+                                                                "--batch the largest batch size)")
     p.add_argument("--tasks", default="arithmetic,sorting", help="task families for task prompts "
                                                                  "(default arithmetic,sorting)")
     p.add_argument("--repeat", type=int, default=3, metavar="N", help="timed rounds (default 3)")
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="warm-up rounds (default 1)")
     p.add_argument("--no-step-times", action="store_true", help="no per-step hook: step latency = wall / steps")
+    p.add_argument("--batch", metavar="SIZES",
+                   help="comma-separated batch sizes, e.g. 1,4,16: decode the same prompts at each size (batch 1 is "
+                        "always measured) and report tokens/s and step time per size instead of the method table")
     p.add_argument("--profile", action="store_true",
                    help="after the timed rounds, decode the first prompt once more per method under the torch "
                         "profiler and report where a step's milliseconds go (JSON methods.<name>.profile)")
@@ -357,6 +363,9 @@ def check_args(args: argparse.Namespace) -> None:
     parse_device(args.device, "--device", check_available=args.backend != "tensorrt")
     if args.json:
         check_output_file(args.json, "--json")
+    if args.batch is not None and (args.plot or args.profile):
+        raise ConfigError("--plot and --profile describe the method comparison; drop them with --batch (its JSON "
+                          "holds every number)")
     if args.plot:
         check_output_file(args.plot, "--plot")
         try:
@@ -372,10 +381,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     values.setdefault("gen_length", 64)
     values.setdefault("block_length", 32)
     decode_cfg = DecodeConfig(**values)
-    return BenchConfig(methods=split_methods(args.methods), decode=decode_cfg, num_prompts=args.num_prompts,
+    batch_sizes = parse_batch_sizes(args.batch) if args.batch is not None else ()
+    num_prompts = args.num_prompts if args.num_prompts is not None else max(batch_sizes, default=4)
+    return BenchConfig(methods=split_methods(args.methods), decode=decode_cfg, num_prompts=num_prompts,
                        prompt_len=args.prompt_len, repeat=args.repeat, warmup=args.warmup, seed=decode_cfg.seed,
                        step_times=not args.no_step_times,
-                       tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()))
+                       tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), batch_sizes=batch_sizes)
 
 
 def open_source(args: argparse.Namespace, cfg: BenchConfig) -> EngineSource:
@@ -426,8 +437,13 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
     floor = None
     if engines.device.type == "cuda":
         floor = weight_read_floor(weight_bytes_per_step(engines.spec, engines.dtype), engines.device)
-    runs = run_bench(pipe, prompts, cfg, source.max_seq_len, log=log)
-    methods = summarize(runs, prompts, cfg, pipe, floor["floor_ms"] if floor else None)
+    if cfg.batch_sizes:
+        parse_batch_sizes(",".join(map(str, cfg.batch_sizes)), engines.max_batch)    # the engines take them
+        runs = run_batch_bench(pipe, prompts, cfg, cfg.batch_sizes, source.max_seq_len, log=log)
+        batches, methods = summarize_batches(runs, cfg.decode.gen_length), None
+    else:
+        runs = run_bench(pipe, prompts, cfg, source.max_seq_len, log=log)
+        methods = summarize(runs, prompts, cfg, pipe, floor["floor_ms"] if floor else None)
     if args.profile:
         for name, method_cfg in cfg.method_configs().items():
             methods[name]["profile"] = profile_decode(pipe, prompts.ids[0], method_cfg, source.max_seq_len)
@@ -454,9 +470,13 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
                      "warmup": cfg.warmup, "prompts": prompts.note, "prompt_kind": prompts.kind.value,
                      "prompt_lengths": prompts.lengths, "decode": cfg.decode.to_dict(),
                      "order": "method order reversed on odd rounds"},
-        "methods": methods,
         "notes": notes,
     }
+    if methods is not None:
+        report["methods"] = methods
+    else:
+        report["batch"] = batches
+        report["settings"]["batch_sizes"] = list(cfg.batch_sizes)
     if floor is not None:
         report["weight_read_floor"] = floor
     return report
@@ -485,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         report = bench(args, argv, log=log)
         for note in report["notes"]:
             log(f"[bench] note: {note}")
-        print(format_table(report["methods"]))
+        print(format_table(report["methods"]) if "methods" in report else format_batch_table(report["batch"]))
         write_outputs(report, args, log=log)
 
     return run_cli("dllm-bench", body)

@@ -6,9 +6,10 @@ and where logits are read. One layer class serves both.
 
 The layer has two forwards:
 - ``forward(h)``: the plain full-sequence layer, the reference.
-- ``forward_rows(h_rows, pos, k_cache, v_cache)``: recompute only the rows at
+- ``forward_rows(h_rows, pos, kv_len, k_cache, v_cache)``: recompute only the rows at
   ``pos`` against cached keys/values of the whole canvas (the exported contract,
-  docs/engine-dir.md). With ``pos = 0..N-1`` it equals ``forward``.
+  docs/engine-dir.md), never attending to keys past each sequence's length ``kv_len``
+  (right padding). With ``pos = 0..N-1`` and ``kv_len = N`` it equals ``forward``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def rope_cos_sin(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.
     freqs = pos.to(torch.float32).unsqueeze(-1) * inv_freq          # [.., k, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)                         # [.., k, hd]
     return emb.cos(), emb.sin()
+
+
+def key_valid(kv_len: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] bool: the canvas rows before each sequence's length ``kv_len`` [B] (the rest is padding)."""
+    return torch.arange(n, device=kv_len.device)[None, :] < kv_len[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,20 +92,25 @@ class DecoderLayer(nn.Module):
         B, k, _ = h.shape
         return self.v_proj(self.attn_norm(h)).view(B, k, self.n_kv_heads, self.head_dim)
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Non-causal attention of q [B,k,H,hd] over keys/values [B,N,Hkv,hd]; softmax in fp32."""
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Non-causal attention of q [B,k,H,hd] over keys/values [B,N,Hkv,hd]; softmax in fp32.
+        ``key_valid`` [B, N] bool: the keys each sequence may attend to (None: all)."""
         B, k, H, hd = q.shape
         group = H // self.n_kv_heads
         if q.is_cuda and not torch.onnx.is_in_onnx_export():
             # Fused attention on the GPU (fp32 accumulation inside); the explicit path below is
             # what gets exported and what CPU runs, so CPU results match the ONNX graphs.
+            mask = None if key_valid is None else key_valid[:, None, None, :]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2),
-                                                 values.transpose(1, 2), enable_gqa=group > 1)
+                                                 values.transpose(1, 2), attn_mask=mask, enable_gqa=group > 1)
             return self.o_proj(out.transpose(1, 2).reshape(B, k, H * hd))
         qh = q.transpose(1, 2).float()                                   # [B, H, k, hd]
         kh = keys.transpose(1, 2).float().repeat_interleave(group, dim=1)   # [B, H, N, hd]
         vh = values.transpose(1, 2).float().repeat_interleave(group, dim=1)
         scores = torch.matmul(qh, kh.transpose(-1, -2)) * (hd ** -0.5)   # [B, H, k, N]
+        if key_valid is not None:   # padding keys: exp(-inf) = 0, so every valid score is unchanged
+            scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs, vh).to(q.dtype)                        # [B, H, k, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, k, H * hd))
@@ -117,17 +128,18 @@ class DecoderLayer(nn.Module):
         y = h + self.attend(q, key, v)
         return y + self.mlp(y)
 
-    def forward_rows(self, h_rows, pos, k_cache, v_cache):
+    def forward_rows(self, h_rows, pos, kv_len, k_cache, v_cache):
         """Recompute rows at ``pos`` against the canvas caches.
 
-        h_rows [B,k,D], pos [B,k] int, k_cache/v_cache [B,N,Hkv,hd] (keys after RoPE).
-        Returns k_rows, v_rows [B,k,Hkv,hd] and the residual deltas attn_rows, mlp_rows [B,k,D].
-        The caches are not modified: fresh rows are scattered into copies for attention.
+        h_rows [B,k,D], pos [B,k] int (canvas rows = positions), kv_len [B] int (each sequence's canvas
+        length: keys at rows >= kv_len are padding), k_cache/v_cache [B,N,Hkv,hd] (keys after RoPE).
+        Returns k_rows, v_rows [B,k,Hkv,hd] and the residual deltas attn_rows, mlp_rows [B,k,D]. The
+        caches are not modified: fresh rows are scattered into copies for attention.
         """
         q, k_rows, v_rows = self.project_qkv(h_rows, pos)
         idx = pos.long()[:, :, None, None].expand(-1, -1, self.n_kv_heads, self.head_dim)
         keys = k_cache.scatter(1, idx, k_rows)
         values = v_cache.scatter(1, idx, v_rows)
-        attn_rows = self.attend(q, keys, values)
+        attn_rows = self.attend(q, keys, values, key_valid(kv_len, k_cache.shape[1]))
         mlp_rows = self.mlp(h_rows + attn_rows)
         return k_rows, v_rows, attn_rows, mlp_rows

@@ -48,3 +48,23 @@ def test_build_plans_from_the_onnx_files_alone(tmp_path, capsys):
     with pytest.raises(EngineDirError):
         from dllm.engines.build_plans import build_plans
         build_plans(tmp_path / "nowhere")
+
+
+def test_build_plans_keeps_a_schema_1_directory_schema_1(tmp_path):
+    """Plans for a directory written before batching: its layer graphs without kv_len, batch-1 profiles, and a
+    manifest that stays schema 1 (no max_batch), so older readers still read it."""
+    import json
+
+    from dllm.engines.build_plans import build_plans
+    from tests.conftest import write_schema_1
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", "llada", n_layers=1, d_model=32, n_heads=2, mlp_hidden=64)
+    out = export_checkpoint(ExportConfig(ckpt, tmp_path / "new", max_seq_len=64, validate=False, with_vproj=False))
+    old = write_schema_1(out, tmp_path / "old")
+    tag = build_plans(old, log=lambda line: None)
+    data = json.loads((old / "manifest.json").read_text())
+    assert data["schema_version"] == 1 and "max_batch" not in data
+    m = read_manifest(old)
+    assert set(m.plans[tag]) == {"embed", "layer_00", "head"} and m.max_batch == 1
+    assert all(p.max["B"] == 1 for p in m.profiles)
+    assert [t.name for t in m.subgraph("layer_00").decl.inputs] == ["h_rows", "pos", "k_cache", "v_cache"]

@@ -12,6 +12,7 @@ import torch
 from dllm.errors import BackendError, ConfigError, EngineDirError
 from dllm.engines import Backend, EngineSet, available_backends, open_engine_dir
 from dllm.exporter.manifest import MANIFEST
+from tests.conftest import write_schema_1
 
 
 def full_forward(engines: EngineSet, ids: torch.Tensor) -> torch.Tensor:
@@ -23,7 +24,8 @@ def full_forward(engines: EngineSet, ids: torch.Tensor) -> torch.Tensor:
     for i in range(spec.n_layers):
         # every row is overwritten by the scatter (fused torch layers write these caches in place)
         kc, vc = (torch.zeros(B, N, spec.n_kv_heads, spec.head_dim) for _ in range(2))
-        o = engines.layer(i).run({"h_rows": h, "pos": pos, "k_cache": kc, "v_cache": vc})
+        o = engines.layer(i).run({"h_rows": h, "pos": pos, "kv_len": torch.full((B,), N, dtype=torch.int32),
+                                  "k_cache": kc, "v_cache": vc})
         h = h + o["attn_rows"] + o["mlp_rows"]
     return engines.head.run({"h_rows": h})["logits"]
 
@@ -57,8 +59,39 @@ def test_onnxruntime_and_torch_sets_agree(engine_dirs, arch):
 
 def test_schema_version_mismatch(engine_dirs, tmp_path):
     path = edited_copy(engine_dirs["dream"], tmp_path / "old", lambda d: d.update(schema_version=99))
-    with pytest.raises(EngineDirError, match=r"schema version 99, this toolkit reads version 1; re-export"):
+    with pytest.raises(EngineDirError, match=r"schema version 99, this toolkit reads versions 1 and 2; it was "
+                                             r"written by a newer dllm-export: upgrade dllm-deploy"):
         open_engine_dir(path, "onnxruntime")
+
+
+def test_engine_sets_carry_max_batch(engine_dirs):
+    assert open_engine_dir(engine_dirs["dream"], "onnxruntime", intra_op_threads=1).max_batch == 8   # the default
+    assert open_engine_dir(engine_dirs["dream"], "torch").max_batch == 8
+
+
+@pytest.fixture(scope="module")
+def schema_1_dir(shipped_engine_dir, tmp_path_factory):
+    return write_schema_1(shipped_engine_dir, tmp_path_factory.mktemp("schema-1") / "tiny-llada")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_schema_1_directory_loads_and_decodes_as_before(shipped_engine_dir, schema_1_dir, backend):
+    """A directory written before batching (layers without kv_len) still loads, verifies and serves batch 1: the
+    runtime feeds kv_len only to layers that declare it, and it decodes exactly the tokens of a schema-2 export."""
+    from dllm.exporter.manifest import read_manifest
+    from dllm.runtime import Pipeline
+
+    assert read_manifest(schema_1_dir).schema_version == 1
+    engines = open_engine_dir(schema_1_dir, backend, verify_hashes=True, intra_op_threads=1)
+    assert engines.max_batch == 1 and not engines.layer(0).decl.takes_kv_len
+    if backend == "onnxruntime":
+        assert [i.name for i in engines.layer(0).session.get_inputs()] == ["h_rows", "pos", "k_cache", "v_cache"]
+    old = Pipeline.from_dir(schema_1_dir, backend, intra_op_threads=1)
+    new = Pipeline.from_dir(shipped_engine_dir, backend, intra_op_threads=1)
+    for cfg in (new.default_config(), new.default_config(cache="dcu", commit="apd")):
+        want = new.generate("What is 12 + 30?", cfg)
+        got = old.generate("What is 12 + 30?", cfg)
+        assert got.ids == want.ids and got.text == want.text, cfg
 
 
 def test_not_an_engine_dir_and_missing_onnx(engine_dirs, tmp_path):

@@ -54,6 +54,45 @@ def test_every_subgraph_matches_torch(onnx_subgraphs, arch, dtype):
             assert_close(out, want, dtype, f"{arch} {dtype} {name} at {sizes} into preallocated outputs")
 
 
+def padded_batch(decl, lengths: list[int], n: int, k: int | None, seed: int) -> dict:
+    """Layer feeds for sequences of ``lengths`` right-padded to one canvas of n rows: k real rows per sequence
+    recomputed (None: every row, k = n, as in a full recompute); cache rows in the padding hold noise, which
+    the layer must never read."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    sizes = {"B": B, "k": n if k is None else k, "N": n}
+    feeds = {t.name: torch.randn(t.shape(sizes), generator=g) for t in decl.inputs if t.dtype != "int32"}
+    if k is None:
+        pos = torch.arange(n).expand(B, n)
+    else:
+        pos = torch.stack([torch.randperm(m, generator=g)[:k].sort().values for m in lengths])
+    feeds.update(pos=pos.to(torch.int32).contiguous(), kv_len=torch.tensor(lengths, dtype=torch.int32))
+    return feeds
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("k", [5, None])
+def test_layers_in_a_batch_of_mixed_lengths(onnx_subgraphs, arch, dtype, k):
+    """Three sequences of different lengths in one batch: ONNX Runtime matches torch, and each sequence's real
+    rows come out as they do for that sequence alone at batch 1, unpadded (the padding is invisible)."""
+    decl, path, module = onnx_subgraphs(arch, dtype)["layer_01"]
+    engine, ref = OrtEngine(decl, path, "cpu", OPTS), TorchEngine(decl, module)
+    lengths, n = [24, 17, 11], 24
+    feeds = padded_batch(decl, lengths, n, k, seed=11)
+    feeds = {name: x.to(torch.float16) if dtype == "fp16" and x.is_floating_point() else x
+             for name, x in feeds.items()}
+    got = engine.run(feeds)
+    assert_close(got, ref.run(feeds), dtype, f"{arch} {dtype} lengths {lengths}, k {k}")
+    for b, m in enumerate(lengths):
+        real = slice(None) if k is not None else slice(0, m)           # k = N: the padding rows are junk
+        alone = engine.run({"h_rows": feeds["h_rows"][b:b + 1, real], "pos": feeds["pos"][b:b + 1, real],
+                            "kv_len": torch.tensor([m], dtype=torch.int32),
+                            "k_cache": feeds["k_cache"][b:b + 1, :m], "v_cache": feeds["v_cache"][b:b + 1, :m]})
+        assert_close({name: got[name][b:b + 1, real] for name in alone}, alone, dtype,
+                     f"{arch} {dtype} sequence {b} (length {m}, k {k}) against itself alone")
+
+
 def test_strided_feeds_and_repeated_calls(onnx_subgraphs):
     decl, path, module = onnx_subgraphs("dream", "fp32")["layer_01"]
     engine, ref = OrtEngine(decl, path, "cpu", OPTS), TorchEngine(decl, module)

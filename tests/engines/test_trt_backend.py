@@ -21,15 +21,17 @@ def trt_or_skip():
 
 def test_profile_choice_prefers_the_tightest_range():
     decls = declare(tiny_spec("llada"), "fp32")
-    cached, refresh = make_profiles(decls, max_seq_len=256, opt_rows=16)   # cached k 1..64, refresh k 1..256
+    # cached k 1..64, refresh k 1..256, both B 1..4
+    cached, refresh = make_profiles(decls, max_seq_len=256, opt_rows=16, max_batch=4)
     profiles = (refresh, cached)                                           # order in the plan must not matter
     assert choose_profile(profiles, {"B": 1, "k": 8, "N": 200}) == 1      # cached
     assert choose_profile(profiles, {"B": 1, "k": 64, "N": 64}) == 1      # still fits cached
     assert choose_profile(profiles, {"B": 1, "k": 200, "N": 200}) == 0    # refresh
     assert choose_profile(profiles, {"B": 1, "k": 8}) == 1                # embed/head: no N
     assert choose_profile(profiles, {"B": 1, "k": 8, "N": 300}) is None   # beyond max_seq_len
-    assert choose_profile(profiles, {"B": 2, "k": 8, "N": 20}) is None    # beyond max_batch
-    assert "cached: B 1..1, k 1..64, N 1..256" in describe(profiles)
+    assert choose_profile(profiles, {"B": 4, "k": 8, "N": 20}) == 1       # a full batch
+    assert choose_profile(profiles, {"B": 5, "k": 8, "N": 20}) is None    # beyond max_batch
+    assert "cached: B 1..4, k 1..64, N 1..256" in describe(profiles)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
@@ -60,7 +62,9 @@ def test_plans_match_torch_on_gpu(tiny_checkpoints, tmp_path):
     reference = open_engine_dir(out, "torch", "cuda")
     for name, engine in engines.engines.items():
         # k <= 16 runs on the "cached" profile, larger k on "refresh".
-        for sizes in ({"B": 1, "k": 3, "N": 40}, {"B": 1, "k": 40, "N": 40}, {"B": 1, "k": 64, "N": 64}):
+        # B = 3: a batch of mixed sequence lengths (dummy_inputs), within the default --max-batch 8
+        for sizes in ({"B": 1, "k": 3, "N": 40}, {"B": 1, "k": 40, "N": 40}, {"B": 1, "k": 64, "N": 64},
+                      {"B": 3, "k": 3, "N": 40}, {"B": 3, "k": 40, "N": 40}):
             feeds = {k: v.cuda() for k, v in engine.decl.dummy_inputs(sizes, seed=2).items()}
             want = reference.engines[name].run(feeds)
             out_buffers = engine.allocate_outputs(sizes)

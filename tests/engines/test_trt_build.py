@@ -25,14 +25,19 @@ def test_profiles_derive_from_declarations():
     from dllm.exporter.models import tiny_spec
 
     decls = declare(tiny_spec("dream"), "fp16")
-    cached, refresh = make_profiles(decls, MAX, opt_rows=16)
+    cached, refresh = make_profiles(decls, MAX, opt_rows=16, max_batch=4)
     assert (cached.min["k"], cached.opt["k"], cached.max["k"]) == (1, 16, 64)
     assert cached.max["N"] == refresh.max["N"] == refresh.max["k"] == MAX
+    for p in (cached, refresh):   # every profile takes batches 1..max_batch, tuned for batch 1
+        assert (p.min["B"], p.opt["B"], p.max["B"]) == (1, 1, 4)
     layer = decls[1]
     shapes = trt_build.profile_shapes(layer, cached)
-    assert shapes["h_rows"] == ((1, 1, 64), (1, 16, 64), (1, 64, 64))
-    assert shapes["k_cache"][2] == (1, MAX, layer.inputs[2].dims[2], layer.inputs[2].dims[3])
+    assert shapes["h_rows"] == ((1, 1, 64), (1, 16, 64), (4, 64, 64))
+    assert shapes["kv_len"] == ((1,), (1,), (4,))                    # one length per sequence
+    _, _, Hkv, hd = layer.inputs[3].dims                          # k_cache [B, N, Hkv, hd]
+    assert shapes["k_cache"][2] == (4, MAX, Hkv, hd)
     assert "N" not in make_profiles(decls[:1], MAX, 16)[0].max    # embed alone has no N
+    assert make_profiles(decls, MAX, 16)[0].max["B"] == 8         # the default --max-batch
 
 
 def test_device_tag_names_module_and_version():
@@ -44,7 +49,8 @@ def test_device_tag_names_module_and_version():
 def test_every_subgraph_builds(arch, dtype, tmp_path):
     ckpt = Checkpoint(write_tiny_checkpoint(tmp_path / "ckpt", arch))
     decls = declare(ckpt.spec, dtype, with_vproj=True)
-    build = BuildConfig(make_profiles(decls, MAX, opt_rows=16), timing_cache=tmp_path / "timing.cache")
+    # batches up to 16: the layers' kv_len [B] and every [B, ...] input take their batch range from the profiles
+    build = BuildConfig(make_profiles(decls, MAX, opt_rows=16, max_batch=16), timing_cache=tmp_path / "timing.cache")
     builder = trt_build.PlanBuilder(build, TRT)
     for decl in decls:
         files, _ = export_subgraph(decl, ckpt, dtype, tmp_path / "onnx" / f"{decl.name}.onnx")
@@ -56,9 +62,10 @@ def test_every_subgraph_builds(arch, dtype, tmp_path):
 def test_export_with_tensorrt_backend_records_plans(tmp_path):
     ckpt = write_tiny_checkpoint(tmp_path / "ckpt", "llada")
     cfg = ExportConfig(ckpt, tmp_path / "engines", backend="tensorrt", max_seq_len=128, validate=False,
-                       with_vproj=False)
+                       with_vproj=False, max_batch=3)
     out = export_checkpoint(cfg)
     m = read_manifest(out)
+    assert m.max_batch == 3 and {p.max["B"] for p in m.profiles} == {3}
     tag = trt_build.device_tag(TRT)
     assert list(m.plans) == [tag]
     assert set(m.plans[tag]) == {s.decl.name for s in m.subgraphs}

@@ -20,13 +20,15 @@ def ckpt(tmp_path_factory):
 
 def test_export_prints_a_summary(ckpt, tmp_path, capsys):
     out = tmp_path / "engines"
-    rc = main([str(ckpt), "-o", str(out), "--dtype", "fp16", "--max-seq-len", "48", "--opt-rows", "8"])
+    rc = main([str(ckpt), "-o", str(out), "--dtype", "fp16", "--max-seq-len", "48", "--opt-rows", "8",
+               "--max-batch", "4"])
     assert rc == 0
     stdout = capsys.readouterr().out
-    assert f"wrote {out}" in stdout and "onnx/: 6 subgraphs" in stdout
+    assert f"wrote {out}" in stdout and "onnx/: 6 subgraphs" in stdout and "max_batch 4" in stdout
     assert "validation (ort-cpu): 6/6 subgraphs passed" in stdout
     m = read_manifest(out)
     assert m.dtype == "fp16" and m.max_seq_len == 48 and m.profiles[0].opt["k"] == 8
+    assert m.max_batch == 4 and all(p.max["B"] == 4 for p in m.profiles)
     rc = main([str(ckpt), "-o", str(out), "--no-validate", "--no-vproj", "--max-seq-len", "48"])
     assert rc == 0 and "validation: skipped" in capsys.readouterr().out
     assert [s.decl.name for s in read_manifest(out).subgraphs] == ["embed", "layer_00", "layer_01", "head"]
@@ -37,6 +39,7 @@ def test_export_prints_a_summary(ckpt, tmp_path, capsys):
     (["{tmp}/nothing"], "is not a directory"),
     (["{ckpt}", "--max-seq-len", "100000"], "beyond the model's limit"),
     (["{ckpt}", "--opt-rows", "0"], "opt_rows must be at least 1"),
+    (["{ckpt}", "--max-batch", "0"], "max_batch must be at least 1, got 0"),
 ])
 def test_errors_are_one_line_with_exit_code_2(ckpt, tmp_path, capsys, args, message):
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args] + ["-o", str(tmp_path / "out")]
@@ -69,11 +72,12 @@ def test_reexport_says_what_it_reused_and_logs_plain_lines(ckpt, tmp_path, capsy
 
 def test_help_choices_match_the_enums():
     from dllm.exporter import cli
-    from dllm.exporter.config import DEFAULT_MAX_SEQ_LEN, DEFAULT_OPT_ROWS, ExportBackend
+    from dllm.exporter.config import DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQ_LEN, DEFAULT_OPT_ROWS, ExportBackend
     from dllm.exporter.subgraphs import DType
 
     assert set(cli.DTYPES) == {d.value for d in DType} and set(cli.BACKENDS) == {b.value for b in ExportBackend}
-    assert (cli.DEFAULT_MAX_SEQ_LEN, cli.DEFAULT_OPT_ROWS) == (DEFAULT_MAX_SEQ_LEN, DEFAULT_OPT_ROWS)
+    assert (cli.DEFAULT_MAX_SEQ_LEN, cli.DEFAULT_OPT_ROWS, cli.DEFAULT_MAX_BATCH) == \
+        (DEFAULT_MAX_SEQ_LEN, DEFAULT_OPT_ROWS, DEFAULT_MAX_BATCH)
 
 
 def test_generation_defaults_are_recorded(tmp_path):

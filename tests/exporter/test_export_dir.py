@@ -52,7 +52,10 @@ def test_layout_and_manifest(ckpt, exported):
         assert s.onnx == f"onnx/{s.decl.name}.onnx"
         assert files_sha256([onnx_path, onnx_path.with_name(onnx_path.name + ".data")]) == s.sha256
         assert len(s.input_hash) == 64
-        assert m.build["validation"][s.decl.name]["passed"]
+        validation = m.build["validation"][s.decl.name]
+        assert validation["passed"] and set(validation["batches"]) == {"single", "batched"}
+        assert s.decl.takes_kv_len == (s.decl.kind.value == "layer")
+    assert m.schema_version == 2 and m.max_batch == 8                  # the default --max-batch
     assert [p.name for p in m.profiles] == ["cached", "refresh"]
     cached, refresh = m.profiles
     assert cached.max["k"] <= cached.max["N"] == refresh.max["k"] == refresh.max["N"] == MAX
@@ -61,6 +64,24 @@ def test_layout_and_manifest(ckpt, exported):
     assert {"torch", "onnx", "onnxruntime", "dllm"} <= set(m.tools)
     assert (out / "tokenizer" / "tokenizer.json").exists()
     assert not partial_dir(out).exists() and not (out / ".state").exists()
+
+
+def test_reexport_over_a_schema_1_directory_redoes_the_layers_only(exported, tmp_path):
+    from tests.conftest import write_schema_1
+
+    out = write_schema_1(exported[0], tmp_path / "engines")
+    old = read_manifest(out)
+    events = []
+    export_checkpoint(ExportConfig(old.source["checkpoint"], out, max_seq_len=MAX), progress=events.append)
+    m = read_manifest(out)
+    assert m.schema_version == 2 and all(s.decl.takes_kv_len for s in m.subgraphs if s.decl.kind.value == "layer")
+    # new layer graphs (those of a fresh export); the other files are reused, validated again at B > 1 too
+    assert statuses(events) == {s.decl.name: Status.DONE for s in m.subgraphs}
+    assert {s.decl.name for s in m.subgraphs if s.sha256 == old.subgraph(s.decl.name).sha256} == \
+        {"embed", "head", "vproj_00", "vproj_01"}
+    fresh = read_manifest(exported[0])
+    assert all(s.sha256 == fresh.subgraph(s.decl.name).sha256 for s in m.subgraphs)
+    assert all(set(v["batches"]) == {"single", "batched"} for v in m.build["validation"].values())
 
 
 def test_rerun_skips_and_changed_weights_reexport(ckpt, exported, tmp_path):

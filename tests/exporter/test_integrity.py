@@ -153,11 +153,29 @@ def _set_all_dtypes(d):
     (lambda d: d["subgraphs"][1].update(onnx="../../elsewhere.onnx"), r"not inside the engine directory"),
     (lambda d: d["files"].pop("onnx/head.onnx"), r"'files' lacks \['onnx/head.onnx'\]"),
     (_drop_layer_1, r"does not list \['layer_01.onnx', 'layer_01.onnx.data', 'vproj_01.onnx'"),
+    (lambda d: d.update(schema_version=1), r"subgraph layer_00 has inputs \['h_rows', 'pos', 'kv_len', 'k_cache', "
+                                           r"'v_cache'\], but schema version 1 implies \['h_rows', 'pos', 'k_cache'"),
+    (lambda d: d.update(max_batch=4), r"max_batch is 4 but the profiles admit batches up to \[8\]"),
 ])
 def test_a_tampered_manifest_is_caught(copy, edit, message):
     edit_manifest(copy, edit)
     with pytest.raises(EngineDirError, match=message):
         check(copy)
+
+
+def _as_schema_1(d):
+    d.update(schema_version=1)
+    for s in d["subgraphs"]:
+        s["inputs"] = [t for t in s["inputs"] if t["name"] != "kv_len"]
+
+
+def test_a_schema_1_manifest_over_padded_graphs_is_caught_by_the_onnx_files(copy):
+    from dllm.engines import open_engine_dir
+
+    edit_manifest(copy, _as_schema_1)
+    check(copy)                                                     # a consistent schema-1 manifest ...
+    with pytest.raises(EngineDirError, match=r"layer_00: .*layer_00.onnx has inputs .*'kv_len'.* the manifest declares"):
+        open_engine_dir(copy, "onnxruntime")                        # ... that the layer graphs contradict
 
 
 def test_a_consistent_dtype_edit_is_caught_by_the_onnx_files(copy):

@@ -55,7 +55,15 @@ def edited(data, edit):
     (lambda d: d.update(profiles=[{"name": "x"}]), r"'profiles' must be a list of \{name, min, opt, max\}"),
     (lambda d: d.update(plans=[]), r"'plans' must be an object"),
     (lambda d: d["files"].update({"onnx/x": {"size": -1, "sha256": "0" * 64}}), r"files\['onnx/x'\] must be"),
-    (lambda d: d.update(schema_version=2), r"schema version 2, this toolkit reads version 1; re-export"),
+    (lambda d: d.update(schema_version=3), r"schema version 3, this toolkit reads versions 1 and 2; it was written "
+                                           r"by a newer dllm-export: upgrade dllm-deploy"),
+    (lambda d: d.update(schema_version=0), r"schema version 0, this toolkit reads versions 1 and 2; re-export"),
+    (lambda d: d.update(schema_version="2"), r"schema version '2', this toolkit reads versions 1 and 2; re-export"),
+    (lambda d: d.update(schema_version=True), r"schema version True, this toolkit reads"),
+    (lambda d: d.pop("schema_version"), r"schema version None, this toolkit reads"),
+    (lambda d: d.pop("max_batch"), r"lacks the keys \['max_batch'\]"),
+    (lambda d: d.update(max_batch=0), r"'max_batch' must be a positive integer, got 0"),
+    (lambda d: d.update(max_batch=2.5), r"'max_batch' must be a positive integer, got 2.5"),
 ])
 def test_malformed_manifests(manifest_data, tmp_path, edit, message):
     with pytest.raises(EngineDirError, match=message):
@@ -92,3 +100,35 @@ def test_round_trip_keeps_files(manifest_data, tmp_path):
     m = read_manifest(write(tmp_path, manifest_data))
     assert m.files and m.to_dict()["files"] == manifest_data["files"]
     assert set(m.files) >= {s.onnx for s in m.subgraphs}
+
+
+def as_schema_1(data: dict) -> dict:
+    """The manifest as the first release wrote it: layers without kv_len, no max_batch, batch 1 profiles."""
+    d = edited(data, lambda d: d.update(schema_version=1))
+    del d["max_batch"]
+    for s in d["subgraphs"]:
+        s["inputs"] = [t for t in s["inputs"] if t["name"] != "kv_len"]
+    for p in d["profiles"]:
+        p["max"]["B"] = 1
+    return d
+
+
+def test_schema_2_records_max_batch_and_padded_layers(manifest_data, tmp_path):
+    assert manifest_data["schema_version"] == 2 and manifest_data["max_batch"] == 8      # the default
+    assert "max_batch" not in manifest_data["build"]                                    # recorded once, at the top
+    m = read_manifest(write(tmp_path, manifest_data))
+    assert m.padded and m.max_batch == 8
+    layer = m.subgraph("layer_00").decl
+    assert [t.name for t in layer.inputs] == ["h_rows", "pos", "kv_len", "k_cache", "v_cache"]
+    assert layer.inputs[2].to_dict() == {"name": "kv_len", "dtype": "int32", "dims": ["B"]}
+    assert m.to_dict()["max_batch"] == 8
+
+
+def test_schema_1_is_read_as_one_unpadded_sequence(manifest_data, tmp_path):
+    data = as_schema_1(manifest_data)
+    m = read_manifest(write(tmp_path, data))
+    assert m.schema_version == 1 and not m.padded and m.max_batch == 1
+    assert not m.subgraph("layer_00").decl.takes_kv_len
+    again = m.to_dict()                     # rewritten (e.g. by build_plans) it stays a schema-1 manifest
+    assert again["schema_version"] == 1 and "max_batch" not in again
+    assert again["subgraphs"] == data["subgraphs"]

@@ -34,8 +34,10 @@ def test_every_subgraph_exports_with_dynamic_rows(ckpt, dtype, tmp_path):
                 if isinstance(d, str):
                     assert got.dim_param == d and not got.HasField("dim_value"), (decl.name, t.name)
         if decl.kind == Kind.LAYER:
-            assert [v.name for v in graph.input] == ["h_rows", "pos", "k_cache", "v_cache"]
+            assert [v.name for v in graph.input] == ["h_rows", "pos", "kv_len", "k_cache", "v_cache"]
             assert inputs["pos"].type.tensor_type.elem_type == onnx.TensorProto.INT32
+            assert inputs["kv_len"].type.tensor_type.elem_type == onnx.TensorProto.INT32
+            assert [d.dim_param for d in inputs["kv_len"].type.tensor_type.shape.dim] == ["B"]
             assert [d.dim_param for d in inputs["k_cache"].type.tensor_type.shape.dim][:2] == ["B", "N"]
 
 

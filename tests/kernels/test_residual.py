@@ -17,7 +17,7 @@ def test_kernel_equals_twin(device, dtype, B, N, D, start, rows):
     got = [t.clone() for t in (h, ac, mc)]
     kw_t, kw_g = {}, {}
     if rows is not None:
-        r = torch.tensor(rows, device=device)
+        r = torch.tensor(rows, device=device).expand(B, -1).contiguous()
         ar, mr = rand(B, len(rows), D, dtype=dtype, seed=4), rand(B, len(rows), D, dtype=dtype, seed=5)
         slot = torch.full((B, N), -1, dtype=torch.int32, device=device)
         gather_rows_triton(got[0], r, slot)                              # marks each row's slot

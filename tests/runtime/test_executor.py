@@ -78,7 +78,8 @@ def test_rows_per_layer_follow_the_plan_and_unrecomputed_rows_keep_cached_deltas
     with torch.no_grad():
         h1 = model.layers[0](model.embed(canvas2))
         rows = torch.tensor(plan[1])
-        _, _, attn, _ = layer.forward_rows(h1[:, rows], rows[None].int(), ex.k_cache[1], ex.v_cache[1])
+        _, _, attn, _ = layer.forward_rows(h1[:, rows], rows[None].int(), torch.tensor([N], dtype=torch.int32),
+                                           ex.k_cache[1], ex.v_cache[1])
     torch.testing.assert_close(ex.attn_cache[1][:, rows], attn, rtol=1e-5, atol=1e-6)
 
 
@@ -88,6 +89,7 @@ def test_input_proxy_scores_are_cosine_distances_of_the_layer_input(tiny_models,
     canvas = _canvas(model.spec, P, G, seed=2)
     ex = Executor(engines)
     pol = Recorder([None, None], proxy=Proxy.INPUT)
+    pol.reset(2, P, G, torch.device("cpu"))                            # as the decode loop does
     ex.reset(1, P, P + G, pol)
     view = StepView(prompt_len=P, canvas_len=P + G, step=1)
     ex.step(canvas, pol, view, P, P + G)
@@ -111,9 +113,11 @@ def test_value_proxy_refreshes_the_gen_value_cache(tiny_models, torch_engines):
     canvas = _canvas(model.spec, P, G, seed=3)
     ex = Executor(engines)
     pol = Recorder([None, [P + 1, P + 2]], proxy=Proxy.VALUE)
+    pol.reset(2, P, G, torch.device("cpu"))
     ex.reset(1, P, P + G, pol)
     view = StepView(prompt_len=P, canvas_len=P + G, step=1)
     full = FullPolicy()
+    full.reset(2, P, G, torch.device("cpu"))
     ex.step(canvas, full, view, P, P + G)
     canvas2 = canvas.clone()
     canvas2[0, P + 8] = 12

@@ -10,7 +10,7 @@ import torch
 from dllm.engines.engine_set import torch_engine_set
 from dllm.kernels._triton import HAVE_TRITON
 from dllm.runtime import DecodeConfig, decode, method_config
-from dllm.runtime.executor import Executor
+from dllm.runtime.executor import Executor, SlotStep
 from dllm.runtime.view import StepView
 
 METHODS = ["full", "prefix", "dual", "dllm-cache", "dcu", "dcu-reference", "full+threshold", "dual+threshold",
@@ -127,7 +127,7 @@ def test_step_bodies_have_no_host_sync(method, kernels, tiny_models):
         assert commit.step_key(view) is not None                        # greedy commits are capturable
         before = (_host_state(cache), _host_state(commit))
         with no_host_sync():
-            ex._step_body(cache, commit, view, lo, hi, layer_graphs=False)
+            ex._step_body([SlotStep(cache, commit, view, lo, hi)], True, layer_graphs=False)
         assert (_host_state(cache), _host_state(commit)) == before
         committed = ex.read_committed(lo, hi)
         cache.after_step()

@@ -170,3 +170,32 @@ def test_on_step_sees_every_step_and_can_stop_the_generation(pipes):
     with pytest.raises(Stop):
         list(pipe.stream([6, 7, 8, 9], cfg, on_step=stop_at_two))
     assert pipe.generate([6, 7, 8, 9], cfg).ids == full.ids    # a stopped generation leaves nothing behind
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_a_list_of_prompts_is_a_batch(arch, pipes):
+    """Texts, id lists and chats in one batch: each result is what the prompt gives alone, and the stream
+    of a batch is (index, delta) pairs whose joined deltas are each sequence's text."""
+    pipe = pipes[arch]
+    cfg = method_config("dcu+apd", CFG)
+    prompts = ["hello there", [6, 7, 8], [{"role": "user", "content": "hi"}], "a much longer prompt of text"]
+    solo = [pipe.generate(p, cfg) for p in prompts]
+    batch = pipe.generate(prompts, cfg, batch_size=3)
+    assert [b.ids for b in batch] == [s.ids for s in solo]
+    assert [b.text for b in batch] == [s.text for s in solo]
+    assert [b.prompt_ids for b in batch] == [s.prompt_ids for s in solo]
+    events = list(pipe.stream(prompts, cfg, batch_size=2))
+    assert {i for i, _ in events} <= set(range(len(prompts)))
+    for i, s in enumerate(solo):
+        assert "".join(d for j, d in events if j == i) == s.text
+    assert [r.ids for r in pipe.last_results] == [s.ids for s in solo]
+
+
+def test_bad_prompts_in_a_batch_are_named(pipes):
+    pipe = pipes["llada"]
+    with pytest.raises(ConfigError, match=r"prompt 1: the prompt is empty"):
+        pipe.generate([[6, 7], [], [8]], CFG)
+    with pytest.raises(ConfigError, match=r"prompt 2: .*exceeds the canvas limit"):
+        pipe.generate([[6, 7], [8], [6] * 120], CFG)
+    with pytest.raises(ConfigError, match="batch_size applies to a list of prompts"):
+        pipe.generate([6, 7], CFG, batch_size=2)

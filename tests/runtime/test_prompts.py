@@ -22,11 +22,11 @@ def pipe(engine_dirs):
 
 
 @pytest.mark.parametrize("prompt, message", [
-    (torch.tensor([[5, 6], [7, 8]]), r"shape \[2, 2\], a batch; this API decodes one prompt at a time"),
+    (torch.tensor([[5, 6], [7, 8]]), r"shape \[2, 2\], a batch in one tensor; pass one \[P\] or \[1, P\] tensor per prompt"),
     (torch.zeros(1, 1, 3, dtype=torch.long), r"shape \[1, 1, 3\], a batch"),
     (torch.tensor([5.0, 6.0]), r"prompt ids must be integers, got a torch.float32 tensor"),
     (torch.tensor([True]), r"must be integers, got a torch.bool tensor"),
-    ([[5, 6], [7, 8]], r"a list of lists, a batch"),
+    ([5, [6, 7]], r"the prompt mixes token ids and lists"),
     ([5, 10**30], r"prompt id 10{30} \(position 1\) is outside the vocabulary \[0, 102\)"),
     ([5, -1], r"prompt id -1 \(position 1\) is outside the vocabulary"),
     ([5, True], r"prompt id 1 is True \(bool\); token ids are integers"),

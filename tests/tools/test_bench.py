@@ -164,3 +164,49 @@ def test_percentile_and_table():
     assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
     table = format_table({"full": {"tokens_per_s": 10.0, "speedup": 1.0, "peak_rss_mb": 5.0}})
     assert "full" in table and "1.00x" in table and "-" in table
+
+
+BATCH_KEYS = {"batch", "sequences", "tokens_per_s", "canvas_tokens_per_s", "wall_ms_per_pass", "wall_ms_per_round",
+              "batched_steps_per_pass", "step_ms_mean", "latency_ms_mean", "identical_to_batch1",
+              "throughput_vs_batch1", "canvas_throughput_vs_batch1"}
+
+
+def test_batch_sizes_side_by_side(engine_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main([str(engine_dir), "--batch", "3", "--methods", "full,dcu+apd", "--repeat", "2", "--warmup", "1",
+                       "--gen-length", "16", "--block-length", "8", "--json", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "x batch 1" in printed and "same tokens" in printed
+    rep = json.loads(out.read_text())
+    assert "methods" not in rep and rep["settings"]["batch_sizes"] == [1, 3]    # batch 1 is always measured
+    assert list(rep["batch"]) == ["full", "dcu+apd"]        # ratios are to batch 1: full is not added
+    for method, by_batch in rep["batch"].items():
+        assert list(by_batch) == ["1", "3"]
+        one, three = by_batch["1"], by_batch["3"]
+        for s in (one, three):
+            assert BATCH_KEYS <= set(s) and s["sequences"] == 3             # --num-prompts defaults to the largest batch
+            assert s["identical_to_batch1"], method                        # batching changes no token
+            assert s["canvas_tokens_per_s"] == pytest.approx(2 * 3 * 16 / (s["wall_ms_per_pass"] * 2) * 1e3)
+        assert one["throughput_vs_batch1"] == pytest.approx(1.0)
+        # three slots run the three prompts in the steps one of them needs, not three times as many
+        assert three["batched_steps_per_pass"] < one["batched_steps_per_pass"]
+    assert rep["batch"]["full"]["1"]["batched_steps_per_pass"] == 3 * 16    # full: one token per step
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "2,x"], "not a positive integer"),
+    (["--batch", "0"], "not a positive integer"),
+    (["--batch", "2,2"], "twice"),
+    (["--batch", "9"], "--max-batch 9"),                                   # the engines were exported for 8
+    (["--batch", "2", "--plot", "p.png"], "drop them with --batch"),
+])
+def test_bad_batch_flags_exit_2(engine_dir, capsys, args, message):
+    assert bench.main([str(engine_dir), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_batch_measures_only_the_methods_named(engine_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main([str(engine_dir), "--batch", "2", "--methods", "dcu", "--num-prompts", "2", "--repeat", "1",
+                       "--gen-length", "8", "--block-length", "8", "--json", str(out), "--threads", "1"]) == 0
+    assert list(json.loads(out.read_text())["batch"]) == ["dcu"]

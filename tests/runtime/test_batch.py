@@ -1,0 +1,176 @@
+"""Batched decoding: every sequence of a batch gets exactly what it gets alone.
+
+Prompts of different lengths share every step (right padding, ``kv_len`` per sequence), more prompts
+than slots take a slot as one finishes (continuous batching), and each result equals ``decode`` of that
+prompt alone: ids, rows recomputed per layer and step, and the step each position was committed at.
+Several tokens commit per step in the threshold / APD / factor methods.
+"""
+
+import pytest
+import torch
+
+from dllm.errors import ConfigError
+from dllm.kernels._triton import HAVE_TRITON
+from dllm.runtime import reference as R
+from dllm.runtime.config import DecodeConfig
+from dllm.runtime.loop import canvas_length, decode, decode_batch
+from dllm.runtime.methods import method_config
+
+PROMPT_LENGTHS = (5, 11, 8, 17, 3)
+METHODS = ["full", "full+threshold", "prefix", "dual+threshold", "dllm-cache", "dcu", "dcu+apd",
+           "dcu@proportional", "dcu+factor", "prefix+apd"]
+
+
+def _prompts(vocab, lengths=PROMPT_LENGTHS):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(6, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _config(method, **changes):
+    name, _, allocation = method.partition("@")
+    base = DecodeConfig(gen_length=32, block_length=8, steps=32, budget=4, window=4, threshold=0.3, tau0=0.4,
+                        beta=0.02, allocation=allocation or "uniform")
+    return method_config(name, base) if not changes else method_config(name, base).replace(**changes)
+
+
+def _same(solo, batch):
+    assert len(solo) == len(batch)
+    for i, (a, b) in enumerate(zip(solo, batch)):
+        assert b.ids == a.ids, f"prompt {i}: ids differ"
+        assert b.rows_per_step == a.rows_per_step, f"prompt {i}: rows recomputed differ"
+        assert b.commit_step == a.commit_step, f"prompt {i}: commit steps differ"
+        assert b.prompt_length == a.prompt_length and b.steps == a.steps
+        assert torch.equal(b.canvas, a.canvas)
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_solo_torch(arch, method, torch_engines):
+    es = torch_engines[arch]
+    prompts, cfg = _prompts(es.spec.vocab_size), _config(method)
+    solo = [decode(es, p, cfg) for p in prompts]
+    _same(solo, decode_batch(es, prompts, cfg, batch_size=3))
+    if method in ("full", "dcu+apd"):
+        assert sum(max(r.tokens_per_step) > 1 for r in solo) >= 1 or method == "full"
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+@pytest.mark.parametrize("method", ["full", "dual+threshold", "dllm-cache", "dcu+apd"])
+def test_batch_equals_solo_onnxruntime(arch, method, ort_engines):
+    es = ort_engines[arch]
+    prompts, cfg = _prompts(es.spec.vocab_size, (5, 11, 8)), _config(method)
+    solo = [decode(es, p, cfg) for p in prompts]
+    _same(solo, decode_batch(es, prompts, cfg, batch_size=2))
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("arch, method", [("llada", "dcu+apd"), ("dream", "dual+threshold")])
+def test_batch_with_triton_kernels_equals_solo(arch, method, tiny_models):
+    """The fused path (Triton's interpreter on the CPU) batches exactly as well: each sequence gets what it
+    gets alone with the same kernels, and the tokens of the plain path."""
+    from dllm.engines.engine_set import torch_engine_set
+
+    model = tiny_models[arch]
+    plain, tri = torch_engine_set(model, "fp32", kernels="plain"), torch_engine_set(model, "fp32", kernels="triton")
+    prompts, cfg = _prompts(model.spec.vocab_size, (5, 11, 8)), _config(method).replace(gen_length=16, steps=16)
+    batch = decode_batch(tri, prompts, cfg, batch_size=2)
+    _same([decode(tri, p, cfg) for p in prompts], batch)
+    assert [r.ids for r in batch] == [decode(plain, p, cfg).ids for p in prompts]
+    assert tri.ops.launches > 0
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_batch_with_sampling_equals_solo(arch, torch_engines):
+    """Each sequence draws from its own generator (seeded by the config), whatever shares its step."""
+    es = torch_engines[arch]
+    prompts = _prompts(es.spec.vocab_size, (4, 9, 6))
+    cfg = _config("dcu+apd", temperature=0.8, seed=11)
+    _same([decode(es, p, cfg) for p in prompts], decode_batch(es, prompts, cfg, batch_size=2))
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_full_schedule_in_a_batch_equals_the_reference(arch, tiny_models, torch_engines):
+    es, model = torch_engines[arch], tiny_models[arch]
+    prompts = _prompts(es.spec.vocab_size, (1, 13, 6, 20))
+    cfg = DecodeConfig(gen_length=16, block_length=8, steps=16, seed=4)
+    for p, res in zip(prompts, decode_batch(es, prompts, cfg, batch_size=3)):
+        prompt = torch.tensor([p])
+        if arch == "llada":
+            ref = R.llada_generate(model, prompt, R.LladaConfig(gen_length=16, block_length=8, steps=16, seed=4))
+        else:
+            ref = R.dream_generate(model, prompt, R.DreamConfig(gen_length=16, block_length=8, steps=16, seed=4))
+        assert res.ids == ref.gen_ids[0].tolist()
+        assert res.commit_step == ref.commit_step[0, len(p):].tolist()
+
+
+def test_on_step_reports_every_step_of_every_sequence(torch_engines):
+    es = torch_engines["llada"]
+    prompts, cfg = _prompts(es.spec.vocab_size, (5, 9, 3)), _config("dcu+apd")
+    seen = {i: [] for i in range(3)}
+
+    def on_step(index, canvas, view, committed):
+        assert canvas.shape == (1, len(prompts[index]) + cfg.gen_length)
+        seen[index].append(list(committed))
+
+    results = decode_batch(es, prompts, cfg, batch_size=2, on_step=on_step)
+    for i, res in enumerate(results):
+        assert len(seen[i]) == res.steps
+        assert sorted(p for step in seen[i] for p in step) == list(range(len(prompts[i]), len(prompts[i]) + 32))
+
+
+def test_canvas_lengths_come_in_buckets():
+    assert canvas_length([5, 17], 32, 128) == 64             # 49 rounded up to a multiple of 32
+    assert canvas_length([3, 3], 32, 128) == 35                # one prompt length: no padding
+    assert canvas_length([100, 90], 20, 128) == 128
+    assert canvas_length([100, 90], 25, 126) == 125           # the bucket would pass the limit: exact
+    assert canvas_length([5, 17], 32, 128, bucket=1) == 49    # no CUDA graphs: exact
+
+
+def test_bad_batch_input_names_the_prompt_and_the_fix(torch_engines):
+    es = torch_engines["llada"]
+    cfg = _config("dcu+apd")
+    good = _prompts(es.spec.vocab_size, (5, 9))
+    with pytest.raises(ConfigError, match=r"prompt 1: .*exceeds the canvas limit"):
+        decode_batch(es, [good[0], list(range(6, 6 + 120)), good[1]], cfg)
+    with pytest.raises(ConfigError, match=r"prompt 2: the prompt is empty"):
+        decode_batch(es, [good[0], good[1], []], cfg)
+    with pytest.raises(ConfigError, match=r"prompt 0: .*mask id"):
+        decode_batch(es, [[es.spec.mask_id, 7], good[1]], cfg)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        decode_batch(es, good, cfg, batch_size=0)
+    with pytest.raises(ConfigError, match="non-empty list of prompts"):
+        decode_batch(es, [], cfg)
+    with pytest.raises(ConfigError, match="guidance"):
+        decode_batch(es, good, cfg.replace(cfg_scale=1.0))
+
+
+def test_a_rejected_batch_leaves_the_executor_clean(torch_engines):
+    """An error before or during a batch does not change what the same executor decodes next."""
+    from dllm.runtime.executor import Executor
+
+    es = torch_engines["dream"]
+    cfg = _config("dcu+apd")
+    prompts = _prompts(es.spec.vocab_size, (5, 9, 4))
+    expected = decode_batch(es, prompts, cfg, batch_size=2)
+    ex = Executor(es)
+    with pytest.raises(ConfigError):
+        decode_batch(es, prompts + [list(range(6, 200))], cfg, executor=ex)
+
+    def stop(index, canvas, view, committed):
+        if view.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        decode_batch(es, prompts, cfg, executor=ex, batch_size=3, on_step=stop)
+    _same(expected, decode_batch(es, prompts, cfg, executor=ex, batch_size=2))
+    _same([decode(es, p, cfg) for p in prompts], [decode(es, p, cfg, executor=ex) for p in prompts])
+
+
+def test_more_slots_than_engines_take_is_refused(ort_engines):
+    es = ort_engines["llada"]
+    cfg = _config("full")
+    limit = es.max_batch
+    prompts = _prompts(es.spec.vocab_size, (3,) * (limit + 1))
+    with pytest.raises(ConfigError, match=rf"batch size {limit + 1} exceeds .*batch_size={limit}.*--max-batch"):
+        decode_batch(es, prompts, cfg)
+    assert len(decode_batch(es, prompts, cfg, batch_size=limit)) == limit + 1
