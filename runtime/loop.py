@@ -199,15 +199,18 @@ BatchStepCallback = Callable[[int, torch.Tensor, StepView, list], None]
 
 def decode_batch(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, executor: Executor | None = None,
                  batch_size: int | None = None, on_step: BatchStepCallback | None = None,
-                 max_seq_len: int | None = None) -> list[DecodeResult]:
+                 max_seq_len: int | None = None, stop: Callable[[int], bool] | None = None
+                 ) -> list[DecodeResult | None]:
     """Decode every prompt of ``prompts`` with ``cfg``, up to ``batch_size`` of them at a time.
 
     Each result equals what ``decode`` gives for that prompt alone. Prompts beyond the batch size wait
     and take a slot as soon as a sequence finishes. on_step(index, canvas, view, committed): after every
     step of every sequence (``index`` into ``prompts``; canvas [1, P + G] of that sequence).
+    stop(index) -> True drops that prompt between two steps (or before it starts): its slot goes to the
+    next waiting prompt, its result is None, and the other sequences go on unchanged.
     """
     steps = decode_batch_steps(engines, prompts, cfg, executor=executor, batch_size=batch_size,
-                               max_seq_len=max_seq_len)
+                               max_seq_len=max_seq_len, stop=stop)
     while True:
         try:
             event = next(steps)
@@ -218,9 +221,12 @@ def decode_batch(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, execut
 
 
 def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, executor: Executor | None = None,
-                       batch_size: int | None = None, max_seq_len: int | None = None):
+                       batch_size: int | None = None, max_seq_len: int | None = None,
+                       stop: Callable[[int], bool] | None = None):
     """``decode_batch`` as a generator: yields ``(index, canvas, view, committed)`` after every step of every
-    sequence and returns the list of DecodeResults (``StopIteration.value``), in the order of ``prompts``."""
+    sequence and returns the list of DecodeResults (``StopIteration.value``; None for a prompt ``stop``
+    dropped), in the order of ``prompts``."""
+    stopped = (lambda i: False) if stop is None else stop
     if not isinstance(cfg, DecodeConfig):
         raise ConfigError(f"decode needs a DecodeConfig, got {type(cfg).__name__}")
     if cfg.cfg_scale > 0:
@@ -248,16 +254,21 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
     B = min(B, len(prompts))
     executor = executor or Executor(engines)
     if B == 1:                      # one slot: each prompt on its own canvas, no padding
-        results = []
+        results: list[DecodeResult | None] = [None] * len(prompts)
         for i, t in enumerate(tensors):
+            if stopped(i):
+                continue
             steps = decode_steps(engines, t, cfg, executor=executor, max_seq_len=max_seq_len)
             while True:
                 try:
                     event = next(steps)
-                except StopIteration as stop:
-                    results.append(stop.value)
+                except StopIteration as done:
+                    results[i] = done.value
                     break
                 yield (i, *event)
+                if stopped(i):
+                    steps.close()
+                    break
         return results
     G = cfg.gen_length
     bucket = CANVAS_BUCKET if executor.cuda_graphs else 1
@@ -287,11 +298,15 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
         steps: list[SlotStep | None] = []
         for b in range(B):
             run = slots[b]
+            if run is not None and stopped(run.index):     # dropped: the slot is free, no result
+                slots[b] = run = None
             span = run.next_step() if run is not None else None
             while span is None:
                 if run is not None:                   # finished: its result, and the slot is free
                     results[run.index] = _result(run, canvas[b], spec.eos_ids)
                     slots[b] = run = None
+                while waiting and stopped(waiting[-1]):   # dropped before it started
+                    waiting.pop()
                 if not waiting:
                     break
                 run = slots[b] = admit(b)

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -180,7 +180,8 @@ class Pipeline:
 
     # -- generation ---------------------------------------------------------
     def generate(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None,
-                 on_step: StepCallback | None = None, batch_size: int | None = None):
+                 on_step: StepCallback | None = None, batch_size: int | None = None,
+                 stop: Callable[[int], bool] | None = None):
         """Generate ``config.gen_length`` tokens after ``prompt`` (ids, text or chat messages).
 
         A list of prompts (texts, id lists, tensors or message lists) is a batch: it returns one
@@ -192,21 +193,27 @@ class Pipeline:
         on_step(canvas, view, committed): called after every step with the canvas [1, N] (prompt +
             generation, still-masked positions hold the mask id), the step view and the positions
             committed in that step (a batch calls on_step(index, canvas, view, committed)); an exception
-            it raises stops the generation between two steps and propagates (a server cancels a request
-            this way)."""
+            it raises stops the generation between two steps and propagates (the whole batch).
+        stop(index) -> True (a batch only) drops that prompt between two steps, or before it starts:
+            its result is None and the other prompts go on unchanged (a server cancels one request of a
+            batch this way)."""
         results = None
-        for event in self._run(prompt, config, chat, stream=False, on_step=on_step, batch_size=batch_size):
+        for event in self._run(prompt, config, chat, stream=False, on_step=on_step, batch_size=batch_size,
+                               stop=stop):
             results = event
         return results
 
     def stream(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None,
-               on_step: StepCallback | None = None, batch_size: int | None = None) -> Iterator:
+               on_step: StepCallback | None = None, batch_size: int | None = None,
+               stop: Callable[[int], bool] | None = None) -> Iterator:
         """Yield the generated text as it becomes final: each time the committed prefix of the
         generation (up to the first still-masked position, cut at EOS) grows, the new text is
         yielded, so ``"".join(stream)`` is the final text. ``self.last_result`` holds the result.
         A list of prompts streams ``(index, text)`` pairs, each sequence's deltas in order, and
-        ``self.last_results`` holds the results. ``chat``, ``on_step`` and ``batch_size`` as in ``generate``."""
-        for event in self._run(prompt, config, chat, stream=True, on_step=on_step, batch_size=batch_size):
+        ``self.last_results`` holds the results. ``chat``, ``on_step``, ``batch_size`` and ``stop`` as in
+        ``generate``."""
+        for event in self._run(prompt, config, chat, stream=True, on_step=on_step, batch_size=batch_size,
+                               stop=stop):
             if not isinstance(event, (list, GenerationResult)):     # the last event is the result
                 yield event
 
@@ -216,7 +223,8 @@ class Pipeline:
             self._warned.add(gen_length)
             warnings.warn(message, GenerationWarning, stacklevel=4)
 
-    def _run(self, prompt, config, chat, stream: bool, on_step=None, batch_size: int | None = None) -> Iterator:
+    def _run(self, prompt, config, chat, stream: bool, on_step=None, batch_size: int | None = None,
+             stop=None) -> Iterator:
         """Yields text deltas (``stream``), then the result (one GenerationResult, or a list for a batch)."""
         cfg = self.default_config() if config is None else config
         if not isinstance(cfg, DecodeConfig):
@@ -225,6 +233,8 @@ class Pipeline:
         batch = is_prompt_batch(prompt)
         if not batch and batch_size is not None:
             raise ConfigError("batch_size applies to a list of prompts; pass [prompt, ...] or drop batch_size")
+        if not batch and stop is not None:
+            raise ConfigError("stop applies to a list of prompts; stop a single prompt by raising in on_step")
         prompts = list(prompt) if batch else [prompt]
         ids = []
         for i, p in enumerate(prompts):
@@ -238,7 +248,7 @@ class Pipeline:
         with torch_threads(self.engines.torch_threads):
             if batch:
                 steps = decode_batch_steps(self.engines, ids, cfg, executor=self.executor, batch_size=batch_size,
-                                           max_seq_len=self.max_seq_len)
+                                           max_seq_len=self.max_seq_len, stop=stop)
             else:
                 steps = _indexed(decode_steps(self.engines, ids[0], cfg, executor=self.executor,
                                               max_seq_len=self.max_seq_len))
@@ -261,6 +271,9 @@ class Pipeline:
         decoded = decoded if batch else [decoded]
         results = []
         for i, (p, res) in enumerate(zip(ids, decoded)):
+            if res is None:                   # dropped by stop()
+                results.append(None)
+                continue
             text = self.decode_text(res.ids) if text_out else None
             if stream and text is not None:
                 delta = texts[i].finish(text)
@@ -268,7 +281,7 @@ class Pipeline:
                     yield (i, delta) if batch else delta
             results.append(_generation_result(p, res, text))
         self.last_results = results
-        self.last_result = results[-1]
+        self.last_result = results[-1]          # None when stop() dropped the last prompt
         yield results if batch else results[0]
 
 

@@ -166,6 +166,26 @@ def test_a_rejected_batch_leaves_the_executor_clean(torch_engines):
     _same([decode(es, p, cfg) for p in prompts], [decode(es, p, cfg, executor=ex) for p in prompts])
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_a_stopped_sequence_frees_its_slot_and_changes_no_other(batch_size, torch_engines):
+    """stop(index) drops one prompt mid-decode and another before it starts; the rest decode as alone."""
+    es = torch_engines["llada"]
+    cfg = _config("dcu+apd")
+    prompts = _prompts(es.spec.vocab_size, (5, 11, 8, 3))
+    steps_seen = {i: 0 for i in range(len(prompts))}
+
+    def on_step(index, canvas, view, committed):
+        steps_seen[index] += 1
+
+    def stop(index):
+        return index == 3 or (index == 1 and steps_seen[1] >= 2)
+
+    got = decode_batch(es, prompts, cfg, batch_size=batch_size, on_step=on_step, stop=stop)
+    assert got[1] is None and got[3] is None
+    assert steps_seen[1] == 2 and steps_seen[3] == 0
+    _same([decode(es, prompts[i], cfg) for i in (0, 2)], [got[0], got[2]])
+
+
 def test_more_slots_than_engines_take_is_refused(ort_engines):
     es = ort_engines["llada"]
     cfg = _config("full")

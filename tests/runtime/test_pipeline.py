@@ -199,3 +199,15 @@ def test_bad_prompts_in_a_batch_are_named(pipes):
         pipe.generate([[6, 7], [8], [6] * 120], CFG)
     with pytest.raises(ConfigError, match="batch_size applies to a list of prompts"):
         pipe.generate([6, 7], CFG, batch_size=2)
+
+
+def test_stop_drops_one_prompt_of_a_batch(pipes):
+    pipe = pipes["llada"]
+    prompts = [[6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    alone = [pipe.generate(p, CFG) for p in prompts]
+    got = pipe.generate(prompts, CFG, stop=lambda i: i == 1)
+    assert got[1] is None and [got[0].ids, got[2].ids] == [alone[0].ids, alone[2].ids]
+    streamed = list(pipe.stream(prompts, CFG, stop=lambda i: i == 0))
+    assert {i for i, _ in streamed} <= {1, 2} and pipe.last_results[0] is None
+    with pytest.raises(ConfigError, match="stop applies to a list of prompts"):
+        pipe.generate([6, 7], CFG, stop=lambda i: False)
