@@ -6,7 +6,8 @@ HTTP handlers --submit(Job)--> queue --take <= runner.max_batch--> Runner.run(ba
 The HTTP layer only submits jobs and reads their events. A runner decides how a batch is decoded:
 ``SequentialRunner`` runs its one request through ``Pipeline.generate`` (a Pipeline decodes one prompt
 at a time, so ``max_batch`` is 1 and requests queue); a runner over a batched ``Pipeline.generate([...])``
-would take up to its ``max_batch`` jobs per call and step them together, with no change here or above.
+would take up to its ``max_batch`` jobs per call and step them together (its ``stop=`` hook drops a
+cancelled job between two steps), with no change here or above.
 
 Between two steps a runner checks each job's cancel flag (set when its client disconnects) and stops
 that job; a queued job that was cancelled is dropped without running. Nothing a request does can stop

@@ -126,3 +126,9 @@ def test_readme_python_example(tiny_engine):
         exec(compile(code, "README.md", "exec"), {})
     lines = out.getvalue().splitlines()
     assert lines[0] == "68" and lines[1].startswith("68 ") and lines[2] == "3 8 27 45"
+    assert [x.strip() for x in lines[3:6]] == ["68", "4 7 9", "67"]           # the batch, in prompt order
+    streamed = {"0": "", "1": ""}
+    for line in lines[6:]:                                                   # (index, piece) as they come
+        index, _, piece = line.partition(" ")
+        streamed[index] += piece
+    assert streamed["0"].strip() == "17" and streamed["1"].strip() == "3 8 15"
