@@ -199,8 +199,8 @@ BatchStepCallback = Callable[[int, torch.Tensor, StepView, list], None]
 
 def decode_batch(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, executor: Executor | None = None,
                  batch_size: int | None = None, on_step: BatchStepCallback | None = None,
-                 max_seq_len: int | None = None, stop: Callable[[int], bool] | None = None
-                 ) -> list[DecodeResult | None]:
+                 max_seq_len: int | None = None, stop: Callable[[int], bool] | None = None,
+                 on_finish: Callable[[int, DecodeResult], None] | None = None) -> list[DecodeResult | None]:
     """Decode every prompt of ``prompts`` with ``cfg``, up to ``batch_size`` of them at a time.
 
     Each result equals what ``decode`` gives for that prompt alone. Prompts beyond the batch size wait
@@ -208,9 +208,10 @@ def decode_batch(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, execut
     step of every sequence (``index`` into ``prompts``; canvas [1, P + G] of that sequence).
     stop(index) -> True drops that prompt between two steps (or before it starts): its slot goes to the
     next waiting prompt, its result is None, and the other sequences go on unchanged.
+    on_finish(index, result): as soon as a sequence ends (before the others), with its DecodeResult.
     """
     steps = decode_batch_steps(engines, prompts, cfg, executor=executor, batch_size=batch_size,
-                               max_seq_len=max_seq_len, stop=stop)
+                               max_seq_len=max_seq_len, stop=stop, on_finish=on_finish)
     while True:
         try:
             event = next(steps)
@@ -222,11 +223,13 @@ def decode_batch(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, execut
 
 def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, executor: Executor | None = None,
                        batch_size: int | None = None, max_seq_len: int | None = None,
-                       stop: Callable[[int], bool] | None = None):
+                       stop: Callable[[int], bool] | None = None,
+                       on_finish: Callable[[int, DecodeResult], None] | None = None):
     """``decode_batch`` as a generator: yields ``(index, canvas, view, committed)`` after every step of every
     sequence and returns the list of DecodeResults (``StopIteration.value``; None for a prompt ``stop``
     dropped), in the order of ``prompts``."""
     stopped = (lambda i: False) if stop is None else stop
+    finished = (lambda i, result: None) if on_finish is None else on_finish
     if not isinstance(cfg, DecodeConfig):
         raise ConfigError(f"decode needs a DecodeConfig, got {type(cfg).__name__}")
     if cfg.cfg_scale > 0:
@@ -264,6 +267,7 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
                     event = next(steps)
                 except StopIteration as done:
                     results[i] = done.value
+                    finished(i, done.value)
                     break
                 yield (i, *event)
                 if stopped(i):
@@ -304,6 +308,7 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
             while span is None:
                 if run is not None:                   # finished: its result, and the slot is free
                     results[run.index] = _result(run, canvas[b], spec.eos_ids)
+                    finished(run.index, results[run.index])
                     slots[b] = run = None
                 while waiting and stopped(waiting[-1]):   # dropped before it started
                     waiting.pop()

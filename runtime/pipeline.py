@@ -181,7 +181,8 @@ class Pipeline:
     # -- generation ---------------------------------------------------------
     def generate(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None,
                  on_step: StepCallback | None = None, batch_size: int | None = None,
-                 stop: Callable[[int], bool] | None = None):
+                 stop: Callable[[int], bool] | None = None,
+                 on_result: Callable[[int, GenerationResult], None] | None = None):
         """Generate ``config.gen_length`` tokens after ``prompt`` (ids, text or chat messages).
 
         A list of prompts (texts, id lists, tensors or message lists) is a batch: it returns one
@@ -196,24 +197,27 @@ class Pipeline:
             it raises stops the generation between two steps and propagates (the whole batch).
         stop(index) -> True (a batch only) drops that prompt between two steps, or before it starts:
             its result is None and the other prompts go on unchanged (a server cancels one request of a
-            batch this way)."""
+            batch this way).
+        on_result(index, result) (a batch only): each prompt's GenerationResult as soon as it ends, before
+            the rest of the batch (a server answers each request this way)."""
         results = None
         for event in self._run(prompt, config, chat, stream=False, on_step=on_step, batch_size=batch_size,
-                               stop=stop):
+                               stop=stop, on_result=on_result):
             results = event
         return results
 
     def stream(self, prompt, config: DecodeConfig | None = None, *, chat: bool | None = None,
                on_step: StepCallback | None = None, batch_size: int | None = None,
-               stop: Callable[[int], bool] | None = None) -> Iterator:
+               stop: Callable[[int], bool] | None = None,
+               on_result: Callable[[int, GenerationResult], None] | None = None) -> Iterator:
         """Yield the generated text as it becomes final: each time the committed prefix of the
         generation (up to the first still-masked position, cut at EOS) grows, the new text is
         yielded, so ``"".join(stream)`` is the final text. ``self.last_result`` holds the result.
         A list of prompts streams ``(index, text)`` pairs, each sequence's deltas in order, and
-        ``self.last_results`` holds the results. ``chat``, ``on_step``, ``batch_size`` and ``stop`` as in
-        ``generate``."""
+        ``self.last_results`` holds the results. ``chat``, ``on_step``, ``batch_size``, ``stop`` and
+        ``on_result`` as in ``generate``."""
         for event in self._run(prompt, config, chat, stream=True, on_step=on_step, batch_size=batch_size,
-                               stop=stop):
+                               stop=stop, on_result=on_result):
             if not isinstance(event, (list, GenerationResult)):     # the last event is the result
                 yield event
 
@@ -224,7 +228,7 @@ class Pipeline:
             warnings.warn(message, GenerationWarning, stacklevel=4)
 
     def _run(self, prompt, config, chat, stream: bool, on_step=None, batch_size: int | None = None,
-             stop=None) -> Iterator:
+             stop=None, on_result=None) -> Iterator:
         """Yields text deltas (``stream``), then the result (one GenerationResult, or a list for a batch)."""
         cfg = self.default_config() if config is None else config
         if not isinstance(cfg, DecodeConfig):
@@ -235,6 +239,9 @@ class Pipeline:
             raise ConfigError("batch_size applies to a list of prompts; pass [prompt, ...] or drop batch_size")
         if not batch and stop is not None:
             raise ConfigError("stop applies to a list of prompts; stop a single prompt by raising in on_step")
+        if not batch and on_result is not None:
+            raise ConfigError("on_result applies to a list of prompts; a single prompt's result is what "
+                              "generate returns")
         prompts = list(prompt) if batch else [prompt]
         ids = []
         for i, p in enumerate(prompts):
@@ -245,10 +252,17 @@ class Pipeline:
         text_out = self._has_tokenizer()
         if stream and not text_out:
             raise ConfigError("stream() yields text and needs a tokenizer; use generate() for ids only")
+        built: dict[int, GenerationResult] = {}
+
+        def finished(i: int, res) -> None:
+            built[i] = _generation_result(ids[i], res, self.decode_text(res.ids) if text_out else None)
+            if on_result is not None:
+                on_result(i, built[i])
+
         with torch_threads(self.engines.torch_threads):
             if batch:
                 steps = decode_batch_steps(self.engines, ids, cfg, executor=self.executor, batch_size=batch_size,
-                                           max_seq_len=self.max_seq_len, stop=stop)
+                                           max_seq_len=self.max_seq_len, stop=stop, on_finish=finished)
             else:
                 steps = _indexed(decode_steps(self.engines, ids[0], cfg, executor=self.executor,
                                               max_seq_len=self.max_seq_len))
@@ -274,12 +288,13 @@ class Pipeline:
             if res is None:                   # dropped by stop()
                 results.append(None)
                 continue
-            text = self.decode_text(res.ids) if text_out else None
-            if stream and text is not None:
-                delta = texts[i].finish(text)
+            result = built[i] if i in built else _generation_result(p, res, self.decode_text(res.ids) if text_out
+                                                                     else None)
+            if stream and result.text is not None:
+                delta = texts[i].finish(result.text)
                 if delta:
                     yield (i, delta) if batch else delta
-            results.append(_generation_result(p, res, text))
+            results.append(result)
         self.last_results = results
         self.last_result = results[-1]          # None when stop() dropped the last prompt
         yield results if batch else results[0]

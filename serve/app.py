@@ -29,13 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dllm.engines.base import Backend
 from dllm.errors import ConfigError
+from dllm.exporter.config import DEFAULT_MAX_BATCH
 from dllm.runtime import Pipeline
 from dllm.serve.config import ServeConfig, Source
 from dllm.serve.jobs import Failed, Finished, Job, Outcome, Progress
 from dllm.serve.metrics import ServeMetrics
 from dllm.serve.protocol import ChatCompletionRequest, CompletionRequest, Reply, error_body
 from dllm.serve.requests import ModelInfo, RequestError, chat_request, completion_request
-from dllm.serve.scheduler import QueueFull, Scheduler, SequentialRunner
+from dllm.serve.scheduler import BatchRunner, QueueFull, Scheduler, SequentialRunner
 
 log = logging.getLogger("dllm.serve")
 REPLICA_HEADER = "x-dllm-replica"
@@ -52,6 +53,21 @@ class ServerState:
     metrics: ServeMetrics
     replica: str
     created: int
+
+
+def serving_batch(config: ServeConfig, engines_limit: int | None) -> int:
+    """Requests decoded together: ``--max-batch``, or by default the engines' limit on a GPU (a step there
+    reads every weight once whatever the batch) and 1 on a CPU (a step there is compute-bound, so a batch
+    costs about as much as its requests one after another; docs/benchmarks.md)."""
+    if config.max_batch is None:
+        if not config.device.startswith("cuda"):
+            return 1
+        return engines_limit if engines_limit is not None else DEFAULT_MAX_BATCH
+    if engines_limit is not None and config.max_batch > engines_limit:
+        raise ConfigError(f"--max-batch {config.max_batch} exceeds the {engines_limit} sequences this engine "
+                          f"directory was exported for; pass --max-batch {engines_limit} or less, or re-export "
+                          f"with dllm-export --max-batch {config.max_batch}")
+    return config.max_batch
 
 
 def load_state(config: ServeConfig, replica: str | None = None, warmup: bool = True) -> ServerState:
@@ -84,9 +100,10 @@ def load_state(config: ServeConfig, replica: str | None = None, warmup: bool = T
         pipe.generate(pipe.encode("Hello"), default.replace(gen_length=default.block_length,
                                                             steps=default.block_length))
     replica = replica or f"{socket.gethostname()}-{os.getpid()}"
+    max_batch = serving_batch(config, pipe.engines.max_batch)
     metrics = ServeMetrics(model=config.model_name, backend=config.backend.value, device=config.device,
-                           replica=replica, max_batch=SequentialRunner.max_batch)
-    runner = SequentialRunner(pipe, metrics)
+                           replica=replica, max_batch=max_batch)
+    runner = SequentialRunner(pipe, metrics) if max_batch == 1 else BatchRunner(pipe, metrics, max_batch)
     return ServerState(config, pipe, model, Scheduler(runner, metrics, config.max_queue), metrics, replica,
                        int(time.time()))
 

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", type=int, default=32, help="default block length (default 32)")
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens of requests that send none (default 256)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond this get 503 (default 256)")
+    p.add_argument("--max-batch", type=int, help="requests decoded together in one step, each with exactly its own "
+                   "tokens (default: the engines' --max-batch on CUDA, 1 on the CPU, where a batch costs about as "
+                   "much as its requests one after another)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -64,6 +67,7 @@ def configs_from_args(args: argparse.Namespace):
     config = ServeConfig(path=args.checkpoint or args.engine_dir, source=source, backend=backend, device=args.device,
                          threads=args.threads, dtype=args.dtype, model_name=args.model_name, method=args.method,
                          block_length=args.block_length, max_tokens=args.max_tokens, max_queue=args.max_queue,
+                         max_batch=args.max_batch,
                          host=args.host, port=args.port)
     ray_flags = [f for f in ("replicas", "autoscaling", "gpus_per_replica", "max_ongoing_requests", "ray_address")
                  if getattr(args, f) is not None]

@@ -35,6 +35,7 @@ class ServeConfig:
     block_length: int = 32           # default block length; max_tokens is rounded up to a multiple of it
     max_tokens: int = 256            # default max_tokens of a request that sends none
     max_queue: int = 256             # requests waiting beyond this get 503
+    max_batch: int | None = None     # requests decoded together; None: the engines' limit on CUDA, 1 on the CPU
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -56,6 +57,9 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
+                                           or self.max_batch < 1):
+            raise ConfigError(f"--max-batch must be an integer >= 1, got {self.max_batch!r}")
         if self.port > 65535:
             raise ConfigError(f"--port must be at most 65535, got {self.port}")
         self.default_decode_config()      # the method name and block length must make a config

@@ -4,10 +4,10 @@
 HTTP handlers --submit(Job)--> queue --take <= runner.max_batch--> Runner.run(batch) --emit--> Job events
 ```
 The HTTP layer only submits jobs and reads their events. A runner decides how a batch is decoded:
-``SequentialRunner`` runs its one request through ``Pipeline.generate`` (a Pipeline decodes one prompt
-at a time, so ``max_batch`` is 1 and requests queue); a runner over a batched ``Pipeline.generate([...])``
-would take up to its ``max_batch`` jobs per call and step them together (its ``stop=`` hook drops a
-cancelled job between two steps), with no change here or above.
+``SequentialRunner`` runs one request at a time through ``Pipeline.generate`` (``max_batch`` 1: the others
+queue); ``BatchRunner`` takes up to ``--max-batch`` jobs and decodes those that share a decoding config
+together (``Pipeline.generate([...])``: one step serves them all, each gets exactly its tokens alone),
+answering each job as soon as its own sequence ends.
 
 Between two steps a runner checks each job's cancel flag (set when its client disconnects) and stops
 that job; a queued job that was cancelled is dropped without running. Nothing a request does can stop
@@ -93,6 +93,86 @@ class SequentialRunner:
         metrics.request_seconds.observe(time.perf_counter() - job.submitted)
         metrics.count(req.endpoint, Outcome.OK)
         job.emit(done)
+
+
+class BatchRunner:
+    """Up to ``max_batch`` jobs per call on one Pipeline. Jobs with the same DecodeConfig share every step
+    (in arrival order of their first job, a group after another); a job whose client went away is dropped
+    between two steps without changing its batch-mates' tokens (``stop``), and each job is answered when
+    its sequence ends (``on_result``), not when the batch does."""
+
+    def __init__(self, pipeline, metrics: ServeMetrics, max_batch: int):
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self._single = SequentialRunner(pipeline, metrics)
+
+    def run(self, jobs: list[Job]) -> None:
+        groups: dict = {}
+        for job in jobs:
+            groups.setdefault(job.request.config, []).append(job)
+        for group in groups.values():
+            if len(group) == 1:
+                self._single.run(group)
+            else:
+                self._run_group(group)
+
+    def _run_group(self, jobs: list[Job]) -> None:
+        pipe, metrics = self.pipeline, self.metrics
+        reqs = [j.request for j in jobs]
+        texts = [IncrementalText(pipe.tokenizer, pipe.spec.mask_id, pipe.spec.eos_ids, r) for r in reqs]
+        answered: set[int] = set()
+        first_step = last_step = pipe.executor.steps_run
+        last = time.perf_counter()
+
+        def on_step(i, canvas, view, committed):        # canvas [1, P + G] of job i
+            nonlocal last_step, last
+            if pipe.executor.steps_run != last_step:      # the first sequence reported of a new batched step
+                now = time.perf_counter()
+                metrics.step_seconds.observe(now - last)
+                metrics.decode_steps.inc()
+                last_step, last = pipe.executor.steps_run, now
+            if reqs[i].stream and not jobs[i].cancelled:
+                progress = texts[i].step(view.step, canvas[0, len(reqs[i].prompt_ids):].tolist())
+                if progress is not None:
+                    jobs[i].emit(progress)
+
+        def on_result(i, result):
+            job, req = jobs[i], reqs[i]
+            P = len(req.prompt_ids)
+            done = texts[i].finish(result.ids, P, result.steps, result.wall_s, job.started - job.submitted)
+            metrics.prompt_tokens.inc(P)
+            metrics.completion_tokens.inc(done.completion_tokens)
+            metrics.request_seconds.observe(time.perf_counter() - job.submitted)
+            metrics.count(req.endpoint, Outcome.OK)
+            answered.add(i)
+            job.emit(done)
+
+        try:
+            pipe.generate([list(r.prompt_ids) for r in reqs], reqs[0].config, on_step=on_step,
+                          stop=lambda i: jobs[i].cancelled, on_result=on_result, batch_size=len(jobs))
+        except DllmError as e:
+            if pipe.executor.steps_run == first_step:
+                # refused before any step (one bad prompt refuses the batch): run them one by one, so that
+                # only the bad one fails
+                log.info("batch refused (%s); running its %d jobs one at a time", e, len(jobs))
+                self._single.run(jobs)
+                return
+            self._fail(jobs, answered, f"generation failed: {e}")
+            return
+        except Exception as e:      # noqa: BLE001 - a request must never take the worker down
+            log.exception("batched generation failed")
+            self._fail(jobs, answered, f"generation failed: {type(e).__name__}: {e}")
+            return
+        for i, job in enumerate(jobs):
+            if i not in answered:                            # dropped by stop(): its client went away
+                metrics.count(job.request.endpoint, Outcome.CANCELLED)
+
+    def _fail(self, jobs: list[Job], answered: set[int], message: str) -> None:
+        for i, job in enumerate(jobs):
+            if i not in answered:
+                self.metrics.count(job.request.endpoint, Outcome.FAILED)
+                job.emit(Failed(message))
 
 
 class Scheduler:

@@ -211,3 +211,23 @@ def test_stop_drops_one_prompt_of_a_batch(pipes):
     assert {i for i, _ in streamed} <= {1, 2} and pipe.last_results[0] is None
     with pytest.raises(ConfigError, match="stop applies to a list of prompts"):
         pipe.generate([6, 7], CFG, stop=lambda i: False)
+
+
+def test_on_result_reports_each_prompt_when_it_ends(pipes):
+    """A sequence's result arrives as soon as it ends, before the batch is over, and is the final one."""
+    pipe = pipes["llada"]
+    prompts = [[6, 7, 8], [9, 10], [11, 12, 13, 14], [6, 9]]
+    cfg = method_config("dcu+apd", CFG)
+    seen, steps_left = {}, []
+
+    def on_step(index, canvas, view, committed):
+        steps_left.append(index)
+
+    def on_result(index, result):
+        seen[index] = (result, len(steps_left))
+
+    got = pipe.generate(prompts, cfg, batch_size=2, on_step=on_step, on_result=on_result)
+    assert sorted(seen) == [0, 1, 2, 3] and all(seen[i][0] is got[i] for i in range(4))
+    assert min(n for _, n in seen.values()) < len(steps_left)          # someone finished before the last step
+    with pytest.raises(ConfigError, match="on_result applies to a list of prompts"):
+        pipe.generate([6, 7], CFG, on_result=lambda i, r: None)

@@ -32,6 +32,8 @@ def test_flags_make_the_configs(tmp_path):
                             "--port", "9001", "--threads", "2")
     assert ray_cfg is None and config.source == Source.ENGINE_DIR and config.backend.value == "onnxruntime"
     assert config.model_name == tmp_path.name and config.port == 9001 and config.threads == 2
+    assert config.max_batch is None                                              # auto: see serving_batch
+    assert parse(str(tmp_path), "--max-batch", "4")[0].max_batch == 4
     assert config.default_decode_config() == method_config("full", DecodeConfig(gen_length=48, block_length=16,
                                                                                 steps=48))
     config, ray_cfg = parse("--checkpoint", str(tmp_path), "--ray", "--replicas", "3", "--device", "cuda",
@@ -55,6 +57,7 @@ def test_flags_make_the_configs(tmp_path):
     (["ENGINE", "--ray", "--replicas", "0"], "--replicas"),
     (["ENGINE", "--method", "fast"], "unknown cache policy"),
     (["ENGINE", "--max-tokens", "0"], "--max-tokens"),
+    (["ENGINE", "--max-batch", "0"], "--max-batch must be an integer >= 1"),
     (["/no/such/dir"], "not a directory"),
 ])
 def test_bad_flags_get_one_line_errors(argv, word, capsys):

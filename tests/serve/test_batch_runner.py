@@ -1,0 +1,129 @@
+"""The batching decode worker (--max-batch > 1): requests that share a decoding config share every step,
+each gets exactly the answer it gets alone, is answered when its own sequence ends, and a cancelled or
+bad request changes no other."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dllm.runtime import DecodeConfig, method_config
+
+pytest.importorskip("prometheus_client")
+
+from dllm.serve.jobs import Failed, Finished, GenerationRequest, Job, Progress  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def state(shipped_engine_dir):
+    from dllm.serve.app import load_state
+    from dllm.serve.config import ServeConfig
+    from dllm.serve.scheduler import BatchRunner
+
+    state = load_state(ServeConfig(shipped_engine_dir, max_tokens=32, max_batch=4), warmup=False)
+    assert isinstance(state.scheduler.runner, BatchRunner) and state.scheduler.runner.max_batch == 4
+    return state           # each test runs its own worker over this runner (run_batch)
+
+
+def request(pipe, text: str, method: str = "dcu+apd", **kw) -> GenerationRequest:
+    ids = pipe.encode([{"role": "user", "content": text}])
+    cfg = method_config(method, DecodeConfig(gen_length=32, block_length=32, steps=32))
+    return GenerationRequest(tuple(ids), cfg, 32, **kw)
+
+
+async def drain(job: Job) -> list:
+    events = []
+    while True:
+        events.append(await job.next_event())
+        if isinstance(events[-1], (Finished, Failed)):
+            return events
+
+
+def run_batch(state, requests, cancel_after_first_event: int | None = None):
+    """Submit every request to a fresh worker, then start it, so that they form one batch; returns each job's
+    events and the order in which the jobs finished."""
+    from dllm.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(state.scheduler.runner, state.metrics, max_queue=16)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(r, loop) for r in requests]
+        for j in jobs:
+            scheduler.submit(j)
+        order = []
+
+        async def watch(i, job):
+            if i == cancel_after_first_event:
+                await job.next_event()
+                job.cancel()
+                return None
+            events = await drain(job)
+            order.append(i)
+            return events
+
+        scheduler.start()
+        try:
+            return await asyncio.gather(*(watch(i, j) for i, j in enumerate(jobs))), order
+        finally:
+            await loop.run_in_executor(None, scheduler.stop)
+
+    return asyncio.run(run())
+
+
+def test_a_batch_answers_each_request_as_alone_and_as_soon_as_it_ends(state, reference_pipeline):
+    pipe = state.pipeline
+    texts = ["What is 47+38?", "Sort: 52 71 19 3 88", "What is 5+6?", "Sort: 9 4 7"]
+    reqs = [request(pipe, t, stream=i % 2 == 0) for i, t in enumerate(texts)]
+    reqs.append(request(pipe, "What is 12+7?", method="full"))            # another config: its own batch
+    want = [reference_pipeline.generate(list(r.prompt_ids), r.config).text for r in reqs]
+    steps = [reference_pipeline.generate(list(r.prompt_ids), r.config).steps for r in reqs]
+    assert len(set(steps[:4])) > 1                                          # they end at different steps
+    before = state.metrics.decode_steps._value.get()
+    results, order = run_batch(state, reqs)
+    for events, text, r in zip(results, want, reqs):
+        assert isinstance(events[-1], Finished) and events[-1].full_text == text
+        if r.stream:
+            assert all(isinstance(e, Progress) for e in events[:-1])
+            assert "".join(e.text for e in events) == text
+    # the dcu+apd four share steps: the batch ran as many steps as its longest sequence, not their sum
+    ran = state.metrics.decode_steps._value.get() - before
+    assert ran == max(steps[:4]) + steps[4]
+    # and whoever needed the fewest steps was answered first
+    assert order[0] == min(range(4), key=lambda i: steps[i])
+
+
+def test_a_cancelled_request_leaves_its_batch_mates_unchanged(state, reference_pipeline):
+    pipe = state.pipeline
+    long = request(pipe, "Sort: 5 3 1", method="full", stream=True, canvas=True)      # an event every step
+    others = [request(pipe, t, method="full") for t in ("What is 30+4?", "Sort: 8 2 6")]
+    want = [reference_pipeline.generate(list(r.prompt_ids), r.config).text for r in others]
+    results, _ = run_batch(state, [others[0], long, others[1]], cancel_after_first_event=1)
+    assert results[1] is None
+    assert [events[-1].full_text for events in (results[0], results[2])] == want
+
+
+def test_a_bad_request_fails_alone(state, reference_pipeline):
+    pipe = state.pipeline
+    good = request(pipe, "What is 47+38?")
+    bad = GenerationRequest(good.prompt_ids + (pipe.spec.mask_id,), good.config, 32)   # the loop refuses mask ids
+    results, _ = run_batch(state, [good, bad, good])
+    want = reference_pipeline.generate(list(good.prompt_ids), good.config).text
+    assert isinstance(results[1][-1], Failed) and "mask id" in results[1][-1].message
+    assert results[0][-1].full_text == results[2][-1].full_text == want
+
+
+def test_max_batch_defaults_and_limits(shipped_engine_dir):
+    from dllm.errors import ConfigError
+    from dllm.serve.app import serving_batch
+    from dllm.serve.config import ServeConfig
+
+    assert serving_batch(ServeConfig(shipped_engine_dir), 8) == 1                     # CPU: one at a time
+    assert serving_batch(ServeConfig(shipped_engine_dir, device="cuda"), 8) == 8      # GPU: the engines' limit
+    assert serving_batch(ServeConfig(shipped_engine_dir, device="cuda"), None) == 8   # torch checkpoint
+    assert serving_batch(ServeConfig(shipped_engine_dir, max_batch=3), 8) == 3
+    with pytest.raises(ConfigError, match=r"--max-batch 9 exceeds the 8 .*dllm-export --max-batch 9"):
+        serving_batch(ServeConfig(shipped_engine_dir, max_batch=9), 8)
+    with pytest.raises(ConfigError, match="--max-batch must be an integer >= 1"):
+        ServeConfig(shipped_engine_dir, max_batch=0)
