@@ -52,6 +52,7 @@ class EvalConfig:
     device: str = "cpu"
     threads: int | None = None         # CPU threads per generation (dllm.threads); None: the default
     verify: bool = False               # hash every engine-directory file before loading
+    batch_size: int = 1                # problems decoded together per step (runtime methods; same answers)
 
     def __post_init__(self):
         object.__setattr__(self, "task", Task(self.task))
@@ -60,6 +61,8 @@ class EvalConfig:
             raise ConfigError("--methods is empty; give e.g. full,dcu+apd or reference")
         if self.limit <= 0:
             raise ConfigError(f"--limit must be positive, got {self.limit}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.fewshot < 0:
             raise ConfigError(f"--fewshot must be at least 0 (solved examples before each question), got "
                               f"{self.fewshot}")
@@ -95,9 +98,9 @@ def cut_at_stops(task: Task, text: str) -> str:
     return text
 
 
-# -- runners: one per method, each maps a problem to (text, steps, nfe, seconds) -------------------
+# -- runners: one per method, each maps a problem to (text, steps, nfe, seconds, answer tokens) ----
 class PipelineRunner:
-    """A runtime method through ``Pipeline.generate``."""
+    """A runtime method through ``Pipeline.generate``; ``many`` decodes problems as one batch."""
 
     def __init__(self, pipe, config):
         self.pipe, self.config = pipe, config
@@ -105,6 +108,12 @@ class PipelineRunner:
     def __call__(self, problem: Problem):
         res = self.pipe.generate(problem.messages(), self.config)
         return res.text or "", res.steps, res.nfe, res.wall_s, res.answer_tokens
+
+    def many(self, problems: list[Problem]) -> list:
+        if len(problems) == 1:
+            return [self(problems[0])]
+        results = self.pipe.generate([p.messages() for p in problems], self.config, batch_size=len(problems))
+        return [(r.text or "", r.steps, r.nfe, r.wall_s, r.answer_tokens) for r in results]
 
 
 class ReferenceRunner:
@@ -154,6 +163,12 @@ class ReferenceRunner:
         return self.tokenizer.decode(gen[:cut], skip_special_tokens=True), res.steps, res.nfe, wall, cut
 
 
+def run_many(runner, problems: list[Problem]) -> list:
+    """A runner over several problems: a batch where the runner decodes batches (``many``), else one by one."""
+    many = getattr(runner, "many", None)
+    return many(problems) if many is not None else [runner(p) for p in problems]
+
+
 def is_checkpoint_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "manifest.json").is_file()
 
@@ -191,27 +206,37 @@ def evaluate(cfg: EvalConfig, base, log=print) -> dict:
     problems = load_problems(cfg)
     runners = build_runners(cfg, base)
     rows = {m: [] for m in cfg.methods}
-    for i, p in enumerate(problems):
+    elapsed = dict.fromkeys(cfg.methods, 0.0)
+    done = 0
+    for start in range(0, len(problems), cfg.batch_size):
+        chunk = problems[start:start + cfg.batch_size]
         for m, run in runners.items():
-            text, steps, nfe, wall, answer_tokens = run(p)
-            text = cut_at_stops(cfg.task, text)
-            rows[m].append({"text": text, "extracted": extract_answer(cfg.task, text),
-                            "correct": is_correct(cfg.task, text, p.answer),
-                            "steps": steps, "nfe": nfe, "wall_s": wall, "answer_tokens": answer_tokens})
-        if (i + 1) % 25 == 0 or i + 1 == len(problems):
-            log(f"[eval] {i + 1}/{len(problems)} " + " ".join(
-                f"{m} {sum(r['correct'] for r in rows[m]) / (i + 1):.0%}" for m in cfg.methods))
+            t0 = time.perf_counter()
+            outs = run_many(run, chunk)
+            elapsed[m] += time.perf_counter() - t0
+            for p, (text, steps, nfe, wall, answer_tokens) in zip(chunk, outs):
+                text = cut_at_stops(cfg.task, text)
+                rows[m].append({"text": text, "extracted": extract_answer(cfg.task, text),
+                                "correct": is_correct(cfg.task, text, p.answer),
+                                "steps": steps, "nfe": nfe, "wall_s": wall, "answer_tokens": answer_tokens})
+        before, done = done, done + len(chunk)
+        if done // 25 > before // 25 or done == len(problems):
+            log(f"[eval] {done}/{len(problems)} " + " ".join(
+                f"{m} {sum(r['correct'] for r in rows[m]) / done:.0%}" for m in cfg.methods))
     methods = {}
     for m, rs in rows.items():
         n, wall = len(rs), sum(r["wall_s"] for r in rs)
         answer = sum(r["answer_tokens"] for r in rs)
+        # throughput over the time the method ran (with batches, sequences overlap: their walls add up to more)
+        span = elapsed[m] if cfg.batch_size > 1 else wall
         methods[m] = {"accuracy": sum(r["correct"] for r in rs) / n, "correct": sum(r["correct"] for r in rs),
                       "n": n, "mean_steps": sum(r["steps"] for r in rs) / n,
                       "mean_nfe": sum(r["nfe"] for r in rs) / n, "latency_ms_mean": wall / n * 1e3,
-                      "tokens_per_second": answer / wall if wall > 0 else 0.0,
-                      "canvas_tokens_per_second": base.gen_length * n / wall if wall > 0 else 0.0, "wall_s": wall}
+                      "tokens_per_second": answer / span if span > 0 else 0.0,
+                      "canvas_tokens_per_second": base.gen_length * n / span if span > 0 else 0.0, "wall_s": wall,
+                      "elapsed_s": elapsed[m]}
     return {
-        "task": cfg.task.value, "n_problems": len(problems), "seed": cfg.seed,
+        "task": cfg.task.value, "n_problems": len(problems), "seed": cfg.seed, "batch_size": cfg.batch_size,
         "engine_dir": str(cfg.engine_dir) if cfg.engine_dir else None,
         "reference_dir": str(cfg.reference_dir) if cfg.reference_dir else None,
         "backend": cfg.backend if set(cfg.methods) - {REFERENCE} else "torch (reference only)", "device": cfg.device, "decode": base.to_dict(), "methods": methods,
@@ -223,7 +248,8 @@ def evaluate(cfg: EvalConfig, base, log=print) -> dict:
 
 def format_table(report: dict) -> str:
     head = f"{'method':<20} {'accuracy':>9} {'correct':>9} {'steps':>7} {'NFE':>7} {'latency ms':>10} {'tokens/s':>9}"
-    lines = [f"task {report['task']}, {report['n_problems']} problems, backend {report['backend']}", head,
+    batch = f", batches of {report['batch_size']}" if report.get("batch_size", 1) > 1 else ""
+    lines = [f"task {report['task']}, {report['n_problems']} problems, backend {report['backend']}{batch}", head,
              "-" * len(head)]
     for m, r in report["methods"].items():
         lines.append(f"{m:<20} {r['accuracy']:>9.1%} {r['correct']:>4}/{r['n']:<4} {r['mean_steps']:>7.1f} "
@@ -243,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fewshot", type=int, default=FEWSHOT_DEFAULT, metavar="N",
                    help=f"gsm8k: solved examples as chat turns (default {FEWSHOT_DEFAULT})")
     p.add_argument("--limit", type=int, default=200, metavar="N", help="number of problems (default 200)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="problems decoded together in one step (default 1); every answer is the one it gets alone, "
+                        "so accuracy does not change. At most the engines' --max-batch; 'reference' runs one by one")
     p.add_argument("--seed-problems", type=int, default=1234, metavar="SEED",
                    help="seed of the generated test problems (default 1234)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -291,7 +320,7 @@ def config_from_args(a: argparse.Namespace):
     base = decode_config(a, TASK_DECODE[task])
     cfg = EvalConfig(task=task, methods=tuple(methods), engine_dir=engine_dir, reference_dir=reference_dir,
                      data=a.data, limit=a.limit, seed=a.seed_problems, fewshot=a.fewshot, backend=a.backend,
-                     device=a.device, threads=a.threads, verify=a.verify)
+                     device=a.device, threads=a.threads, verify=a.verify, batch_size=a.batch_size)
     return cfg, base
 
 

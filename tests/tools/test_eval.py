@@ -11,7 +11,7 @@ from dllm.tools import eval as dllm_eval
 from dllm.tools.assets import shipped_model_dir
 
 METHOD_KEYS = {"accuracy", "correct", "n", "mean_steps", "mean_nfe", "latency_ms_mean", "tokens_per_second",
-               "canvas_tokens_per_second", "wall_s"}
+               "canvas_tokens_per_second", "wall_s", "elapsed_s"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,26 @@ def test_eval_methods_and_reference_write_json(engine_dir, tmp_path, capsys):
     assert [p["full"]["text"] for p in report["problems"]] == [p["reference"]["text"] for p in report["problems"]]
     assert report["methods"]["reference"]["accuracy"] >= 0.8
     assert "dcu+apd" in capsys.readouterr().out
+
+
+def test_eval_in_batches_gives_the_same_answers(engine_dir, tmp_path, capsys):
+    """--batch-size decodes problems together; every answer, and so the accuracy, is batch 1's."""
+    reports = {}
+    for batch in (1, 3):
+        out = tmp_path / f"eval-{batch}.json"
+        assert dllm_eval.main([str(engine_dir), "--task", "sorting", "--limit", "7", "--methods", "full,dcu+apd",
+                               "--batch-size", str(batch), "--json", str(out)]) == 0
+        reports[batch] = json.loads(out.read_text())
+    one, three = reports[1], reports[3]
+    assert three["batch_size"] == 3 and one["batch_size"] == 1
+    for m in ("full", "dcu+apd"):
+        assert [p[m] for p in three["problems"]] == [p[m] for p in one["problems"]]     # text, correct, steps
+        assert three["methods"][m]["accuracy"] == one["methods"][m]["accuracy"]
+    assert dllm_eval.main([str(engine_dir), "--task", "sorting", "--limit", "10", "--methods", "full",
+                           "--batch-size", "9"]) == 2                        # the engines take 8 at once
+    assert "--max-batch" in capsys.readouterr().err
+    assert dllm_eval.main([str(engine_dir), "--task", "sorting", "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
 
 
 def test_eval_checkpoint_with_torch_backend_and_gsm8k(tmp_path):
