@@ -387,7 +387,6 @@ class Executor:
     def _slot_rows(self, l: int, steps, scores, scored: list[bool]) -> tuple[torch.Tensor | None, list[int]]:
         """Each slot's policy picks its rows. Returns (rows [B, k], or None when every sequence recomputes
         every row; the rows each sequence recomputed of its own canvas, padding left out)."""
-        N = self.N
         picked, counts = [], []
         for b, st in enumerate(steps):
             if st is None:
