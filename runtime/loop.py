@@ -137,12 +137,16 @@ def decode(engines: EngineSet, prompt_ids, cfg: DecodeConfig, *, executor: Execu
         step view and the absolute positions committed in that step.
     max_seq_len: the canvas limit (an engine directory's export limit); default the model's.
     """
-    steps = decode_steps(engines, prompt_ids, cfg, executor=executor, max_seq_len=max_seq_len)
+    return _drain(decode_steps(engines, prompt_ids, cfg, executor=executor, max_seq_len=max_seq_len), on_step)
+
+
+def _drain(steps, on_step):
+    """Run a step generator to its end, handing each event to ``on_step``; returns the generator's value."""
     while True:
         try:
             event = next(steps)
-        except StopIteration as stop:
-            return stop.value
+        except StopIteration as done:
+            return done.value
         if on_step is not None:
             on_step(*event)
 
@@ -210,15 +214,8 @@ def decode_batch(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, execut
     next waiting prompt, its result is None, and the other sequences go on unchanged.
     on_finish(index, result): as soon as a sequence ends (before the others), with its DecodeResult.
     """
-    steps = decode_batch_steps(engines, prompts, cfg, executor=executor, batch_size=batch_size,
-                               max_seq_len=max_seq_len, stop=stop, on_finish=on_finish)
-    while True:
-        try:
-            event = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if on_step is not None:
-            on_step(*event)
+    return _drain(decode_batch_steps(engines, prompts, cfg, executor=executor, batch_size=batch_size,
+                                     max_seq_len=max_seq_len, stop=stop, on_finish=on_finish), on_step)
 
 
 def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, executor: Executor | None = None,

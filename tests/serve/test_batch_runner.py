@@ -8,11 +8,10 @@ import asyncio
 
 import pytest
 
-from dllm.runtime import DecodeConfig, method_config
-
 pytest.importorskip("prometheus_client")
 
 from dllm.serve.jobs import Failed, Finished, GenerationRequest, Job, Progress  # noqa: E402
+from tests.serve.conftest import drain, request  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +23,6 @@ def state(shipped_engine_dir):
     state = load_state(ServeConfig(shipped_engine_dir, max_tokens=32, max_batch=4), warmup=False)
     assert isinstance(state.scheduler.runner, BatchRunner) and state.scheduler.runner.max_batch == 4
     return state           # each test runs its own worker over this runner (run_batch)
-
-
-def request(pipe, text: str, method: str = "dcu+apd", **kw) -> GenerationRequest:
-    ids = pipe.encode([{"role": "user", "content": text}])
-    cfg = method_config(method, DecodeConfig(gen_length=32, block_length=32, steps=32))
-    return GenerationRequest(tuple(ids), cfg, 32, **kw)
-
-
-async def drain(job: Job) -> list:
-    events = []
-    while True:
-        events.append(await job.next_event())
-        if isinstance(events[-1], (Finished, Failed)):
-            return events
 
 
 def run_batch(state, requests, cancel_after_first_event: int | None = None):
@@ -75,8 +60,8 @@ def run_batch(state, requests, cancel_after_first_event: int | None = None):
 def test_a_batch_answers_each_request_as_alone_and_as_soon_as_it_ends(state, reference_pipeline):
     pipe = state.pipeline
     texts = ["What is 47+38?", "Sort: 52 71 19 3 88", "What is 5+6?", "Sort: 9 4 7"]
-    reqs = [request(pipe, t, stream=i % 2 == 0) for i, t in enumerate(texts)]
-    reqs.append(request(pipe, "What is 12+7?", method="full"))            # another config: its own batch
+    reqs = [request(pipe, t, "dcu+apd", stream=i % 2 == 0) for i, t in enumerate(texts)]
+    reqs.append(request(pipe, "What is 12+7?", "full"))            # another config: its own batch
     want = [reference_pipeline.generate(list(r.prompt_ids), r.config).text for r in reqs]
     steps = [reference_pipeline.generate(list(r.prompt_ids), r.config).steps for r in reqs]
     assert len(set(steps[:4])) > 1                                          # they end at different steps
@@ -96,8 +81,8 @@ def test_a_batch_answers_each_request_as_alone_and_as_soon_as_it_ends(state, ref
 
 def test_a_cancelled_request_leaves_its_batch_mates_unchanged(state, reference_pipeline):
     pipe = state.pipeline
-    long = request(pipe, "Sort: 5 3 1", method="full", stream=True, canvas=True)      # an event every step
-    others = [request(pipe, t, method="full") for t in ("What is 30+4?", "Sort: 8 2 6")]
+    long = request(pipe, "Sort: 5 3 1", "full", stream=True, canvas=True)      # an event every step
+    others = [request(pipe, t, "full") for t in ("What is 30+4?", "Sort: 8 2 6")]
     want = [reference_pipeline.generate(list(r.prompt_ids), r.config).text for r in others]
     results, _ = run_batch(state, [others[0], long, others[1]], cancel_after_first_event=1)
     assert results[1] is None
@@ -106,7 +91,7 @@ def test_a_cancelled_request_leaves_its_batch_mates_unchanged(state, reference_p
 
 def test_a_bad_request_fails_alone(state, reference_pipeline):
     pipe = state.pipeline
-    good = request(pipe, "What is 47+38?")
+    good = request(pipe, "What is 47+38?", "dcu+apd")
     bad = GenerationRequest(good.prompt_ids + (pipe.spec.mask_id,), good.config, 32)   # the loop refuses mask ids
     results, _ = run_batch(state, [good, bad, good])
     want = reference_pipeline.generate(list(good.prompt_ids), good.config).text

@@ -8,11 +8,10 @@ import time
 
 import pytest
 
-from dllm.runtime import DecodeConfig, method_config
-
 pytest.importorskip("prometheus_client")
 
 from dllm.serve.jobs import Failed, Finished, GenerationRequest, Job, Progress  # noqa: E402
+from tests.serve.conftest import drain, request  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +25,9 @@ def state(shipped_engine_dir):
     state.scheduler.stop()
 
 
-def request(pipe, text: str, method: str = "full", **kw) -> GenerationRequest:
-    ids = pipe.encode([{"role": "user", "content": text}])
-    cfg = method_config(method, DecodeConfig(gen_length=32, block_length=32, steps=32))
-    return GenerationRequest(tuple(ids), cfg, 32, **kw)
-
-
-async def drain(job: Job) -> list:
-    events = []
-    while True:
-        events.append(await job.next_event())
-        if isinstance(events[-1], (Finished, Failed)):
-            return events
-
-
 def test_jobs_run_in_order_and_a_failing_generation_spares_the_worker(state, reference_pipeline):
     pipe = state.pipeline
-    good = request(pipe, "What is 47+38?", stream=True)
+    good = request(pipe, "What is 47+38?", "full", stream=True)
     bad = GenerationRequest(good.prompt_ids + (pipe.spec.mask_id,), good.config, 32)   # the loop refuses mask ids
     want = reference_pipeline.generate(list(good.prompt_ids), good.config).text
 
@@ -67,10 +52,10 @@ def test_jobs_run_in_order_and_a_failing_generation_spares_the_worker(state, ref
 
 def test_a_queued_job_cancelled_before_it_starts_never_runs(state):
     pipe = state.pipeline
-    long = request(pipe, "Sort: 5 3 1")
+    long = request(pipe, "Sort: 5 3 1", "full")
     long = GenerationRequest(long.prompt_ids, long.config.replace(gen_length=256, steps=256), 256, stream=True,
                              canvas=True)                     # an event after every step
-    short = request(pipe, "What is 1+2?")
+    short = request(pipe, "What is 1+2?", "full")
 
     async def run():
         loop = asyncio.get_running_loop()
