@@ -6,7 +6,8 @@ mlp_rows) with the layer's own weights and the kernels of ``dllm.kernels``:
     a = rms_norm(h)                     one pass, model dtype, fp32 accumulation
     q, k, v = q_proj(a), k_proj(a), v_proj(a)
     q, k = rope_to_cache(q, k, v, pos)  RoPE from a table; k and v written into the caches in place
-    attn = attend(q, k_cache, v_cache)  over the caches themselves (padding rows masked): no copy of the cache
+    attn = attention(q, caches)         over the caches themselves (padding rows masked): no copy of the cache;
+                                        opt-in split-KV Triton kernel for a few rows (kernels/attention.py)
     n = rms_norm(h + attn)              the sum is never written
     mlp = down_proj(silu_mul(gate_proj(n), up_proj(n)))
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllm.exporter.models.layers import DecoderLayer, key_valid
+from dllm.exporter.models.layers import DecoderLayer
 
 
 def join_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -73,8 +74,7 @@ class FusedLayerModule(nn.Module):
             q, key, v = L.q_proj(a), L.k_proj(a), L.v_proj(a)
         q, key, v = q.view(B, k, H, hd), key.view(B, k, Hkv, hd), v.view(B, k, Hkv, hd)
         q, k_rows = ops.rope_to_cache(q, key, v, pos, k_cache, v_cache, L.rope_theta)
-        valid = key_valid(kv_len, k_cache.shape[1]) if ops.padded else None  # no padding: no mask, fastest attention
-        attn_rows = L.attend(q, k_cache, v_cache, valid)                 # [B, k, D]
+        attn_rows = L.o_proj(ops.attention(q, k_cache, v_cache, kv_len))   # [B, k, D]
         n = ops.rms_norm(h_rows, L.mlp_norm.weight, L.mlp_norm.eps, delta=attn_rows)
         if self.joined:
             gate, up = F.linear(n, self.gate_up_weight).chunk(2, dim=-1)   # [B, k, Fh] each (views)

@@ -4,6 +4,7 @@
 |--------------|--------------------------------------------|---------------------------------|-------------|
 | rmsnorm.py   | RMSNorm (optionally of a sum), model dtype | torch layers, head              | to rounding |
 | rope.py      | RoPE of q and k + cache write of k and v   | torch layers                    | bit for bit |
+| attention.py | split-KV attention of <= 128 rows          | torch layers                    | to rounding |
 | mlp.py       | silu(gate) * up                            | torch layers                    | to rounding |
 | scores.py    | cosine change score + copy of the new rows | executor (DCU, dLLM-Cache)      | to rounding |
 | select.py    | DCU row selection; row gather              | cache policies, executor        | bit for bit |

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dllm.kernels import mlp, residual, rmsnorm, rope, scores, select, vocab
+from dllm.kernels import attention, mlp, residual, rmsnorm, rope, scores, select, vocab
 from dllm.kernels.config import KernelPath
 
 # name -> (torch twin, Triton launcher); one row per kernel module
@@ -18,6 +18,7 @@ _KERNELS = {
     "rms_norm": (rmsnorm.rms_norm_torch, rmsnorm.rms_norm_triton),
     "silu_mul": (mlp.silu_mul_torch, mlp.silu_mul_triton),
     "rope_to_cache": (rope.rope_to_cache_torch, rope.rope_to_cache_triton),
+    "attention": (attention.attention_torch, attention.attention_triton),
     "residual_update": (residual.residual_update_torch, residual.residual_update_triton),
     "cosine_distance_copy": (scores.cosine_distance_copy_torch, scores.cosine_distance_copy_triton),
     "select_rows": (select.select_rows_torch, select.select_rows_triton),
@@ -29,11 +30,14 @@ _KERNELS = {
 class KernelOps:
     """The fused operations on one device, through Triton kernels or their torch twins."""
 
-    def __init__(self, path: KernelPath, device: torch.device):
+    def __init__(self, path: KernelPath, device: torch.device, split_kv: bool = False):
         if path not in (KernelPath.TRITON, KernelPath.TORCH):
             raise ValueError(f"KernelOps runs the triton or torch path, got {path}")
         self.path, self.device = path, torch.device(device)
         self.triton = path == KernelPath.TRITON
+        # split-KV Triton attention for few rows (kernels/attention.py): opt-in until GPU timings show it
+        # beats torch's attention at the step's shapes (dllm-bench --attention split-kv)
+        self.split_kv = split_kv and self.triton
         self.launches = 0                   # kernel calls so far (a proxy for GPU launches; profiling)
         # whether any sequence of the current batch is shorter than the canvas (the executor sets it; a host
         # flag so that layers skip the key mask, and keep the fastest attention, when none is)
@@ -41,12 +45,13 @@ class KernelOps:
         self.profiling = False              # mark each call as a profiler range (tools/step_profile.py)
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _call(self, name: str, *args, **kwargs):
+    def _call(self, name: str, *args, triton: bool | None = None, **kwargs):
         self.launches += 1
-        fn = _KERNELS[name][1 if self.triton else 0]
+        triton = self.triton if triton is None else triton
+        fn = _KERNELS[name][1 if triton else 0]
         if not self.profiling:
             return fn(*args, **kwargs)
-        with torch.profiler.record_function(f"dllm_kernel::{name}[{self.path.value}]"):
+        with torch.profiler.record_function(f"dllm_kernel::{name}[{'triton' if triton else 'torch'}]"):
             return fn(*args, **kwargs)
 
     # -- inside a layer (torch backend) -------------------------------------
@@ -60,6 +65,13 @@ class KernelOps:
         """RoPE on q/key at ``pos``; rotated keys and the values are written into the caches in place."""
         table = self.rope_table(k_cache.shape[1], q.shape[-1], theta) if self.triton else None
         return self._call("rope_to_cache", q, key, v, pos, k_cache, v_cache, theta, table)
+
+    def attention(self, q, k_cache, v_cache, kv_len):
+        """Attention of q [B,k,H,hd] over the caches -> [B, k, H*hd]. With ``split_kv``, Triton's split-KV
+        kernel for a few rows per sequence; torch's attention otherwise (and for more rows: enough query
+        blocks to fill the GPU without splitting)."""
+        few_rows = q.shape[1] <= attention.MAX_ROWS
+        return self._call("attention", q, k_cache, v_cache, kv_len, self.padded, triton=self.split_kv and few_rows)
 
     def rope_table(self, n: int, head_dim: int, theta: float):
         """cos/sin for positions 0..n-1, computed once per (head_dim, theta) and grown when n grows."""

@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_choice(p, "--kernels", KERNEL_PATHS, default="auto",
                help="the work around the engines (and inside torch layers): auto = Triton kernels on CUDA, "
                     "their torch twins on the CPU; plain = the unfused torch path")
+    add_choice(p, "--attention", ("torch", "split-kv"), default="torch",
+               help="the torch layers' attention of a few rows over the caches: torch's (default) or the split-KV "
+                    "Triton kernel (--kernels triton, or auto on CUDA)")
     p.add_argument("--verify", action="store_true",
                    help="hash every file of the engine directory against its manifest before loading (by default "
                         "files unchanged since they were last verified are trusted; sizes are always checked)")
@@ -416,6 +419,12 @@ def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
     source = open_source(args, cfg)
     try:
         engines = source.engines
+        if args.attention == "split-kv":
+            if args.backend != "torch" or engines.ops is None or not engines.ops.triton:
+                raise ConfigError("--attention split-kv is a Triton kernel of the torch backend: add --backend torch "
+                                  "--kernels triton (the default --kernels auto picks Triton on CUDA)")
+            engines.ops.split_kv = True
+        source.description["attention"] = args.attention
         with torch_threads(engines.torch_threads):
             return _bench(args, argv, cfg, source, log)
     finally:

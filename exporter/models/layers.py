@@ -57,6 +57,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Non-causal attention of q [B,k,H,hd] over keys/values [B,N,Hkv,hd] (Hkv divides H); softmax in fp32.
+    ``key_valid`` [B, N] bool: the keys each sequence may attend to (None: all). Returns [B, k, H*hd]."""
+    B, k, H, hd = q.shape
+    group = H // keys.shape[2]
+    if q.is_cuda and not torch.onnx.is_in_onnx_export():
+        # Fused attention on the GPU (fp32 accumulation inside); the explicit path below is
+        # what gets exported and what CPU runs, so CPU results match the ONNX graphs.
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2),
+                                             values.transpose(1, 2), attn_mask=mask, enable_gqa=group > 1)
+        return out.transpose(1, 2).reshape(B, k, H * hd)
+    qh = q.transpose(1, 2).float()                                       # [B, H, k, hd]
+    kh = keys.transpose(1, 2).float().repeat_interleave(group, dim=1)    # [B, H, N, hd]
+    vh = values.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * (hd ** -0.5)       # [B, H, k, N]
+    if key_valid is not None:   # padding keys: exp(-inf) = 0, so every valid score is unchanged
+        scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, vh).to(q.dtype)                            # [B, H, k, hd]
+    return out.transpose(1, 2).reshape(B, k, H * hd)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU MLP. Parameter names are internal; the loader maps HF names."""
 
@@ -94,26 +118,8 @@ class DecoderLayer(nn.Module):
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Non-causal attention of q [B,k,H,hd] over keys/values [B,N,Hkv,hd]; softmax in fp32.
-        ``key_valid`` [B, N] bool: the keys each sequence may attend to (None: all)."""
-        B, k, H, hd = q.shape
-        group = H // self.n_kv_heads
-        if q.is_cuda and not torch.onnx.is_in_onnx_export():
-            # Fused attention on the GPU (fp32 accumulation inside); the explicit path below is
-            # what gets exported and what CPU runs, so CPU results match the ONNX graphs.
-            mask = None if key_valid is None else key_valid[:, None, None, :]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2),
-                                                 values.transpose(1, 2), attn_mask=mask, enable_gqa=group > 1)
-            return self.o_proj(out.transpose(1, 2).reshape(B, k, H * hd))
-        qh = q.transpose(1, 2).float()                                   # [B, H, k, hd]
-        kh = keys.transpose(1, 2).float().repeat_interleave(group, dim=1)   # [B, H, N, hd]
-        vh = values.transpose(1, 2).float().repeat_interleave(group, dim=1)
-        scores = torch.matmul(qh, kh.transpose(-1, -2)) * (hd ** -0.5)   # [B, H, k, N]
-        if key_valid is not None:   # padding keys: exp(-inf) = 0, so every valid score is unchanged
-            scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, vh).to(q.dtype)                        # [B, H, k, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(B, k, H * hd))
+        """o_proj of ``attention(q, keys, values, key_valid)``: q [B,k,H,hd] -> [B, k, D]."""
+        return self.o_proj(attention(q, keys, values, key_valid))
 
     def mlp(self, y: torch.Tensor) -> torch.Tensor:
         n = self.mlp_norm(y)

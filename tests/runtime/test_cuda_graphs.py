@@ -77,7 +77,7 @@ def _recording(executor, cfg, rows_log, replay: bool):
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dcu-reference", "dllm-cache"])
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dcu-reference", "dllm-cache", "dcu+apd@split-kv"])
 def test_triton_path_given_the_same_rows_decodes_what_the_plain_path_decodes(arch, method):
     """Change scores drive a top-k, so a last-bit difference between two float reduction orders (Triton's
     and torch's cosine, RMSNorm, joined products) can pick another row at a near-tie and the answers
@@ -85,16 +85,19 @@ def test_triton_path_given_the_same_rows_decodes_what_the_plain_path_decodes(arc
     decode the same tokens; the scores themselves are compared against their twin in tests/kernels; and
     on its own choice the Triton path recomputes the same number of rows every step."""
     model = _model(arch)
+    method, _, attention = method.partition("@")
     cfg = _cfg(method)
     prompt = torch.randint(10, 90, (1, 13), generator=torch.Generator().manual_seed(1))
     plain, fused = (Executor(torch_engine_set(model, "fp32", "cuda", kernels=k)) for k in ("plain", "triton"))
+    own_engines = torch_engine_set(model, "fp32", "cuda", kernels="triton", cuda_graphs=True)
+    fused.engines.ops.split_kv = own_engines.ops.split_kv = attention == "split-kv"
     rows_log: list = []
     _recording(plain, cfg, rows_log, replay=False)
     _recording(fused, cfg, rows_log, replay=True)
     want = decode(plain.engines, prompt, cfg, executor=plain)
     got = decode(fused.engines, prompt, cfg, executor=fused)
     assert got.ids == want.ids and got.rows_per_step == want.rows_per_step
-    own = decode(torch_engine_set(model, "fp32", "cuda", kernels="triton", cuda_graphs=True), prompt, cfg)
+    own = decode(own_engines, prompt, cfg)
     assert own.rows_per_step == want.rows_per_step and sum(own.tokens_per_step) == cfg.gen_length
 
 
@@ -114,7 +117,7 @@ def test_graphs_need_torch_cuda():
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("method", ["full", "dual+threshold", "dllm-cache", "dcu", "dcu+apd"])
+@pytest.mark.parametrize("method", ["full", "dual+threshold", "dllm-cache", "dcu", "dcu+apd", "dcu+apd@split-kv"])
 def test_batch_with_graphs_and_triton_equals_solo(arch, method):
     """A batch of prompts of different lengths, captured and replayed, gives every sequence exactly the tokens
     and rows it gets alone (same kernels, eager, one sequence at a time)."""
@@ -123,6 +126,8 @@ def test_batch_with_graphs_and_triton_equals_solo(arch, method):
     model = _model(arch)
     eager = torch_engine_set(model, "fp32", "cuda", kernels="triton")
     fused = torch_engine_set(model, "fp32", "cuda", kernels="triton", cuda_graphs=True)
+    method, _, attention = method.partition("@")
+    eager.ops.split_kv = fused.ops.split_kv = attention == "split-kv"
     cfg = _cfg(method)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(10, 90, (n,), generator=g).tolist() for n in (5, 13, 9, 2)]

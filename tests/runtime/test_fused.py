@@ -75,6 +75,39 @@ def test_triton_kernels_decode_what_the_plain_path_decodes(arch, method, tiny_mo
     assert tri.ops.launches > 0
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_split_kv_batches_exactly_and_full_schedule_keeps_the_reference(arch, tiny_models, monkeypatch):
+    """The split-KV kernel's sums do not depend on the batch: each sequence of a batch decodes what it decodes
+    alone; and ``full`` + ``schedule`` still gives the plain path's tokens."""
+    from dllm.runtime.loop import decode_batch
+
+    model = tiny_models[arch]
+    tri = torch_engine_set(model, "fp32", kernels="triton")
+    tri.ops.split_kv = True
+    ran = _count_split_kv(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(6, 90, (n,), generator=g).tolist() for n in (5, 13)]
+    cfg = _config("dcu+apd").replace(gen_length=8, steps=8)
+    solo = [decode(tri, p, cfg) for p in prompts]
+    for a, b in zip(solo, decode_batch(tri, prompts, cfg, batch_size=2)):
+        assert b.ids == a.ids and b.rows_per_step == a.rows_per_step and b.commit_step == a.commit_step
+    full = _config("full").replace(gen_length=8, steps=8)
+    plain = torch_engine_set(model, "fp32", kernels="plain")
+    assert decode(tri, prompts[1], full).ids == decode(plain, prompts[1], full).ids
+    assert len(ran) > 0
+
+
+def _count_split_kv(monkeypatch) -> list:
+    """Record each launch of the split-KV kernel (returned list grows by one per call)."""
+    from dllm.kernels import ops
+
+    twin, kernel = ops._KERNELS["attention"]
+    ran = []
+    monkeypatch.setitem(ops._KERNELS, "attention", (twin, lambda *a, **k: ran.append(1) or kernel(*a, **k)))
+    return ran
+
+
 @contextlib.contextmanager
 def no_host_sync():
     """Make every tensor-to-host read raise: a step body that passes can be recorded as a CUDA graph."""

@@ -109,7 +109,19 @@ def test_random_weights_ort_shared_layer(spec_json, tmp_path, capsys):
     assert rep["methods"]["dcu-reference"]["config"]["proxy"] == "value"   # needed the vproj engines
 
 
+def test_split_kv_attention_on_the_triton_path(spec_json, tmp_path, capsys):
+    from dllm.kernels._triton import HAVE_TRITON
+
+    if not HAVE_TRITON:
+        pytest.skip("needs triton")
+    rep = run_bench(["--random-weights", str(spec_json), "--backend", "torch", "--kernels", "triton",
+                     "--attention", "split-kv", "--methods", "dcu", "--prompt-len", "12", "--num-prompts", "1",
+                     "--repeat", "1", "--warmup", "0", "--gen-length", "8", "--block-length", "8"], tmp_path, capsys)
+    assert rep["engine"]["attention"] == "split-kv" and rep["methods"]["dcu"]["generations"] == 1
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--attention", "split-kv"], "--attention split-kv is a Triton kernel of the torch backend"),
     (["--methods", "full,nope"], "unknown cache policy"),
     (["--methods", "dcu,dcu"], "twice"),
     (["--repeat", "0"], "--repeat"),
