@@ -10,8 +10,10 @@
 #              path (the "before" of the same run), at each prompt length given
 #   kernels    versions and the kernel tests only (each Triton kernel vs its torch twin on the GPU)
 #   verify     the fused path only (two warm-up rounds): profiled at the first prompt length, then the GPU
-#              tests, attention backends timed at the step's shapes (scripts/sdpa-backends.py), and the other
-#              prompt lengths unprofiled (about 5 minutes)
+#              tests, attention backends timed at the step's shapes (scripts/sdpa-backends.py), the
+#              roofline's figures measured and its prediction of the profiled step (roofline measure/compare
+#              --figures), `dcu` and `dcu+apd` with the split-KV attention kernel (--attention split-kv),
+#              and the other prompt lengths unprofiled (about 7 minutes)
 #   tests      versions and the GPU tests (kernels vs twins, graph replay == eager, Triton path == plain path)
 #   batch      batched decoding at the first prompt length (default 512): `full`, `dcu` and `dcu+apd` at
 #              batch 1, 4 and 16 side by side (dllm-bench --batch 1,4,16, 16 prompts), about 7 minutes
@@ -24,6 +26,7 @@
 # One failing step does not stop the others; the exit status is the number of failed steps.
 #
 # Environment (defaults): SHAPE=llada-8b DEVICE=cuda DTYPE=bf16 GEN=256 BLOCK=32 OUT=gpu-out
+# FIGURES (verify: the roofline's device figures; default h200 on an H200, h100-sxm otherwise)
 # A CPU smoke run: DEVICE=cpu DTYPE=fp32 SHAPE=spec.json GEN=16 BLOCK=16 bash scripts/measure-gpu.sh torch 32
 set -u
 stage=${1:?usage: bash scripts/measure-gpu.sh all|main|verify|kernels|tests|batch|torch|ort [PROMPT_LEN ...]}
@@ -100,8 +103,17 @@ main)
 verify)
     versions
     fused_benches "${prompts[0]}"
-    gpu_tests 75
-    step sdpa-backends 20 python3 scripts/sdpa-backends.py
+    gpu_tests 100
+    step sdpa-backends 40 python3 scripts/sdpa-backends.py
+    # the roofline's figures measured on this GPU, and its prediction of the step just measured (docs/jetson.md)
+    fig=${FIGURES:-$(python3 -c "import torch; print('h200' if 'H200' in torch.cuda.get_device_name(0) else 'h100-sxm')")}
+    step roofline-measure 60 python3 -m dllm.tools.roofline measure --device-figures "$fig" \
+        --json "$OUT/roofline-figures.json"
+    step roofline-compare 20 python3 -m dllm.tools.roofline compare "$OUT/bench-torch-p${prompts[0]}.json" \
+        --device "$fig" --figures "$OUT/roofline-figures.json" --json "$OUT/roofline-compare.json"
+    # the same step with the split-KV attention kernel (opt-in until this comparison favours it)
+    METHODS=dcu@allocation=uniform,dcu+apd@allocation=uniform WARMUP=2 bench "bench-splitkv-p${prompts[0]}" \
+        "${prompts[0]}" auto torch 90 --attention split-kv
     for p in "${prompts[@]:1}"; do
         WARMUP=2 bench "bench-torch-p$p" "$p" auto torch 75 --plot "$OUT/bench-torch-p$p.png"
     done

@@ -3,7 +3,8 @@
     python -m dllm.tools.roofline step --bench docs/bench-gpu-h100-llada8b-p1024.json --devices orin-nx-16gb
     python -m dllm.tools.roofline compare docs/bench-gpu-h100-llada8b-p1024.json --device h100-sxm
     python -m dllm.tools.roofline fit --model llada-8b --canvas 1280
-    python -m dllm.tools.roofline measure --device-figures h100-sxm    # on a GPU: achieved GB/s and TFLOPS
+    python -m dllm.tools.roofline measure --device-figures h100-sxm --json fig.json   # on a GPU
+    python -m dllm.tools.roofline compare BENCH.json --device h100-sxm --figures fig.json
 
 A step is a sequence of kernels; each takes max(bytes / bandwidth, FLOPs / tensor throughput), and the
 step is their sum (a per-kernel roofline, no overlap between kernels). Per layer with ``r`` rows recomputed
@@ -22,9 +23,11 @@ device's figures times ``--bw-efficiency`` (0.9 by default: a 1 GiB device copy 
 2.99 TB/s, 0.89 of its 3.35 TB/s) and ``--compute-efficiency`` (0.75 by default: LLaDA-8B's seven layer
 matrix products at 1280 rows ran at 766 TFLOPS on an H100 in bf16, 0.77 of 989; ``measure`` reports both
 on your GPU); activations are 2 bytes; kernels do not overlap and cost no launch time unless
-``--kernel-overhead-us`` says otherwise (0 by default). Anything the
-model leaves out (normalization and RoPE kernels, casts, top-k and commit, host time) shows up as the gap to
-the measurement, which ``compare`` prints.
+``--kernel-overhead-us`` says otherwise (0 by default). ``--figures`` replaces these assumptions by what
+``measure`` found on a GPU (copy bandwidth, the bandwidth of products with few rows, the throughput of
+products with many, the cost of one more kernel in a CUDA graph, charged for every kernel the bench's
+profile counted). Anything the model leaves out (normalization and RoPE kernels, casts, top-k and commit,
+host time) shows up as the gap to the measurement, which ``compare`` prints.
 """
 
 from __future__ import annotations
@@ -96,10 +99,15 @@ class Assumptions:
     act_bytes: int = 2
     block: int = 128                   # int4 block
     quant_head: bool = False           # LM head (and embedding) quantized too
+    # bandwidth efficiency of weight-bound matrix products with few rows (None: bw_efficiency); measured
+    # products of 70 rows stream their weights slower than a plain copy does
+    skinny_bw_efficiency: float | None = None
+    skinny_rows: int = 256             # up to this many rows a product counts as skinny
+    count_kernels: bool = False        # launch overhead per kernel the bench's profile counted, not per modelled one
 
     def __post_init__(self):
-        for name in ("bw_efficiency", "compute_efficiency"):
-            if not 0 < getattr(self, name) <= 1:
+        for name in ("bw_efficiency", "compute_efficiency", "skinny_bw_efficiency"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
         if self.kernel_overhead_us < 0:
             raise ConfigError(f"--kernel-overhead-us must be >= 0, got {self.kernel_overhead_us}")
@@ -126,14 +134,18 @@ class StepCost:
 
 
 def step_cost(spec: ModelSpec, rows_per_layer: list[float], canvas: int, head_rows: int, device: Device,
-              precision: Precision, a: Assumptions = Assumptions()) -> StepCost:
-    """Roofline time of one step with ``rows_per_layer[l]`` rows recomputed in layer l over ``canvas`` positions."""
+              precision: Precision, a: Assumptions = Assumptions(), kernels: float | None = None) -> StepCost:
+    """Roofline time of one step with ``rows_per_layer[l]`` rows recomputed in layer l over ``canvas`` positions.
+    ``kernels``: the kernels a step really launches (a bench profile's count); with ``a.count_kernels`` the
+    launch overhead is charged for each of them instead of for each modelled kernel."""
     if len(rows_per_layer) != spec.n_layers:
         raise ConfigError(f"rows_per_layer has {len(rows_per_layer)} entries, the model {spec.n_layers} layers")
     bw = device.bandwidth_gb_s * GB * a.bw_efficiency            # bytes/s
+    skinny_bw = device.bandwidth_gb_s * GB * (a.skinny_bw_efficiency or a.bw_efficiency)
     peak = device.tensor_tflops * 1e12 * a.compute_efficiency    # FLOP/s
-    launch = a.kernel_overhead_us * 1e-6
-    kernel = lambda nbytes, flops: max(nbytes / bw, flops / peak) + launch   # noqa: E731
+    per_kernel = a.kernel_overhead_us * 1e-6
+    launch = 0.0 if (a.count_kernels and kernels) else per_kernel
+    kernel = lambda nbytes, flops, b=bw: max(nbytes / b, flops / peak) + launch   # noqa: E731
     N, D, act = canvas, spec.d_model, a.act_bytes
     kv = spec.n_kv_heads * spec.head_dim
     parts = {"matmul": 0.0, "attention": 0.0, "row traffic": 0.0, "head": 0.0}
@@ -142,7 +154,7 @@ def step_cost(spec: ModelSpec, rows_per_layer: list[float], canvas: int, head_ro
         for _, i, o in matrices(spec):
             wb = precision.weight_bytes(i * o, i, o, a.block)
             io = r * (i + o) * act
-            parts["matmul"] += kernel(wb + io, 2 * r * i * o)
+            parts["matmul"] += kernel(wb + io, 2 * r * i * o, skinny_bw if r <= a.skinny_rows else bw)
             weight, other, flops = weight + wb, other + io, flops + 2 * r * i * o
         kv_bytes = 2 * N * kv * act
         attn_flops = 4 * r * N * spec.n_heads * spec.head_dim
@@ -156,6 +168,8 @@ def step_cost(spec: ModelSpec, rows_per_layer: list[float], canvas: int, head_ro
     head_io = head_rows * (D + spec.vocab_size) * act + N * D * act    # + the embedding gather of the canvas
     parts["head"] = kernel(head_w + head_io, 2 * head_rows * D * spec.vocab_size) + kernel(N * D * act, 0)
     weight, other, flops = weight + head_w, other + head_io, flops + 2 * head_rows * D * spec.vocab_size
+    if a.count_kernels and kernels:
+        parts["launches"] = kernels * per_kernel
     total = sum(parts.values())
     return StepCost(total * 1e3, weight / GB, other / GB, flops / 1e12, {k: v * 1e3 for k, v in parts.items()})
 
@@ -217,9 +231,11 @@ def bench_methods(report: dict) -> dict[str, dict]:
     out = {}
     for name, m in report["methods"].items():
         cfg = m.get("config", decode)
+        ops = (m.get("profile") or {}).get("ops") or {}
         out[name] = {"rows": list(m["rows_per_layer"]), "canvas": round(m["canvas_len_mean"]),
                      "head_rows": min(cfg["block_length"], cfg["gen_length"]), "measured_ms": m["step_ms_mean"],
-                     "steps": m["steps_mean"]}
+                     "steps": m["steps_mean"],
+                     "kernels": ops.get("per_step") if ops.get("what") == "CUDA kernels" else None}
     return out
 
 
@@ -233,7 +249,7 @@ def compare(report: dict, device: Device, a: Assumptions) -> list[dict]:
     spec = bench_spec(report)
     rows = []
     for name, m in bench_methods(report).items():
-        cost = step_cost(spec, m["rows"], m["canvas"], m["head_rows"], device, Precision.FP16, a)
+        cost = step_cost(spec, m["rows"], m["canvas"], m["head_rows"], device, Precision.FP16, a, m["kernels"])
         rows.append({"method": name, "predicted_ms": cost.ms, "measured_ms": m["measured_ms"],
                      "measured_over_predicted": m["measured_ms"] / cost.ms, **{"parts_ms": cost.parts_ms}})
     return rows
@@ -246,7 +262,7 @@ def step_table(report: dict, devices: list[Device], precisions: list[Precision],
     for dev in devices:
         for prec in precisions:
             for name, m in bench_methods(report).items():
-                cost = step_cost(spec, m["rows"], m["canvas"], m["head_rows"], dev, prec, a)
+                cost = step_cost(spec, m["rows"], m["canvas"], m["head_rows"], dev, prec, a, m["kernels"])
                 out.append({"device": dev.name, "precision": prec.value, "method": name, "ms": cost.ms,
                             "weight_gb": cost.weight_gb, "tflop": cost.tflop, "steps": m["steps"]})
     return out
@@ -305,7 +321,41 @@ def measure(device_name: str, spec: ModelSpec, rows: tuple[int, ...] = (1280, 70
                        "compute_efficiency": flops / secs / 1e12 / dev.tensor_tflops,
                        "bw_efficiency": nbytes / secs / GB / dev.bandwidth_gb_s}
     out["rows"] = per_rows
+    # what one more kernel costs inside a CUDA graph (the runtime replays whole steps): n tiny dependent kernels
+    n, t = 200, torch.zeros(1, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        t.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            t.add_(1)
+    out["launch_us"] = timed(graph.replay) / n * 1e6
     return out
+
+
+def figures_assumptions(path: Path, device: Device, base: Assumptions) -> Assumptions:
+    """``base`` with the efficiencies and the per-kernel cost that ``measure --json`` found on a GPU: the copy's
+    bandwidth for memory-bound kernels, the products' bandwidth at the fewest rows measured for skinny
+    products, their throughput at the most rows for compute-bound ones, and the launch cost per kernel
+    (charged for every kernel the bench's profile counted)."""
+    try:
+        fig = json.loads(Path(path).read_text())
+        rows = {int(r): v for r, v in fig["rows"].items()}
+        few, many = rows[min(rows)], rows[max(rows)]
+        figures, launch = fig["figures"], fig["launch_us"]
+        bw, skinny, compute = fig["bw_efficiency"], few["bw_efficiency"], many["compute_efficiency"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read measured figures from {path} ({e!r}); write them on the GPU with "
+                          "python -m dllm.tools.roofline measure --json FILE") from None
+    if figures != device.name:
+        raise ConfigError(f"{path} holds efficiencies relative to {figures}'s figures; pass --device {figures} "
+                          f"(or measure again with --device-figures {device.name})")
+    return dataclasses.replace(base, bw_efficiency=min(bw, 1.0), compute_efficiency=min(compute, 1.0),
+                               skinny_bw_efficiency=min(skinny, 1.0), skinny_rows=max(min(rows), 1) * 2,
+                               kernel_overhead_us=launch, count_kernels=True)
 
 
 def step_markdown(rows: list[dict]) -> str:
@@ -343,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--block", type=int, default=Assumptions.block, help="int4 block size")
     common.add_argument("--quant-head", action="store_true", help="the LM head and embedding quantized too")
     common.add_argument("--json", type=Path, metavar="OUT", help="also write the table as JSON")
+    common.add_argument("--figures", type=Path, metavar="MEASURED.json",
+                        help="efficiencies and per-kernel cost measured on the GPU (measure --json) instead of "
+                             "the assumptions above; launch cost is then charged per kernel the bench profile counted")
     c = sub.add_parser("compare", parents=[common], help="predicted vs measured ms per step of a bench JSON")
     c.add_argument("bench", type=Path)
     c.add_argument("--device", default="h100-sxm", help=f"figures to predict with ({', '.join(DEVICES)})")
@@ -358,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("measure", help="achieved bandwidth and bf16 GEMM throughput of this GPU")
     m.add_argument("--device-figures", default="h100-sxm", help="figures to divide by")
     m.add_argument("--model", default="llada-8b")
+    m.add_argument("--rows", default="1280,70", help="row counts to time the layer's products at (default 1280,70)")
     m.add_argument("--json", type=Path, metavar="OUT")
     return p
 
@@ -370,19 +424,33 @@ def _assumptions(args) -> Assumptions:
 def run(args) -> tuple[str, object]:
     """(printed text, JSON-ready result) of one command."""
     if args.command == "measure":
-        result = measure(args.device_figures, model_spec(args.model))
+        try:
+            rows = tuple(int(r) for r in args.rows.split(","))
+        except ValueError:
+            raise ConfigError(f"--rows {args.rows!r}: expected comma-separated row counts, e.g. 1280,70") from None
+        result = measure(args.device_figures, model_spec(args.model), rows)
         lines = [f"{result['device']}: copy {result['copy_gb_s']:.0f} GB/s ({result['bw_efficiency']:.2f} of "
                  f"{result['figures']})"]
         lines += [f"  {r} rows: layer matmuls {v['layer_matmul_ms']:.3f} ms, {v['tflops']:.0f} TFLOPS "
                   f"({v['compute_efficiency']:.2f} of peak), {v['gb_s']:.0f} GB/s ({v['bw_efficiency']:.2f})"
                   for r, v in result["rows"].items()]
+        lines.append(f"  one more kernel in a CUDA graph: {result['launch_us']:.2f} us")
         return "\n".join(lines), result
     a = _assumptions(args)
-    head = (f"assumptions: bandwidth x{a.bw_efficiency}, tensor throughput x{a.compute_efficiency}, "
-            f"{a.kernel_overhead_us} us per kernel, int4 block {a.block}, head/embedding "
+    device = _devices(args.device)[0] if args.command == "compare" else None
+    if args.figures is not None:
+        if device is None:
+            raise ConfigError("--figures applies to compare: measured efficiencies belong to the GPU they were "
+                              "measured on, not to the modules a step table predicts")
+        a = figures_assumptions(args.figures, device, a)
+    skinny = "" if a.skinny_bw_efficiency is None else \
+        f" (products of <= {a.skinny_rows} rows x{a.skinny_bw_efficiency:.2f})"
+    launches = "per kernel of the bench's profile" if a.count_kernels else "per modelled kernel"
+    head = (f"assumptions{' (measured: ' + str(args.figures) + ')' if args.figures else ''}: bandwidth "
+            f"x{a.bw_efficiency:.2f}{skinny}, tensor throughput x{a.compute_efficiency:.2f}, "
+            f"{a.kernel_overhead_us:.2f} us {launches}, int4 block {a.block}, head/embedding "
             f"{'quantized' if a.quant_head else 'fp16'}")
     if args.command == "compare":
-        device = _devices(args.device)[0]
         rows = compare(read_bench(args.bench), device, a)
         lines = [head, f"{'method':<30} {'predicted ms':>12} {'measured ms':>12} {'measured/predicted':>19}"]
         lines += [f"{r['method']:<30} {r['predicted_ms']:>12.2f} {r['measured_ms']:>12.2f} "

@@ -1,5 +1,6 @@
 """The roofline model of a decode step and the memory fit table (tools/roofline.py)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,46 @@ def test_cli(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="needs a CUDA GPU"):
             rl.measure("h100-sxm", LLADA)
+
+
+H200_BENCH = ROOT / "docs" / "bench-gpu-h200-llada8b-p1024.json"
+
+
+def figures(tmp_path, **changes):
+    """A measured-figures file in the format ``measure --json`` writes."""
+    fig = {"device": "NVIDIA H200", "figures": "h200", "copy_gb_s": 4250.0, "bw_efficiency": 0.88,
+           "rows": {"1280": {"compute_efficiency": 0.7, "bw_efficiency": 0.2},
+                    "70": {"compute_efficiency": 0.15, "bw_efficiency": 0.6}},
+           "launch_us": 2.0, **changes}
+    path = tmp_path / "fig.json"
+    path.write_text(json.dumps(fig))
+    return path
+
+
+def test_measured_figures_set_the_efficiencies_and_charge_every_profiled_kernel(tmp_path):
+    dev = rl.DEVICES["h200"]
+    a = rl.figures_assumptions(figures(tmp_path), dev, rl.Assumptions())
+    assert (a.bw_efficiency, a.skinny_bw_efficiency, a.compute_efficiency) == (0.88, 0.6, 0.7)
+    assert a.kernel_overhead_us == 2.0 and a.count_kernels and a.skinny_rows == 140
+    report = rl.read_bench(H200_BENCH)
+    kernels = {n: m["profile"]["ops"]["per_step"] for n, m in report["methods"].items()}
+    rows = {r["method"]: r for r in rl.compare(report, dev, a)}
+    for name, r in rows.items():
+        assert r["parts_ms"]["launches"] == pytest.approx(kernels[name] * 2e-3)
+    # the skinny products of a DCU step stream at 0.6 of the bandwidth, not 0.88: slower than the default model
+    plain = {r["method"]: r for r in rl.compare(report, dev, rl.Assumptions())}
+    dcu = "dcu@allocation=uniform"
+    assert rows[dcu]["parts_ms"]["matmul"] > plain[dcu]["parts_ms"]["matmul"] * 0.88 / 0.6 * 0.95
+
+
+def test_measured_figures_cli_and_bad_files(tmp_path, capsys):
+    assert rl.main(["compare", str(H200_BENCH), "--device", "h200", "--figures", str(figures(tmp_path))]) == 0
+    assert "per kernel of the bench's profile" in capsys.readouterr().out
+    assert rl.main(["compare", str(H200_BENCH), "--device", "h100-sxm", "--figures", str(figures(tmp_path))]) == 2
+    assert "pass --device h200" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": {}}')
+    assert rl.main(["compare", str(H200_BENCH), "--device", "h200", "--figures", str(bad)]) == 2
+    assert "measure --json" in capsys.readouterr().err
+    assert rl.main(["fit", "--figures", str(figures(tmp_path))]) == 2
+    assert "--figures applies to compare" in capsys.readouterr().err
