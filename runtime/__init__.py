@@ -17,7 +17,7 @@ import importlib
 _EXPORTS = {
     "Alg": "config", "Allocation": "config", "ApdMode": "config", "CachePolicyKind": "config",
     "CommitPolicyKind": "config", "DecodeConfig": "config", "Proxy": "config", "Remasking": "config",
-    "DecodeResult": "loop", "decode": "loop", "method_config": "methods",
+    "BatchDecoder": "loop", "DecodeResult": "loop", "decode": "loop", "method_config": "methods",
     "GenerationResult": "pipeline", "Pipeline": "pipeline",
 }
 

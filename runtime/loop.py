@@ -21,6 +21,7 @@ positions, which the loop needs anyway to stop adaptive blocks and to centre the
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Callable
@@ -227,11 +228,7 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
     dropped), in the order of ``prompts``."""
     stopped = (lambda i: False) if stop is None else stop
     finished = (lambda i, result: None) if on_finish is None else on_finish
-    if not isinstance(cfg, DecodeConfig):
-        raise ConfigError(f"decode needs a DecodeConfig, got {type(cfg).__name__}")
-    if cfg.cfg_scale > 0:
-        raise ConfigError("classifier-free guidance (--cfg-scale) decodes one prompt at a time; "
-                          "pass the prompts one by one")
+    _check_batch_config(cfg)
     spec, device = engines.spec, torch.device(engines.device)
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ConfigError(f"decode_batch needs a non-empty list of prompts, got {type(prompts).__name__}")
@@ -243,15 +240,7 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
         except ConfigError as e:
             raise ConfigError(f"prompt {i}: {e}") from None
         tensors.append(t)
-    limit = engines.max_batch
-    B = len(prompts) if batch_size is None else batch_size
-    if isinstance(B, bool) or not isinstance(B, int) or B < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if limit is not None and B > limit:
-        raise ConfigError(f"batch size {B} exceeds the {limit} sequences these engines take at once (their "
-                          f"--max-batch); pass batch_size={limit} or less (the other prompts wait for a slot), or "
-                          f"re-export with dllm-export --max-batch {B}")
-    B = min(B, len(prompts))
+    B = min(_check_batch_size(len(prompts) if batch_size is None else batch_size, engines), len(prompts))
     executor = executor or Executor(engines)
     if B == 1:                      # one slot: each prompt on its own canvas, no padding
         results: list[DecodeResult | None] = [None] * len(prompts)
@@ -271,55 +260,147 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
                     steps.close()
                     break
         return results
-    G = cfg.gen_length
     bucket = CANVAS_BUCKET if executor.cuda_graphs else 1
-    N = canvas_length([t.shape[1] for t in tensors], G, max_seq_len or spec.max_seq_len, bucket)
-    first = executor.cache_policy(cfg, spec, 0)
-    executor.reset(B, N - G, N, first)
-    canvas = executor.canvas                                                        # [B, N]
-    canvas.fill_(spec.mask_id)
-    slots: list[SequenceRun | None] = [None] * B
-    lengths = [N] * B
-    waiting = list(range(len(prompts)))[::-1]                                       # popped from the end
-    results: list[DecodeResult | None] = [None] * len(prompts)
+    N = canvas_length([t.shape[1] for t in tensors], cfg.gen_length, max_seq_len or spec.max_seq_len, bucket)
+    batch = BatchDecoder(engines, cfg, B, N, executor=executor, max_seq_len=max_seq_len, stop=stop,
+                         on_finish=on_finish)
+    for t in tensors:
+        batch.submit(t)
+    while events := batch.step():
+        yield from events
+    return [batch.results.get(i) for i in range(len(prompts))]
 
-    def admit(b: int) -> SequenceRun:
-        i = waiting.pop()
-        run = SequenceRun(i, tensors[i], cfg, executor.cache_policy(cfg, spec, b), executor.commit_policy(cfg, spec, b),
-                          slot=b)
-        canvas[b, :run.P] = tensors[i][0]
-        canvas[b, run.P:run.N] = spec.mask_id
-        canvas[b, run.N:] = spec.eos_ids[0]         # padding rows: any real token; never attended to
-        executor.clear_slot(b)
-        lengths[b] = run.N
-        run.start(spec.n_layers, spec.vocab_size, device)
+
+def _check_batch_config(cfg) -> None:
+    if not isinstance(cfg, DecodeConfig):
+        raise ConfigError(f"decode needs a DecodeConfig, got {type(cfg).__name__}")
+    if cfg.cfg_scale > 0:
+        raise ConfigError("classifier-free guidance (--cfg-scale) decodes one prompt at a time; "
+                          "pass the prompts one by one")
+
+
+def _check_batch_size(B, engines: EngineSet) -> int:
+    limit = engines.max_batch
+    if isinstance(B, bool) or not isinstance(B, int) or B < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {B!r}")
+    if limit is not None and B > limit:
+        raise ConfigError(f"batch size {B} exceeds the {limit} sequences these engines take at once (their "
+                          f"--max-batch); pass batch_size={limit} or less (the other prompts wait for a slot), or "
+                          f"re-export with dllm-export --max-batch {B}")
+    return B
+
+
+class BatchDecoder:
+    """Step-level continuous batching of prompts that share one DecodeConfig: ``batch_size`` slots over a
+    canvas of ``canvas_len`` rows. ``submit`` queues a prompt at any time (it takes the next free slot, in
+    order of submission); ``step`` runs one batched step of every running sequence and returns its events
+    ``(index, canvas, view, committed)``, one per sequence, or [] once nothing is running or waiting.
+
+    Each sequence gets exactly what ``decode`` gives its prompt alone, whenever it joins. A prompt fits when
+    prompt + gen_length <= canvas_len (``room``): the canvas is fixed for the batch's life. ``cancel(index)``
+    (or ``stop(index)`` returning True) drops a prompt between two steps, or before it starts: its slot
+    goes to the next waiting prompt and it gets no result. ``results[index]``: each finished prompt's
+    DecodeResult, also handed to ``on_finish(index, result)`` as soon as it ends.
+    """
+
+    def __init__(self, engines: EngineSet, cfg: DecodeConfig, batch_size: int, canvas_len: int, *,
+                 executor: Executor | None = None, max_seq_len: int | None = None,
+                 stop: Callable[[int], bool] | None = None,
+                 on_finish: Callable[[int, DecodeResult], None] | None = None):
+        _check_batch_config(cfg)
+        B, spec = _check_batch_size(batch_size, engines), engines.spec
+        if not cfg.gen_length < canvas_len <= (max_seq_len or spec.max_seq_len):
+            raise ConfigError(f"canvas_len {canvas_len} must exceed gen_length {cfg.gen_length} (room for a prompt) "
+                              f"and stay within max_seq_len {max_seq_len or spec.max_seq_len}")
+        self.engines, self.cfg, self.spec, self.max_seq_len = engines, cfg, spec, max_seq_len
+        self.device = torch.device(engines.device)
+        self.executor = executor = executor or Executor(engines)
+        self.B, self.N = B, canvas_len
+        self._stop = (lambda i: False) if stop is None else stop
+        self._on_finish = (lambda i, result: None) if on_finish is None else on_finish
+        executor.reset(B, canvas_len - cfg.gen_length, canvas_len, executor.cache_policy(cfg, spec, 0))
+        self.canvas = executor.canvas                                                   # [B, N]
+        self.canvas.fill_(spec.mask_id)
+        self.slots: list[SequenceRun | None] = [None] * B
+        self.lengths = [canvas_len] * B
+        self.prompts: list[torch.Tensor] = []
+        self.waiting: collections.deque[int] = collections.deque()
+        self.cancelled: set[int] = set()
+        self.results: dict[int, DecodeResult] = {}
+
+    @property
+    def room(self) -> int:
+        """The longest prompt this batch takes: its canvas less the generation."""
+        return self.N - self.cfg.gen_length
+
+    @property
+    def free_slots(self) -> int:
+        """Slots that no running or waiting prompt will take."""
+        return self.B - sum(run is not None for run in self.slots) - len(self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and all(run is None for run in self.slots)
+
+    def submit(self, prompt) -> int:
+        """Queue a prompt (ids, [P] or [1, P]); returns its index. Raises ConfigError, leaving the batch as it
+        was, for a prompt that is invalid or longer than ``room``."""
+        t = as_prompt_tensor(prompt, self.device)
+        check_prompt(t, self.engines, self.cfg, self.max_seq_len)
+        if t.shape[1] > self.room:
+            raise ConfigError(f"a prompt of {t.shape[1]} tokens does not fit this batch's canvas of {self.N} rows "
+                              f"(prompts of up to {self.room} tokens with gen_length {self.cfg.gen_length}); "
+                              "decode it in a batch of its own")
+        self.prompts.append(t)
+        self.waiting.append(len(self.prompts) - 1)
+        return len(self.prompts) - 1
+
+    def cancel(self, index: int) -> None:
+        """Drop prompt ``index`` at the next step (nothing changes for the others)."""
+        self.cancelled.add(index)
+
+    def _dropped(self, index: int) -> bool:
+        return index in self.cancelled or self._stop(index)
+
+    def _admit(self, b: int) -> SequenceRun:
+        i, spec, cfg = self.waiting.popleft(), self.spec, self.cfg
+        ex, prompt = self.executor, self.prompts[i]
+        run = SequenceRun(i, prompt, cfg, ex.cache_policy(cfg, spec, b), ex.commit_policy(cfg, spec, b), slot=b)
+        self.canvas[b, :run.P] = prompt[0]
+        self.canvas[b, run.P:run.N] = spec.mask_id
+        self.canvas[b, run.N:] = spec.eos_ids[0]     # padding rows: any real token; never attended to
+        ex.clear_slot(b)
+        self.lengths[b] = run.N
+        run.start(spec.n_layers, spec.vocab_size, self.device)
         return run
 
-    while True:
+    def step(self) -> list[tuple]:
+        """One batched step of every running sequence (finished ones first make room for waiting prompts)."""
         steps: list[SlotStep | None] = []
-        for b in range(B):
-            run = slots[b]
-            if run is not None and stopped(run.index):     # dropped: the slot is free, no result
-                slots[b] = run = None
+        for b in range(self.B):
+            run = self.slots[b]
+            if run is not None and self._dropped(run.index):     # dropped: the slot is free, no result
+                self.slots[b] = run = None
             span = run.next_step() if run is not None else None
             while span is None:
                 if run is not None:                   # finished: its result, and the slot is free
-                    results[run.index] = _result(run, canvas[b], spec.eos_ids)
-                    finished(run.index, results[run.index])
-                    slots[b] = run = None
-                while waiting and stopped(waiting[-1]):   # dropped before it started
-                    waiting.pop()
-                if not waiting:
+                    self.results[run.index] = result = _result(run, self.canvas[b], self.spec.eos_ids)
+                    self._on_finish(run.index, result)
+                    self.slots[b] = run = None
+                while self.waiting and self._dropped(self.waiting[0]):   # dropped before it started
+                    self.waiting.popleft()
+                if not self.waiting:
                     break
-                run = slots[b] = admit(b)
+                run = self.slots[b] = self._admit(b)
                 span = run.next_step()
             steps.append(None if span is None else SlotStep(run.cache, run.commit, run.view, *span))
         if all(st is None for st in steps):
-            return results
-        executor.set_lengths(lengths)
-        outcomes = executor.run_batch(steps)
-        for b, out in enumerate(outcomes):
+            return []
+        self.executor.set_lengths(self.lengths)
+        events = []
+        for b, out in enumerate(self.executor.run_batch(steps)):
             if out is not None:
-                run = slots[b]
+                run = self.slots[b]
                 run.finish_step(out.committed, out.stats.rows, out.stats.engine_s)
-                yield run.index, canvas[b:b + 1, :run.N], run.view, out.committed
+                events.append((run.index, self.canvas[b:b + 1, :run.N], run.view, out.committed))
+        return events

@@ -6,8 +6,9 @@ HTTP handlers --submit(Job)--> queue --take <= runner.max_batch--> Runner.run(ba
 The HTTP layer only submits jobs and reads their events. A runner decides how a batch is decoded:
 ``SequentialRunner`` runs one request at a time through ``Pipeline.generate`` (``max_batch`` 1: the others
 queue); ``BatchRunner`` takes up to ``--max-batch`` jobs and decodes those that share a decoding config
-together (``Pipeline.generate([...])``: one step serves them all, each gets exactly its tokens alone),
-answering each job as soon as its own sequence ends.
+together (the runtime's ``BatchDecoder``: one step serves them all, each gets exactly its tokens alone),
+answering each job as soon as its own sequence ends, and takes jobs that arrive meanwhile into free slots
+between two steps (``more``: step-level continuous batching of the queue).
 
 Between two steps a runner checks each job's cancel flag (set when its client disconnects) and stops
 that job; a queued job that was cancelled is dropped without running. Nothing a request does can stop
@@ -20,7 +21,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 from dllm.errors import DllmError
 from dllm.serve.jobs import Cancelled, Failed, IncrementalText, Job, Outcome
@@ -33,12 +34,18 @@ class QueueFull(Exception):
     """The queue holds ``max_queue`` requests already."""
 
 
+# more(fits, n): up to n queued jobs, taken from the head of the queue while fits(job) holds (the worker's
+# admission of late jobs into a running batch; an empty list when none qualifies)
+TakeMore = Callable[[Callable[[Job], bool], int], list[Job]]
+
+
 class Runner(Protocol):
     """Decodes a batch of at most ``max_batch`` jobs, emitting each job's events (Progress..., then
-    Finished or Failed; nothing for a job it stopped because it was cancelled)."""
+    Finished or Failed; nothing for a job it stopped because it was cancelled). A runner may take more
+    jobs from the queue while it runs (``more``)."""
     max_batch: int
 
-    def run(self, jobs: list[Job]) -> None: ...
+    def run(self, jobs: list[Job], more: TakeMore | None = None) -> None: ...
 
 
 class SequentialRunner:
@@ -49,8 +56,8 @@ class SequentialRunner:
         self.pipeline = pipeline
         self.metrics = metrics
 
-    def run(self, jobs: list[Job]) -> None:
-        for job in jobs:
+    def run(self, jobs: list[Job], more: TakeMore | None = None) -> None:
+        for job in jobs:          # one at a time: later jobs wait in the queue, so ``more`` is not used
             self._run_one(job)
 
     def _run_one(self, job: Job) -> None:
@@ -96,81 +103,114 @@ class SequentialRunner:
 
 
 class BatchRunner:
-    """Up to ``max_batch`` jobs per call on one Pipeline. Jobs with the same DecodeConfig share every step
+    """Up to ``max_batch`` jobs at a time on one Pipeline. Jobs with the same DecodeConfig share every step
     (in arrival order of their first job, a group after another); a job whose client went away is dropped
-    between two steps without changing its batch-mates' tokens (``stop``), and each job is answered when
-    its sequence ends (``on_result``), not when the batch does."""
+    between two steps without changing its batch-mates' tokens, and each job is answered when its sequence
+    ends, not when the batch does. The last group also takes queued jobs that arrive while it runs
+    (``more``): between two steps, while it has a free slot and the job at the head of the queue shares
+    its config and fits its canvas (a longer prompt, or another config, waits for the next batch, and
+    stops admission so that it is not overtaken for ever).
+
+    Slots: on CUDA the batch keeps ``max_batch`` slots, since a step reads every weight once whatever the
+    batch and a free slot costs little; on the CPU a slot costs its compute, so a batch has as many slots
+    as it starts with jobs, and late jobs take the slots of finished ones."""
 
     def __init__(self, pipeline, metrics: ServeMetrics, max_batch: int):
         self.pipeline = pipeline
         self.metrics = metrics
         self.max_batch = max_batch
-        self._single = SequentialRunner(pipeline, metrics)
 
-    def run(self, jobs: list[Job]) -> None:
+    def run(self, jobs: list[Job], more: TakeMore | None = None) -> None:
         groups: dict = {}
         for job in jobs:
             groups.setdefault(job.request.config, []).append(job)
-        for group in groups.values():
-            if len(group) == 1:
-                self._single.run(group)
-            else:
-                self._run_group(group)
+        groups = list(groups.values())
+        for n, group in enumerate(groups):
+            self._run_group(group, more if n == len(groups) - 1 else None)
 
-    def _run_group(self, jobs: list[Job]) -> None:
+    def _run_group(self, jobs: list[Job], more: TakeMore | None) -> None:
+        from dllm.runtime.loop import CANVAS_BUCKET, BatchDecoder, canvas_length
+        from dllm.threads import torch_threads
+
         pipe, metrics = self.pipeline, self.metrics
-        reqs = [j.request for j in jobs]
-        texts = [IncrementalText(pipe.tokenizer, pipe.spec.mask_id, pipe.spec.eos_ids, r) for r in reqs]
-        answered: set[int] = set()
-        first_step = last_step = pipe.executor.steps_run
+        cfg, spec, executor = jobs[0].request.config, pipe.spec, pipe.executor
+        bucket = CANVAS_BUCKET if executor.cuda_graphs else 1
+        limit = pipe.max_seq_len or spec.max_seq_len
+        # the canvas of the prompts that fit the engines (one too long is refused at submit, on its own)
+        lengths = [n for n in (len(j.request.prompt_ids) for j in jobs) if n + cfg.gen_length <= limit]
+        N = canvas_length(lengths, cfg.gen_length, limit, bucket) if lengths else limit
+        slots = self.max_batch if pipe.engines.device.type == "cuda" else len(jobs)
+        members = list(jobs)                        # every job of this batch, late ones included
+        by_index: dict[int, Job] = {}
+        texts: dict[int, IncrementalText] = {}
+        closed: set[int] = set()                    # id() of the jobs answered or refused
         last = time.perf_counter()
 
-        def on_step(i, canvas, view, committed):        # canvas [1, P + G] of job i
-            nonlocal last_step, last
-            if pipe.executor.steps_run != last_step:      # the first sequence reported of a new batched step
-                now = time.perf_counter()
-                metrics.step_seconds.observe(now - last)
-                metrics.decode_steps.inc()
-                last_step, last = pipe.executor.steps_run, now
-            if reqs[i].stream and not jobs[i].cancelled:
-                progress = texts[i].step(view.step, canvas[0, len(reqs[i].prompt_ids):].tolist())
-                if progress is not None:
-                    jobs[i].emit(progress)
-
         def on_result(i, result):
-            job, req = jobs[i], reqs[i]
+            job, req = by_index[i], by_index[i].request
             P = len(req.prompt_ids)
             done = texts[i].finish(result.ids, P, result.steps, result.wall_s, job.started - job.submitted)
             metrics.prompt_tokens.inc(P)
             metrics.completion_tokens.inc(done.completion_tokens)
             metrics.request_seconds.observe(time.perf_counter() - job.submitted)
             metrics.count(req.endpoint, Outcome.OK)
-            answered.add(i)
+            closed.add(id(job))
             job.emit(done)
 
-        try:
-            pipe.generate([list(r.prompt_ids) for r in reqs], reqs[0].config, on_step=on_step,
-                          stop=lambda i: jobs[i].cancelled, on_result=on_result, batch_size=len(jobs))
-        except DllmError as e:
-            if pipe.executor.steps_run == first_step:
-                # refused before any step (one bad prompt refuses the batch): run them one by one, so that
-                # only the bad one fails
-                log.info("batch refused (%s); running its %d jobs one at a time", e, len(jobs))
-                self._single.run(jobs)
+        def add(job: Job) -> None:
+            req = job.request
+            try:
+                i = batch.submit(list(req.prompt_ids))
+            except DllmError as e:         # the runtime refused this request: it fails alone
+                log.warning("request refused: %s", e)
+                metrics.count(req.endpoint, Outcome.FAILED)
+                closed.add(id(job))
+                job.emit(Failed(f"generation failed: {e}"))
                 return
-            self._fail(jobs, answered, f"generation failed: {e}")
+            by_index[i] = job
+            texts[i] = IncrementalText(pipe.tokenizer, spec.mask_id, spec.eos_ids, req)
+
+        def fits(job: Job) -> bool:
+            return job.request.config == cfg and len(job.request.prompt_ids) <= batch.room
+
+        try:
+            with torch_threads(pipe.engines.torch_threads):
+                batch = BatchDecoder(pipe.engines, cfg, slots, N, executor=executor, max_seq_len=pipe.max_seq_len,
+                                     stop=lambda i: by_index[i].cancelled, on_finish=on_result)
+                for job in jobs:
+                    add(job)
+                while True:
+                    if more is not None and batch.free_slots > 0:
+                        for job in more(fits, batch.free_slots):
+                            members.append(job)
+                            add(job)
+                    events = batch.step()
+                    if not events:
+                        break
+                    now = time.perf_counter()
+                    metrics.step_seconds.observe(now - last)
+                    metrics.decode_steps.inc()
+                    last = now
+                    for i, canvas, view, _ in events:      # canvas [1, P + G] of job i
+                        job, req = by_index[i], by_index[i].request
+                        if req.stream and not job.cancelled:
+                            progress = texts[i].step(view.step, canvas[0, len(req.prompt_ids):].tolist())
+                            if progress is not None:
+                                job.emit(progress)
+        except DllmError as e:
+            self._fail(members, closed, f"generation failed: {e}")
             return
         except Exception as e:      # noqa: BLE001 - a request must never take the worker down
             log.exception("batched generation failed")
-            self._fail(jobs, answered, f"generation failed: {type(e).__name__}: {e}")
+            self._fail(members, closed, f"generation failed: {type(e).__name__}: {e}")
             return
-        for i, job in enumerate(jobs):
-            if i not in answered:                            # dropped by stop(): its client went away
+        for job in members:
+            if id(job) not in closed:                        # dropped by stop(): its client went away
                 metrics.count(job.request.endpoint, Outcome.CANCELLED)
 
-    def _fail(self, jobs: list[Job], answered: set[int], message: str) -> None:
-        for i, job in enumerate(jobs):
-            if i not in answered:
+    def _fail(self, jobs: list[Job], closed: set[int], message: str) -> None:
+        for job in jobs:
+            if id(job) not in closed:
                 self.metrics.count(job.request.endpoint, Outcome.FAILED)
                 job.emit(Failed(message))
 
@@ -243,6 +283,32 @@ class Scheduler:
                 if batch:
                     return batch
 
+    def _take_more(self, fits: Callable[[Job], bool], n: int) -> list[Job]:
+        """Up to ``n`` queued jobs for the running batch, from the head of the queue while ``fits`` holds (a job
+        that does not fit stays first in line, and nothing behind it overtakes it)."""
+        taken = []
+        with self._cond:
+            while self._queue and len(taken) < n and not self._stopping:
+                job = self._queue[0]
+                if job.cancelled:        # its client left while it waited
+                    self._queue.popleft()
+                    self.metrics.count(job.request.endpoint, Outcome.CANCELLED)
+                    continue
+                if not fits(job):
+                    break
+                taken.append(self._queue.popleft())
+            if taken:
+                now = time.perf_counter()
+                for job in taken:
+                    job.started = now
+                    self.metrics.queue_seconds.observe(now - job.submitted)
+                self._batch.extend(taken)
+                self.running = len(self._batch)
+                self.metrics.queue_depth.set(len(self._queue))
+                self.metrics.running.set(self.running)
+                self.metrics.batch_occupancy.set(min(1.0, self.running / self.runner.max_batch))
+        return taken
+
     def _loop(self) -> None:
         while True:
             batch = self._take()
@@ -253,15 +319,17 @@ class Scheduler:
                 job.started = now
                 self.metrics.queue_seconds.observe(now - job.submitted)
             with self._cond:
-                self._batch = batch
+                self._batch = list(batch)
             self.running = len(batch)
             self.metrics.running.set(len(batch))
             self.metrics.batch_occupancy.set(len(batch) / self.runner.max_batch)
             try:
-                self.runner.run(batch)
+                self.runner.run(batch, more=self._take_more)
             except Exception as e:      # noqa: BLE001 - a runner bug ends its batch, never the worker
                 log.exception("runner failed")
-                for job in batch:
+                with self._cond:
+                    running = list(self._batch)          # the batch and any job it took in while it ran
+                for job in running:
                     self.metrics.count(job.request.endpoint, Outcome.FAILED)
                     job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             finally:

@@ -13,7 +13,7 @@ from dllm.errors import ConfigError
 from dllm.kernels._triton import HAVE_TRITON
 from dllm.runtime import reference as R
 from dllm.runtime.config import DecodeConfig
-from dllm.runtime.loop import canvas_length, decode, decode_batch
+from dllm.runtime.loop import BatchDecoder, canvas_length, decode, decode_batch
 from dllm.runtime.methods import method_config
 
 PROMPT_LENGTHS = (5, 11, 8, 17, 3)
@@ -194,3 +194,51 @@ def test_more_slots_than_engines_take_is_refused(ort_engines):
     with pytest.raises(ConfigError, match=rf"batch size {limit + 1} exceeds .*batch_size={limit}.*--max-batch"):
         decode_batch(es, prompts, cfg)
     assert len(decode_batch(es, prompts, cfg, batch_size=limit)) == limit + 1
+
+
+@pytest.mark.parametrize("method", ["dcu+apd", "dual+threshold"])
+def test_prompts_submitted_while_a_batch_runs_get_what_they_get_alone(method, torch_engines):
+    """BatchDecoder: prompts join a running batch between two steps (a server's late requests) and each still
+    decodes exactly what it decodes alone; a joiner waits in order of submission when no slot is free."""
+    es = torch_engines["llada"]
+    prompts, cfg = _prompts(es.spec.vocab_size), _config(method)
+    solo = [decode(es, p, cfg) for p in prompts]
+    finished, steps = [], 0
+    batch = BatchDecoder(es, cfg, 3, max(map(len, prompts)) + cfg.gen_length,
+                         on_finish=lambda i, result: finished.append(i))
+    joins = {0: [0, 1], 2: [2], 5: [3, 4]}               # step -> prompts submitted before it
+    while True:
+        for i in joins.get(steps, []):
+            assert batch.submit(prompts[i]) == i
+        events = batch.step()
+        if not events and steps > max(joins):
+            break
+        steps += 1
+        assert len(events) <= 3 and len({e[0] for e in events}) == len(events)
+    _same(solo, [batch.results[i] for i in range(len(prompts))])
+    assert sorted(finished) == list(range(len(prompts))) and batch.idle and batch.free_slots == 3
+    assert steps < sum(r.steps for r in solo)             # the late prompts shared steps with the others
+
+
+def test_batch_decoder_refuses_what_does_not_fit_and_drops_cancelled(torch_engines):
+    es = torch_engines["llada"]
+    prompts, cfg = _prompts(es.spec.vocab_size, (5, 11, 8)), _config("dcu")
+    batch = BatchDecoder(es, cfg, 2, 11 + cfg.gen_length)
+    assert batch.room == 11 and batch.free_slots == 2
+    with pytest.raises(ConfigError, match="does not fit this batch's canvas .* up to 11 tokens"):
+        batch.submit(prompts[1] + [7])
+    with pytest.raises(ConfigError, match="mask id"):
+        batch.submit([es.spec.mask_id])
+    assert batch.idle and batch.prompts == []              # a refused prompt leaves no trace
+    for p in prompts:
+        batch.submit(p)
+    batch.step()
+    batch.cancel(0)                                        # running: dropped at the next step
+    batch.cancel(2)                                        # waiting: never starts
+    while batch.step():
+        pass
+    assert set(batch.results) == {1}
+    _same([decode(es, prompts[1], cfg)], [batch.results[1]])
+    for bad in (cfg.gen_length, es.spec.max_seq_len + 1):
+        with pytest.raises(ConfigError, match="canvas_len"):
+            BatchDecoder(es, cfg, 2, bad)

@@ -93,9 +93,11 @@ def test_a_bad_request_fails_alone(state, reference_pipeline):
     pipe = state.pipeline
     good = request(pipe, "What is 47+38?", "dcu+apd")
     bad = GenerationRequest(good.prompt_ids + (pipe.spec.mask_id,), good.config, 32)   # the loop refuses mask ids
-    results, _ = run_batch(state, [good, bad, good])
+    long = GenerationRequest(good.prompt_ids * 100, good.config, 32)                  # beyond max_seq_len
+    results, _ = run_batch(state, [good, bad, good, long])
     want = reference_pipeline.generate(list(good.prompt_ids), good.config).text
     assert isinstance(results[1][-1], Failed) and "mask id" in results[1][-1].message
+    assert isinstance(results[3][-1], Failed) and "max_seq_len" in results[3][-1].message
     assert results[0][-1].full_text == results[2][-1].full_text == want
 
 
@@ -112,3 +114,66 @@ def test_max_batch_defaults_and_limits(shipped_engine_dir):
         serving_batch(ServeConfig(shipped_engine_dir, max_batch=9), 8)
     with pytest.raises(ConfigError, match="--max-batch must be an integer >= 1"):
         ServeConfig(shipped_engine_dir, max_batch=0)
+
+
+def test_a_job_taken_in_while_a_batch_runs_gets_its_answer_alone(state, reference_pipeline):
+    """Between two steps the runner offers its free slots to the queue (``more``): a job with the batch's
+    config and a prompt that fits its canvas joins the running batch and gets exactly its answer alone; a
+    job with another config, or a longer prompt, is not taken."""
+    pipe, runner = state.pipeline, state.scheduler.runner
+    first = [request(pipe, t, "dcu+apd") for t in ("What is 47+38?", "Sort: 9 4 7")]
+    late = request(pipe, "What is 5+6?", "dcu+apd", stream=True)
+    ref = [reference_pipeline.generate(list(r.prompt_ids), r.config) for r in (*first, late)]
+    (a, c), L = sorted(r.steps for r in ref[:2])[::-1], ref[2].steps
+    assert a > c + 1                                     # the short one frees its slot while the long one runs
+    offers = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs, late_job = [Job(r, loop) for r in first], Job(late, loop)
+        for job in (*jobs, late_job):
+            job.started = job.submitted                  # what the scheduler sets when it takes a job
+        longer = Job(request(pipe, "Sort: 52 71 19 3 88 14 27 60 33 45 2 99", "dcu+apd"), loop)
+        other = Job(request(pipe, "What is 5+6?", "full"), loop)
+        queue = [late_job]
+
+        def more(fits, n):
+            offers.append(n)
+            assert not fits(other) and not fits(longer) and fits(late_job)
+            taken, queue[:] = queue[:n], queue[n:]
+            return taken
+
+        before = state.metrics.decode_steps._value.get()
+        watched = asyncio.gather(*(drain(j) for j in (*jobs, late_job)))
+        await loop.run_in_executor(None, runner.run, jobs, more)
+        return await asyncio.wait_for(watched, 60), state.metrics.decode_steps._value.get() - before
+
+    events, ran = asyncio.run(run())
+    assert [e[-1].full_text for e in events] == [r.text for r in ref]
+    assert "".join(e.text for e in events[2]) == ref[2].text                 # streamed as it decoded
+    assert offers[0] == 1                   # offered once a slot was free (a CPU batch has a slot per job)
+    assert ran == max(a, c + 1 + L) < a + L      # it shared the long job's steps
+
+
+def test_the_queue_gives_a_running_batch_only_what_fits_from_its_head(state):
+    """Scheduler._take_more: jobs from the head of the queue while they fit, cancelled ones dropped; a job
+    that does not fit stays first in line and nothing behind it overtakes it."""
+    from dllm.serve.scheduler import Scheduler
+
+    pipe = state.pipeline
+    scheduler = Scheduler(state.scheduler.runner, state.metrics, max_queue=8)
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        dcu = [Job(request(pipe, t, "dcu+apd"), loop) for t in ("a", "b", "c")]
+        full = Job(request(pipe, "d", "full"), loop)
+        for job in (dcu[0], dcu[1], full, dcu[2]):
+            scheduler.submit(job)
+        dcu[1].cancel()
+        fits = lambda job: job.request.config == dcu[0].request.config       # noqa: E731
+        assert scheduler._take_more(fits, 5) == [dcu[0]]                   # b dropped, stops at the full job
+        assert list(scheduler._queue) == [full, dcu[2]] and dcu[0].started is not None
+        assert scheduler._take_more(lambda job: True, 1) == [full]
+        assert scheduler._take_more(fits, 0) == [] and list(scheduler._queue) == [dcu[2]]
+
+    asyncio.run(run())
