@@ -37,7 +37,7 @@ class EngineSet:
 
     def __post_init__(self):
         layer = self.engines.get(layer_name(0))
-        if layer is not None and not any(t.name == "kv_len" for t in layer.inputs):
+        if layer is not None and not layer.decl.takes_kv_len:
             self.max_batch = 1          # layers without kv_len take one sequence whatever the caller says
 
     @property

@@ -100,7 +100,7 @@ class Executor:
         self._graph_shape: tuple | None = None
         self.vbuf: torch.Tensor | None = None
         self._layers = [engines.layer(i) for i in range(self.spec.n_layers)]
-        self._takes_kv_len = [any(t.name == "kv_len" for t in e.inputs) for e in self._layers]
+        self._takes_kv_len = [e.decl.takes_kv_len for e in self._layers]
         self.profiling = False        # mark embed/layer/head/commit as profiler ranges (tools/step_profile.py)
         self.steps_run = 0            # batched steps since creation (dllm-bench --batch: time per step)
 

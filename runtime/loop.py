@@ -189,6 +189,12 @@ def _result(run: SequenceRun, canvas_row: torch.Tensor, eos_ids) -> DecodeResult
                         engine_s=run.engine_s, step_end_s=run.step_end_s, eos_ids=tuple(eos_ids))
 
 
+def batch_canvas_length(executor: Executor, prompt_lens: list[int], gen_length: int, limit: int) -> int:
+    """``canvas_length`` for a batch on ``executor``: rounded up to CANVAS_BUCKET rows only where CUDA graphs
+    replay (elsewhere padding rows cost compute and buy nothing)."""
+    return canvas_length(prompt_lens, gen_length, limit, CANVAS_BUCKET if executor.cuda_graphs else 1)
+
+
 def canvas_length(prompt_lens: list[int], gen_length: int, limit: int, bucket: int = CANVAS_BUCKET) -> int:
     """The canvas of a batch: its longest sequence, rounded up to ``bucket`` rows while that fits (prompts
     of one length need no padding: their canvas is exact)."""
@@ -260,8 +266,7 @@ def decode_batch_steps(engines: EngineSet, prompts: list, cfg: DecodeConfig, *, 
                     steps.close()
                     break
         return results
-    bucket = CANVAS_BUCKET if executor.cuda_graphs else 1
-    N = canvas_length([t.shape[1] for t in tensors], cfg.gen_length, max_seq_len or spec.max_seq_len, bucket)
+    N = batch_canvas_length(executor, [t.shape[1] for t in tensors], cfg.gen_length, max_seq_len or spec.max_seq_len)
     batch = BatchDecoder(engines, cfg, B, N, executor=executor, max_seq_len=max_seq_len, stop=stop,
                          on_finish=on_finish)
     for t in tensors:

@@ -129,16 +129,15 @@ class BatchRunner:
             self._run_group(group, more if n == len(groups) - 1 else None)
 
     def _run_group(self, jobs: list[Job], more: TakeMore | None) -> None:
-        from dllm.runtime.loop import CANVAS_BUCKET, BatchDecoder, canvas_length
+        from dllm.runtime.loop import BatchDecoder, batch_canvas_length
         from dllm.threads import torch_threads
 
         pipe, metrics = self.pipeline, self.metrics
         cfg, spec, executor = jobs[0].request.config, pipe.spec, pipe.executor
-        bucket = CANVAS_BUCKET if executor.cuda_graphs else 1
         limit = pipe.max_seq_len or spec.max_seq_len
         # the canvas of the prompts that fit the engines (one too long is refused at submit, on its own)
         lengths = [n for n in (len(j.request.prompt_ids) for j in jobs) if n + cfg.gen_length <= limit]
-        N = canvas_length(lengths, cfg.gen_length, limit, bucket) if lengths else limit
+        N = batch_canvas_length(executor, lengths, cfg.gen_length, limit) if lengths else limit
         slots = self.max_batch if pipe.engines.device.type == "cuda" else len(jobs)
         members = list(jobs)                        # every job of this batch, late ones included
         by_index: dict[int, Job] = {}

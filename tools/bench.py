@@ -36,7 +36,8 @@ from dllm.cli_common import Parser, check_output_file, run_cli, write_text
 from dllm.errors import ConfigError
 from dllm.runtime.config import CachePolicyKind, DecodeConfig, Proxy
 from dllm.runtime.methods import method_config
-from dllm.tools.bench_batch import format_batch_table, parse_batch_sizes, run_batch_bench, summarize_batches
+from dllm.tools.bench_batch import (check_batch_limit, format_batch_table, parse_batch_sizes, run_batch_bench,
+                                    summarize_batches)
 from dllm.tools.bench_report import command_line, format_table, median, percentile
 
 REFERENCE = "full"
@@ -447,7 +448,7 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
     if engines.device.type == "cuda":
         floor = weight_read_floor(weight_bytes_per_step(engines.spec, engines.dtype), engines.device)
     if cfg.batch_sizes:
-        parse_batch_sizes(",".join(map(str, cfg.batch_sizes)), engines.max_batch)    # the engines take them
+        check_batch_limit(cfg.batch_sizes, engines.max_batch)
         runs = run_batch_bench(pipe, prompts, cfg, cfg.batch_sizes, source.max_seq_len, log=log)
         batches, methods = summarize_batches(runs, cfg.decode.gen_length), None
     else:

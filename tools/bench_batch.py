@@ -38,10 +38,15 @@ def parse_batch_sizes(text: str, max_batch: int | None = None) -> tuple[int, ...
         sizes.append(int(part))
     if len(set(sizes)) != len(sizes):
         raise ConfigError(f"--batch {text!r} lists a size twice; pass each batch size once")
+    check_batch_limit(sizes, max_batch)
+    return tuple(sorted(set(sizes) | {1}))
+
+
+def check_batch_limit(sizes, max_batch: int | None) -> None:
+    """Every batch size is one the engines take (``max_batch``: their export limit; None: no limit)."""
     if max_batch is not None and max(sizes) > max_batch:
         raise ConfigError(f"--batch {max(sizes)} exceeds the {max_batch} sequences these engines take at once; "
                           f"re-export with dllm-export --max-batch {max(sizes)} or pass sizes up to {max_batch}")
-    return tuple(sorted(set(sizes) | {1}))
 
 
 def decode_pass(engines, executor, prompts, cfg, batch: int, max_seq_len: int | None):
