@@ -10,7 +10,9 @@ Every policy fully recomputes step 1, so the executor's caches never need zeroin
 ``row_floor(layer)`` tells the executor, before the step runs, the lowest row a layer recomputes
 (None: every row), so it can skip the residual update of rows nothing reads again this step.
 ``layer_key`` names what fixes a layer's work apart from device buffers, so steps can be captured
-as CUDA graphs and replayed. Row selection goes through ``self.ops`` (dllm.kernels) when the
+as CUDA graphs and replayed; ``plan_key`` names the host values that fix ``wants_scores``,
+``layer_key`` and ``row_floor`` of every layer at once, so the executor asks those once per distinct
+plan instead of once per layer and step. Row selection goes through ``self.ops`` (dllm.kernels) when the
 executor has fused kernels; ties in the change scores go to the lower row on every path.
 
 | policy       | rows of layer l at step t                                                  | source |
@@ -89,6 +91,13 @@ class CachePolicy(abc.ABC):
         """
         return None
 
+    def plan_key(self) -> tuple | None:
+        """The host values that ``wants_scores``, ``layer_key`` and ``row_floor`` read this step (besides
+        the prompt length and the step number, which the executor adds), or None to have them asked for
+        every layer and step. Whatever a policy's per-layer answers depend on must be in it: the executor
+        reuses the answers of an equal key."""
+        return None
+
     def _range(self, lo: int, hi: int) -> torch.Tensor:
         # memoized: a captured graph keeps reading the same tensor on every replay
         r = self._ranges.get((lo, hi))
@@ -121,6 +130,9 @@ class FullPolicy(CachePolicy):
     def layer_key(self, layer, scored):
         return ("all",)
 
+    def plan_key(self):
+        return ()
+
 
 class _BlockCachePolicy(CachePolicy):
     """Fast-dLLM: the block's first step is full; later steps recompute the rows of ``span(view)``."""
@@ -141,6 +153,9 @@ class _BlockCachePolicy(CachePolicy):
 
     def layer_key(self, layer, scored):
         return ("all",) if self._rows is None else ("rows", self._span)
+
+    def plan_key(self):
+        return (self._rows is None, self._span)
 
 
 class PrefixPolicy(_BlockCachePolicy):
@@ -179,6 +194,9 @@ class DllmCachePolicy(CachePolicy):
 
     def layer_key(self, layer, scored):
         return (layer == 0, self.refresh_prompt, self.refresh_gen, self.k, scored)
+
+    def plan_key(self):
+        return (self.refresh_prompt, self.refresh_gen, self.k)
 
     def row_floor(self, layer):
         if layer == 0 or (self.refresh_prompt and self.refresh_gen):
@@ -230,6 +248,7 @@ class DcuPolicy(CachePolicy):
             self.window = torch.empty_like(self._win_base)
             self._new_scores = torch.zeros_like(self.scores)
         self.scores.zero_()
+        self._win_start = None                # the window buffer's start, once begin_step has written it
 
     # -- per step -----------------------------------------------------------
     def begin_step(self, view):
@@ -241,7 +260,10 @@ class DcuPolicy(CachePolicy):
         if self.refresh_prompt and self.refresh_gen:
             self.full_step = True
         self.budgets = self.allocate()
-        torch.add(self._win_base, self.window_start(view.key_pos), out=self.window)   # in place: graphs read it
+        start = self.window_start(view.key_pos)
+        if start != self._win_start:          # in place: graphs read it; one launch only when it moves
+            torch.add(self._win_base, start, out=self.window)
+            self._win_start = start
         self._prompt = self._range(0, self.P) if self.refresh_prompt else None
         self._gen = self._range(self.P, self.N) if self.refresh_gen else None
         # this step's layer scores start empty; the previous step's feed allocate() next step.
@@ -303,6 +325,9 @@ class DcuPolicy(CachePolicy):
         if layer == 0 or self.full_step:
             return None
         return 0 if self.refresh_prompt else self.P
+
+    def plan_key(self):
+        return (self.full_step, self.refresh_prompt, self.refresh_gen, tuple(self.budgets))
 
     def rows(self, layer, scores):
         if scores is not None:

@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +69,14 @@ class StepStats:
 class StepOutcome:
     committed: list[int]     # absolute canvas positions committed this step, ascending
     stats: StepStats
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotPlan:
+    """What one sequence's cache policy fixes for a whole step before any layer runs (host values only)."""
+    scored: tuple[bool, ...]          # per layer: the executor computes change scores for it
+    layer_keys: tuple | None          # per layer CachePolicy.layer_key; None when some layer cannot be captured
+    starts: tuple[int, ...]           # per layer: the first row its residual update covers (fused path)
 
 
 @dataclasses.dataclass
@@ -103,6 +112,9 @@ class Executor:
         self._takes_kv_len = [e.decl.takes_kv_len for e in self._layers]
         self.profiling = False        # mark embed/layer/head/commit as profiler ranges (tools/step_profile.py)
         self.steps_run = 0            # batched steps since creation (dllm-bench --batch: time per step)
+        # SlotPlans by (policy, CachePolicy.plan_key(), ...): with CUDA graphs a step's host work is mostly
+        # these per-layer questions, and their answers repeat from step to step (scripts/host-overhead.py)
+        self._plans: dict[tuple, SlotPlan] = {}
 
     def _region(self, name: str):
         return torch.profiler.record_function(f"dllm::{name}") if self.profiling else contextlib.nullcontext()
@@ -162,6 +174,7 @@ class Executor:
             self._prev_in_shape = None
         self.slot.fill_(-1)
         self.lengths = None
+        self._plans.clear()
         if (B, N, P) != self._graph_shape:
             self.step_graphs.clear()      # graphs bake P (the gen slice) and buffer addresses
             self.layer_graphs.clear()
@@ -265,7 +278,8 @@ class Executor:
             mask = self.pinned
         else:
             mask = self.transfer
-        return [[] if st is None else [st.lo + j for j in mask[b, :st.hi - st.lo].nonzero().flatten().tolist()]
+        mask = mask.numpy()                   # host memory: numpy's nonzero costs a few µs, torch's tens
+        return [[] if st is None else (np.flatnonzero(mask[b, :st.hi - st.lo]) + st.lo).tolist()
                 for b, st in enumerate(steps)]
 
     def _step_key(self, steps, commit_keys) -> tuple | None:
@@ -275,13 +289,32 @@ class Executor:
             if st is None:
                 parts.append(None)
                 continue
-            scored = self._scored(st.cache, st.view)
-            layer_keys = tuple(st.cache.layer_key(l, scored[l]) for l in range(len(self._layers)))
-            if any(k is None for k in layer_keys):
+            layer_keys = self._plan(st).layer_keys
+            if layer_keys is None:
                 return None
             parts.append((id(st.cache), id(st.commit), layer_keys, ck, st.lo, st.hi))
         starts = tuple(self._residual_starts(steps)) if self.ops is not None else None
         return (tuple(parts), starts, self.lengths)
+
+    def _plan(self, st: SlotStep) -> SlotPlan:
+        """``st``'s SlotPlan, remembered under the policy's ``plan_key`` (asked afresh when it is None)."""
+        pk = st.cache.plan_key()
+        if pk is None:
+            return self._make_plan(st)
+        # the policy object itself (not its id) in the key: it cannot be collected and its id reused
+        key = (st.cache, pk, st.cache.P, st.view.step > 1, st.lo, self.proxy)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 4096:          # bounded: proportional budgets can make every step new
+                self._plans.clear()
+            plan = self._plans[key] = self._make_plan(st)
+        return plan
+
+    def _make_plan(self, st: SlotStep) -> SlotPlan:
+        scored = self._scored(st.cache, st.view)
+        layer_keys = tuple(st.cache.layer_key(l, scored[l]) for l in range(len(self._layers)))
+        return SlotPlan(tuple(scored), None if any(k is None for k in layer_keys) else layer_keys,
+                        tuple(self._residual_starts_one(st.cache, st.lo)))
 
     # -- layers and head ------------------------------------------------------
     @torch.inference_mode()
@@ -308,7 +341,7 @@ class Executor:
             self.canvas_i32.copy_(self.canvas)
             self.engines.embed.run({"ids": self.canvas_i32}, {"h": h})
         idle = [False] * len(self._layers)
-        scored = [idle if st is None else self._scored(st.cache, st.view) for st in steps]
+        scored = [idle if st is None else self._plan(st).scored for st in steps]
         starts = self._residual_starts(steps) if self.ops is not None else [0] * len(self._layers)
         rows_per_layer = []                                                    # [L][B]
         for l in range(len(self._layers)):
@@ -361,8 +394,10 @@ class Executor:
         """Per layer, the first row its residual update must cover, over every slot: each layer's own
         recomputed rows, and every row a later layer (its rows, the change scores' gen rows) or the head
         still reads this step."""
-        starts = [min(x) for x in zip(*(self._residual_starts_one(st.cache, st.lo)
-                                        for st in steps if st is not None))]
+        plans = [self._plan(st).starts for st in steps if st is not None]
+        if len(plans) == 1:
+            return list(plans[0])
+        starts = [min(x) for x in zip(*plans)]
         return starts if starts else [0] * len(self._layers)
 
     def _residual_starts_one(self, policy: CachePolicy, lo: int) -> list[int]:

@@ -149,3 +149,49 @@ def test_dcu_budget_covering_every_row_reproduces_full(arch, proxy, torch_engine
     full, dcu = decode(engines, prompt, base), decode(engines, prompt, cfg)
     assert dcu.ids == full.ids
     assert all(r == [9 + 32] * 2 for r in dcu.rows_per_step)
+
+
+class CheckedPlans(Executor):
+    """Checks every remembered SlotPlan against the policy's answers asked afresh, and the DCU window
+    buffer (written only when it moves) against the window of the current key position."""
+
+    def __init__(self, engines):
+        super().__init__(engines)
+        self.asked = 0
+
+    def _plan(self, st):
+        self.asked += 1
+        plan = super()._plan(st)
+        assert plan == self._make_plan(st), f"stale plan at step {st.view.step}"
+        if hasattr(st.cache, "window_rows"):
+            assert torch.equal(st.cache.window, st.cache.window_rows(st.view.key_pos))
+        return plan
+
+
+PLAN_METHODS = {
+    "full": {}, "prefix": {}, "dual": {},
+    "dllm-cache": dict(prompt_interval=3, gen_interval=5),
+    "dcu": dict(prompt_interval=3, gen_interval=7),
+    "dcu@proportional": dict(allocation="proportional"),
+    "dcu@refresh": dict(refresh_interval=4),
+    "dcu+apd": {},
+}
+
+
+@pytest.mark.parametrize("kernels", ["plain", "torch"])
+@pytest.mark.parametrize("method", sorted(PLAN_METHODS))
+def test_remembered_step_plans_equal_the_policies_answers(method, kernels, tiny_models):
+    from dllm.engines.engine_set import torch_engine_set
+    from dllm.runtime import method_config
+
+    engines = torch_engine_set(tiny_models["llada"], "fp32", kernels=kernels)
+    base = DecodeConfig(gen_length=32, block_length=8, steps=16, budget=4, window=4, allocation="uniform",
+                        tau0=0.4, beta=0.02)
+    cfg = method_config(method.split("@")[0], base).replace(**PLAN_METHODS[method])
+    ex = CheckedPlans(engines)
+    for prompt in (list(range(6, 17)), list(range(20, 27))):      # a second prompt length: plans re-made
+        got = decode(engines, prompt, cfg, executor=ex)
+        assert got.ids == decode(engines, prompt, cfg).ids
+    assert ex.asked > 0
+    if method != "dcu@proportional":                         # repeating plans are asked once, then reused
+        assert len(ex._plans) < len(got.rows_per_step)
