@@ -340,8 +340,9 @@ class BatchDecoder:
 
     @property
     def free_slots(self) -> int:
-        """Slots that no running or waiting prompt will take."""
-        return self.B - sum(run is not None for run in self.slots) - len(self.waiting)
+        """Slots that no running or waiting prompt will take (a sequence that has just committed its last
+        token leaves its slot at the next step, to the first waiting prompt, so its slot counts as free)."""
+        return self.B - sum(run is not None and not run.finished for run in self.slots) - len(self.waiting)
 
     @property
     def idle(self) -> bool:

@@ -73,6 +73,14 @@ class SequenceRun:
         self.cache.begin_step(view)
         return commit.logit_range(view)
 
+    @property
+    def finished(self) -> bool:
+        """Its last block is done: ``next_step`` will return None. Known right after the step that committed
+        the last token, so a batch can count the slot as free before the next step. (False where a later
+        block would take no step at all; ``next_step`` still finds the end then.)"""
+        block_done = self._steps_left <= 0 or (self.commit.until_empty and self.view.block_masks == 0)
+        return block_done and self._block + 1 >= self.cfg.num_blocks
+
     def finish_step(self, committed: list[int], rows: list[int], engine_s: float) -> None:
         """Record the positions this step committed (ascending canvas rows) and what the step cost."""
         view = self.view

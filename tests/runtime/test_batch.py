@@ -242,3 +242,28 @@ def test_batch_decoder_refuses_what_does_not_fit_and_drops_cancelled(torch_engin
     for bad in (cfg.gen_length, es.spec.max_seq_len + 1):
         with pytest.raises(ConfigError, match="canvas_len"):
             BatchDecoder(es, cfg, 2, bad)
+
+
+@pytest.mark.parametrize("method", ["dcu+apd", "dcu", "prefix+apd"])
+def test_a_slot_counts_as_free_as_soon_as_its_sequence_committed_its_last_token(method, torch_engines):
+    """``free_slots`` counts a sequence that has just finished, so a prompt submitted then (a server between
+    two steps) decodes in the very next step instead of after an idle one; ``SequenceRun.finished`` says
+    exactly what the next ``next_step`` finds."""
+    es = torch_engines["llada"]
+    prompts, cfg = _prompts(es.spec.vocab_size, (5, 11)), _config(method)
+    solo = [decode(es, p, cfg) for p in prompts]
+    batch = BatchDecoder(es, cfg, 1, 11 + cfg.gen_length)
+    batch.submit(prompts[0])
+    steps = 0
+    while batch.free_slots == 0:
+        assert batch.step()
+        steps += 1
+        assert batch.slots[0].finished == (steps == solo[0].steps)
+    assert steps == solo[0].steps and batch.slots[0].finished      # free right after its last step
+    assert batch.submit(prompts[1]) == 1
+    events = batch.step()                                          # the finished one leaves, the new one runs
+    assert [e[0] for e in events] == [1] and batch.results[0].ids == solo[0].ids
+    while batch.step():
+        steps += 1
+    assert steps + 1 == solo[0].steps + solo[1].steps              # no idle step between the two
+    _same(solo, [batch.results[0], batch.results[1]])
