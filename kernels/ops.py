@@ -84,8 +84,11 @@ class KernelOps:
 
     # -- around the engines (executor, policies) ----------------------------
     def residual_update(self, h, attn_cache, mlp_cache, start, rows=None, attn_rows=None, mlp_rows=None,
-                        slot=None):
-        return self._call("residual_update", h, attn_cache, mlp_cache, start, rows, attn_rows, mlp_rows, slot)
+                        slot=None, prev=None, gen_start=None, d=None):
+        """h[:, start:] += cached deltas (the rows' fresh ones scattered first); with ``prev``, also the next
+        layer's input-proxy scores into ``d`` and prev <- the gen rows (kernels/residual.py)."""
+        return self._call("residual_update", h, attn_cache, mlp_cache, start, rows, attn_rows, mlp_rows, slot,
+                          prev, gen_start, d)
 
     def cosine_distance_copy(self, a, prev):
         return self._call("cosine_distance_copy", a, prev)

@@ -25,10 +25,11 @@ and is ignored.
 
 Two implementations of the work around the engines (``EngineSet.ops``, see dllm.kernels):
 
-- fused (``KernelOps``, Triton kernels or their torch twins): change score + copy in one pass, row
-  selection and gather in two, the delta scatter fused into the residual update, which covers only
-  the rows anything still reads this step (``CachePolicy.row_floor``); torch layers write their key and
-  value rows into the caches themselves;
+- fused (``KernelOps``, Triton kernels or their torch twins): row selection and gather in two passes,
+  the delta scatter fused into the residual update, which covers only the rows anything still reads
+  this step (``CachePolicy.row_floor``) and, with the input proxy, also takes the next layer's change
+  scores (and its copy of the gen rows) from the rows it has just written; torch layers write their key
+  and value rows into the caches themselves;
 - plain (``ops is None``): the original torch ops, kept as the reference the fused path is tested against.
 
 CUDA graphs (``EngineSet.cuda_graphs``, torch backend on CUDA): a whole step (embedding, layers, head
@@ -164,6 +165,7 @@ class Executor:
             self.pos_all = torch.arange(N, device=dev, dtype=torch.int32).expand(B, N).contiguous()
             self.rows_all = torch.arange(N, device=dev)                          # every row, as row indices
             self.kv_len = torch.full((B,), N, dtype=torch.int32, device=dev)     # each sequence's canvas length
+            self.gen_start_t = torch.zeros((B,), dtype=torch.int32, device=dev)  # each one's first gen row
             self.canvas = torch.empty((B, N), dtype=torch.long, device=dev)
             self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
             self.transfer = torch.zeros((B, N), dtype=torch.bool, device=dev)      # last commit, rows [0, R)
@@ -185,6 +187,9 @@ class Executor:
         self.proxy = policy.proxy
         if self.proxy == Proxy.INPUT and self._prev_in_shape != (B, G):
             self.prev_in = [torch.empty((B, G, s.d_model), dtype=dt, device=dev) for _ in range(L)]
+            # the next layer's scores, written by a layer's residual update (fused path; a persistent
+            # buffer, so that a replayed layer graph and the next layer agree on where they are)
+            self.next_scores = torch.empty((B, G), dtype=torch.float32, device=dev)
             self._prev_in_shape = (B, G)
         if self.proxy == Proxy.VALUE and (self.vbuf is None or self.vbuf.shape[:2] != (B, G)):
             self.vbuf = torch.empty((B, G, s.n_kv_heads, s.head_dim), dtype=dt, device=dev)
@@ -198,6 +203,7 @@ class Executor:
         self.lengths = lengths
         self.kv_len.copy_(torch.tensor(lengths, dtype=torch.int32))
         gen_start = [n - self.G for n in lengths]
+        self.gen_start_t.copy_(torch.tensor(gen_start, dtype=torch.int32))
         self.gen_start = gen_start[0] if len(set(gen_start)) == 1 else None   # one slice serves every slot
         if self.gen_start is None:
             idx = torch.tensor([list(range(s, s + self.G)) for s in gen_start], device=self.device)
@@ -346,13 +352,16 @@ class Executor:
         rows_per_layer = []                                                    # [L][B]
         for l in range(len(self._layers)):
             scored_l = [s[l] for s in scored]
-            key = self._layer_key(steps, l, scored_l, starts[l]) if layer_graphs else None
+            # whether the next layer is scored (the fused path takes its scores in this layer's last pass)
+            next_l = [s[l + 1] if l + 1 < len(s) else False for s in scored]
+            key = self._layer_key(steps, l, scored_l, any(next_l), starts[l]) if layer_graphs else None
             replayed, n = self.layer_graphs.replay(key) if key is not None else (False, None)
             if not replayed:
                 with self._region("layer"):
-                    n = self._layer(l, steps, scored_l, starts[l])
+                    n = self._layer(l, steps, scored_l, any(next_l), starts[l])
                 if key is not None and self.layer_graphs.seen(key):
-                    self.layer_graphs.capture(key, lambda l=l, s=scored_l: self._layer(l, steps, s, starts[l]))
+                    self.layer_graphs.capture(key, lambda l=l, s=scored_l, x=any(next_l):
+                                              self._layer(l, steps, s, x, starts[l]))
             rows_per_layer.append(n)
         for st in steps:
             if st is not None:
@@ -362,7 +371,7 @@ class Executor:
         per_slot = [[rows_per_layer[l][b] for l in range(len(self._layers))] for b in range(len(steps))]
         return logits, per_slot
 
-    def _layer_key(self, steps, l: int, scored_l: list[bool], start: int) -> tuple | None:
+    def _layer_key(self, steps, l: int, scored_l: list[bool], next_scored: bool, start: int) -> tuple | None:
         parts = []
         for st, sc in zip(steps, scored_l):
             if st is None:
@@ -372,7 +381,7 @@ class Executor:
             if k is None:
                 return None
             parts.append((id(st.cache),) + k)       # a graph reads its own policies' buffers
-        return (l, start, self.lengths, tuple(parts))
+        return (l, start, next_scored, self.lengths, tuple(parts))
 
     def _head_rows(self, steps) -> torch.Tensor:
         """Hidden rows whose logits the commits need: [B, R] (Dream: position i reads hidden row i-1)."""
@@ -413,11 +422,11 @@ class Executor:
             later = min(later, reads)
         return starts
 
-    def _layer(self, l: int, steps, scored: list[bool], start: int) -> list[int]:
+    def _layer(self, l: int, steps, scored: list[bool], next_scored: bool, start: int) -> list[int]:
         """One layer's work for every slot; returns the rows each slot's sequence recomputed."""
         if self.ops is None:
             return self._layer_plain(l, steps, scored)
-        return self._layer_fused(l, steps, scored, start)
+        return self._layer_fused(l, steps, scored, next_scored, start)
 
     def _slot_rows(self, l: int, steps, scores, scored: list[bool]) -> tuple[torch.Tensor | None, list[int]]:
         """Each slot's policy picks its rows. Returns (rows [B, k], or None when every sequence recomputes
@@ -450,22 +459,26 @@ class Executor:
             rows.append(r)
         return torch.stack(rows), counts
 
-    def _layer_fused(self, l: int, steps, scored: list[bool], start: int) -> list[int]:
+    def _layer_fused(self, l: int, steps, scored: list[bool], next_scored: bool, start: int) -> list[int]:
         h, ops = self.h, self.ops
         scores = None
-        if self.proxy == Proxy.INPUT and l > 0:
-            if any(scored):
-                scores = ops.cosine_distance_copy(self._gen_rows(h), self.prev_in[l])   # [B, G], prev_in <- h
-            else:
-                self.prev_in[l].copy_(self._gen_rows(h))
+        if self.proxy == Proxy.INPUT:
+            # input-proxy scores of this layer (and prev_in[l] <- its gen input rows) came out of the
+            # previous layer's residual update, which wrote those rows: no pass of their own
+            if l > 0 and any(scored):
+                scores = self.next_scores
         elif any(scored):
             scores = self._value_scores(l, h)
         rows, counts = self._slot_rows(l, steps, scores, scored)
         engine = self._layers[l]
         attn, mlp = self.attn_cache[l], self.mlp_cache[l]
+        nxt = {}
+        if self.proxy == Proxy.INPUT and l + 1 < len(self._layers):
+            nxt = dict(prev=self.prev_in[l + 1], gen_start=self.gen_start_t,
+                       d=self.next_scores if next_scored else None)
         if rows is None:
             self._run_full(l, engine, h)
-            ops.residual_update(h, attn, mlp, start)
+            ops.residual_update(h, attn, mlp, start, **nxt)
             return counts
         h_rows, pos = ops.gather_rows(h, rows, self.slot)                     # [B, k, D], [B, k]
         out = self._row_outputs(rows.shape[1], engine.writes_cache)
@@ -473,7 +486,7 @@ class Executor:
         if not engine.writes_cache:
             scatter_rows(self.k_cache[l], rows, res["k_rows"])
             scatter_rows(self.v_cache[l], rows, res["v_rows"])
-        ops.residual_update(h, attn, mlp, start, rows, res["attn_rows"], res["mlp_rows"], self.slot)
+        ops.residual_update(h, attn, mlp, start, rows, res["attn_rows"], res["mlp_rows"], self.slot, **nxt)
         return counts
 
     def _layer_feeds(self, l: int, h_rows: torch.Tensor, pos: torch.Tensor) -> dict:
