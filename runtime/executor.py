@@ -88,6 +88,8 @@ class SlotStep:
     view: StepView
     lo: int
     hi: int
+    # the executor's SlotPlan for this step, found once (a SlotStep lives for one step)
+    plan: SlotPlan | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class Executor:
@@ -304,9 +306,12 @@ class Executor:
 
     def _plan(self, st: SlotStep) -> SlotPlan:
         """``st``'s SlotPlan, remembered under the policy's ``plan_key`` (asked afresh when it is None)."""
+        if st.plan is not None:
+            return st.plan
         pk = st.cache.plan_key()
         if pk is None:
-            return self._make_plan(st)
+            st.plan = self._make_plan(st)
+            return st.plan
         # the policy object itself (not its id) in the key: it cannot be collected and its id reused
         key = (st.cache, pk, st.cache.P, st.view.step > 1, st.lo, self.proxy)
         plan = self._plans.get(key)
@@ -314,6 +319,7 @@ class Executor:
             if len(self._plans) >= 4096:          # bounded: proportional budgets can make every step new
                 self._plans.clear()
             plan = self._plans[key] = self._make_plan(st)
+        st.plan = plan
         return plan
 
     def _make_plan(self, st: SlotStep) -> SlotPlan:

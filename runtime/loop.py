@@ -327,6 +327,7 @@ class BatchDecoder:
         self.canvas = executor.canvas                                                   # [B, N]
         self.canvas.fill_(spec.mask_id)
         self.slots: list[SequenceRun | None] = [None] * B
+        self._views: list[torch.Tensor | None] = [None] * B    # each slot's canvas rows [1, N_b], for its events
         self.lengths = [canvas_len] * B
         self.prompts: list[torch.Tensor] = []
         self.waiting: collections.deque[int] = collections.deque()
@@ -377,6 +378,7 @@ class BatchDecoder:
         self.canvas[b, run.N:] = spec.eos_ids[0]     # padding rows: any real token; never attended to
         ex.clear_slot(b)
         self.lengths[b] = run.N
+        self._views[b] = self.canvas[b:b + 1, :run.N]          # made once: a view per event costs host time
         run.start(spec.n_layers, spec.vocab_size, self.device)
         return run
 
@@ -408,5 +410,5 @@ class BatchDecoder:
             if out is not None:
                 run = self.slots[b]
                 run.finish_step(out.committed, out.stats.rows, out.stats.engine_s)
-                events.append((run.index, self.canvas[b:b + 1, :run.N], run.view, out.committed))
+                events.append((run.index, self._views[b], run.view, out.committed))
         return events

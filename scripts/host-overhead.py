@@ -1,6 +1,7 @@
 """Host time of a CUDA-graph decode step, measured on the CPU: the Python a GPU waits through per step.
 
-    python3 scripts/host-overhead.py [--layers 32] [--methods full,dual+threshold,dcu,dcu+apd] [--json F]
+    python3 scripts/host-overhead.py [--layers 32] [--methods full,dual+threshold,dcu,dcu+apd] [--batch 1]
+                                     [--json F]
 
 (methods as dllm-bench names them, overrides included: ``dcu@allocation=proportional``)
 
@@ -11,6 +12,7 @@ step returned when it ran eagerly and runs no kernel. So every replayed step cos
 The tokens are meaningless (no layer runs after capture); the timing is what the GPU's idle gap between
 steps is made of, apart from the readback's own latency and the graph launch. A tiny model (d_model 32)
 with the real layer count keeps the eager steps short; a replayed step does not depend on the width.
+``--batch B`` runs B prompts at once through ``BatchDecoder`` (host work per batched step).
 """
 
 import argparse
@@ -22,7 +24,7 @@ import torch
 
 from dllm.engines.engine_set import torch_engine_set
 from dllm.exporter.models.writer import tiny_spec
-from dllm.runtime import DecodeConfig, decode
+from dllm.runtime import BatchDecoder, DecodeConfig, decode
 from dllm.runtime.executor import Executor
 from dllm.runtime.graphs import GraphCache
 from dllm.tools.bench import parse_method, split_methods
@@ -54,6 +56,21 @@ def host_executor(engines) -> Executor:
     return ex
 
 
+def timed_decode(engines, ex, prompt, cfg, batch: int) -> tuple[float, int]:
+    """(seconds, steps) of one decode of ``prompt``; with batch > 1, of ``batch`` copies of it at once."""
+    t0 = time.perf_counter()
+    if batch == 1:
+        steps = len(decode(engines, prompt, cfg, executor=ex).rows_per_step)
+        return time.perf_counter() - t0, steps
+    run = BatchDecoder(engines, cfg, batch, prompt.shape[1] + cfg.gen_length, executor=ex)
+    for _ in range(batch):
+        run.submit(prompt)
+    steps = 0
+    while run.step():
+        steps += 1
+    return time.perf_counter() - t0, steps
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
@@ -61,6 +78,7 @@ def main():
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded at once (BatchDecoder when > 1)")
     p.add_argument("--repeat", type=int, default=3, help="timed decodes per method (median reported)")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
@@ -77,22 +95,20 @@ def main():
         cfg = parse_method(method, base)
         ex = host_executor(engines)
         for _ in range(2):                       # eager, then captured: every step key seen twice
-            decode(engines, prompt, cfg, executor=ex)
+            timed_decode(engines, ex, prompt, cfg, a.batch)
         times, replayed = [], []
         for _ in range(a.repeat):
             before = ex.step_graphs.replays
-            t0 = time.perf_counter()
-            res = decode(engines, prompt, cfg, executor=ex)
-            times.append((time.perf_counter() - t0) / len(res.rows_per_step) * 1e6)
-            replayed.append((ex.step_graphs.replays - before) / len(res.rows_per_step))
+            seconds, steps = timed_decode(engines, ex, prompt, cfg, a.batch)
+            times.append(seconds / steps * 1e6)
+            replayed.append((ex.step_graphs.replays - before) / steps)
         us = statistics.median(times)
-        results[method] = {"host_us_per_step": round(us, 1), "replayed_fraction": min(replayed),
-                           "steps": len(res.rows_per_step)}
+        results[method] = {"host_us_per_step": round(us, 1), "replayed_fraction": min(replayed), "steps": steps}
         print(f"{method:>{width}} | {us:12.1f} | {min(replayed):.2f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"layers": a.layers, "prompt": a.prompt, "gen_length": a.gen_length,
-                       "block_length": a.block_length, "methods": results}, f, indent=1)
+                       "block_length": a.block_length, "batch": a.batch, "methods": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 #              tests, attention backends timed at the step's shapes (scripts/sdpa-backends.py), the
 #              roofline's figures measured and its prediction of the profiled step (roofline measure/compare
 #              --figures), `dcu` and `dcu+apd` with the split-KV attention kernel (--attention split-kv),
-#              the host work between two graph replays on this machine's CPU (scripts/host-overhead.py),
+#              the host work between two graph replays on this machine's CPU, one sequence and a batch of 16
+#              (scripts/host-overhead.py),
 #              and the other prompt lengths unprofiled (about 7 minutes)
 #   tests      versions and the GPU tests (kernels vs twins, graph replay == eager, Triton path == plain path)
 #   batch      batched decoding at the first prompt length (default 512): `full`, `dcu` and `dcu+apd` at
@@ -108,6 +109,8 @@ verify)
     step sdpa-backends 40 python3 scripts/sdpa-backends.py
     # the Python a step's GPU waits through between two replays, on this host's CPU (no GPU work)
     step host-overhead 40 python3 scripts/host-overhead.py --json "$OUT/host-overhead.json"
+    step host-overhead-b16 60 python3 scripts/host-overhead.py --batch 16 --repeat 2 --methods dcu,dcu+apd \
+        --json "$OUT/host-overhead-b16.json"
     # the roofline's figures measured on this GPU, and its prediction of the step just measured (docs/jetson.md)
     fig=${FIGURES:-$(python3 -c "import torch; print('h200' if 'H200' in torch.cuda.get_device_name(0) else 'h100-sxm')")}
     step roofline-measure 60 python3 -m dllm.tools.roofline measure --device-figures "$fig" \

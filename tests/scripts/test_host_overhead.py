@@ -23,3 +23,14 @@ def test_every_step_replays_after_warm_up_and_the_report_is_written(tmp_path):
         assert m["replayed_fraction"] == 1.0, name
         assert m["host_us_per_step"] > 0 and 0 < m["steps"] <= 16
     assert "dcu+apd" in run.stdout
+
+
+def test_a_batch_replays_every_step_too(tmp_path):
+    out = tmp_path / "host.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--layers", "3", "--prompt", "6", "--gen-length", "16",
+                          "--block-length", "8", "--repeat", "1", "--batch", "3", "--methods", "dcu+apd,full",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    assert report["batch"] == 3
+    assert all(m["replayed_fraction"] == 1.0 for m in report["methods"].values())
