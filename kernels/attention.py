@@ -133,7 +133,6 @@ def attention_triton(q, k_cache, v_cache, kv_len, padded: bool = True, keys_per_
     if B * k == 0:
         return out
     block_m, S = split_plan(k, N, keys_per_range)
-    split_len = keys_per_range
     m_blocks = math.ceil(k / block_m)
     rows_pad = m_blocks * block_m
     o_part = torch.empty(B * H, S, rows_pad, hd, dtype=torch.float32, device=q.device)
@@ -142,7 +141,7 @@ def attention_triton(q, k_cache, v_cache, kv_len, padded: bool = True, keys_per_
     kv_len = kv_len.to(torch.int32).contiguous()
     _split_kernel[(B * H, m_blocks, S)](
         q, k_cache, v_cache, kv_len, o_part, m_part, l_part,
-        k, H, H // Hkv, split_len, S, hd ** -0.5,
+        k, H, H // Hkv, keys_per_range, S, hd ** -0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         HD=hd, BLOCK_M=block_m, BLOCK_N=BLOCK_N, IEEE=q.dtype == torch.float32 or interpreting(),
         num_warps=4 if block_m <= 64 else 8)

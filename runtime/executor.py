@@ -359,14 +359,14 @@ class Executor:
         for l in range(len(self._layers)):
             scored_l = [s[l] for s in scored]
             # whether the next layer is scored (the fused path takes its scores in this layer's last pass)
-            next_l = [s[l + 1] if l + 1 < len(s) else False for s in scored]
-            key = self._layer_key(steps, l, scored_l, any(next_l), starts[l]) if layer_graphs else None
+            next_scored = l + 1 < len(self._layers) and any(s[l + 1] for s in scored)
+            key = self._layer_key(steps, l, scored_l, next_scored, starts[l]) if layer_graphs else None
             replayed, n = self.layer_graphs.replay(key) if key is not None else (False, None)
             if not replayed:
                 with self._region("layer"):
-                    n = self._layer(l, steps, scored_l, any(next_l), starts[l])
+                    n = self._layer(l, steps, scored_l, next_scored, starts[l])
                 if key is not None and self.layer_graphs.seen(key):
-                    self.layer_graphs.capture(key, lambda l=l, s=scored_l, x=any(next_l):
+                    self.layer_graphs.capture(key, lambda l=l, s=scored_l, x=next_scored:
                                               self._layer(l, steps, s, x, starts[l]))
             rows_per_layer.append(n)
         for st in steps:

@@ -55,9 +55,7 @@ class SequenceRun:
         """Advance to this sequence's next step (into the next block when its block is done) and return
         the canvas rows [lo, hi) whose logits the commit needs; None once every block is done."""
         view, commit = self.view, self.commit
-        while True:
-            if self._steps_left > 0 and not (commit.until_empty and view.block_masks == 0):
-                break
+        while self._block_done():
             self._block += 1
             if self._block >= self.cfg.num_blocks:
                 self.done = True
@@ -78,8 +76,12 @@ class SequenceRun:
         """Its last block is done: ``next_step`` will return None. Known right after the step that committed
         the last token, so a batch can count the slot as free before the next step. (False where a later
         block would take no step at all; ``next_step`` still finds the end then.)"""
-        block_done = self._steps_left <= 0 or (self.commit.until_empty and self.view.block_masks == 0)
-        return block_done and self._block + 1 >= self.cfg.num_blocks
+        return self._block_done() and self._block + 1 >= self.cfg.num_blocks
+
+    def _block_done(self) -> bool:
+        """The current block takes no more steps: its step budget is spent, or it is empty and the commit
+        policy stops at empty blocks."""
+        return self._steps_left <= 0 or (self.commit.until_empty and self.view.block_masks == 0)
 
     def finish_step(self, committed: list[int], rows: list[int], engine_s: float) -> None:
         """Record the positions this step committed (ascending canvas rows) and what the step cost."""
