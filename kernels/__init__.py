@@ -7,7 +7,7 @@
 | attention.py | split-KV attention of <= 128 rows          | torch layers                    | to rounding |
 | mlp.py       | silu(gate) * up                            | torch layers                    | to rounding |
 | scores.py    | cosine change score + copy of the new rows | executor (DCU, dLLM-Cache)      | to rounding |
-| select.py    | DCU row selection; row gather              | cache policies, executor        | bit for bit |
+| select.py    | DCU row selection (one sequence or a batch); row gather | cache policies, executor | bit for bit |
 | residual.py  | delta scatter + residual update of a row range | executor                    | bit for bit |
 | vocab.py     | argmax, confidence, APD's c and H per row  | commit policies                 | x0 exact, float64 stats to ~1e-15 |
 

@@ -22,6 +22,7 @@ _KERNELS = {
     "residual_update": (residual.residual_update_torch, residual.residual_update_triton),
     "cosine_distance_copy": (scores.cosine_distance_copy_torch, scores.cosine_distance_copy_triton),
     "select_rows": (select.select_rows_torch, select.select_rows_triton),
+    "select_rows_batched": (select.select_rows_batched_torch, select.select_rows_batched_triton),
     "gather_rows": (select.gather_rows_torch, select.gather_rows_triton),
     "vocab_stats": (vocab.vocab_stats_torch, vocab.vocab_stats_triton),
 }
@@ -95,6 +96,10 @@ class KernelOps:
 
     def select_rows(self, d, window, k, prompt_len):
         return self._call("select_rows", d, window, k, prompt_len)
+
+    def select_rows_batched(self, d, win_start, win, k, gen_start):
+        """``select_rows`` for every sequence of a batch in one launch -> rows [B, win + k]."""
+        return self._call("select_rows_batched", d, win_start, win, k, gen_start)
 
     def gather_rows(self, h, rows, slot=None):
         return self._call("gather_rows", h, rows, slot)

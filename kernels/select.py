@@ -6,6 +6,11 @@ Ties go to the lower row (a stable descending sort), so the choice is determinis
 The torch twin sorts; the Triton kernel ranks every row against every other in one program and writes
 the selected rows in order with a prefix sum: one launch instead of about eight, bit-identical rows.
 
+``select_rows_batched(d, win_start, win, k, gen_start)``: the same choice for every sequence of a batch
+at once (d [B, G], each sequence its own window start and first gen row, the same window length and k),
+so a batch of 16 costs one launch per layer instead of 16 and a stack: rows [B, win + k], row b equal
+to ``select_rows`` of sequence b alone.
+
 ``gather_rows(h, rows, slot)``: each sequence's input rows ``h[b, rows[b]]`` (rows [B, k]: every
 sequence of a batch recomputes its own rows, as many for each; a shorter list is padded with copies of
 its last row, which compute and write the same values) and their positions as int32, and (Triton) each
@@ -23,6 +28,7 @@ def select_rows_torch(d: torch.Tensor, window: torch.Tensor | None, k: int, prom
     """d [G] fp32 change scores; window [W] gen rows (ascending, contiguous) or None -> rows [W + k] int64."""
     if window is None:
         window = torch.empty(0, dtype=torch.long, device=d.device)
+    k = min(k, d.shape[0] - window.numel())             # as many as there are rows outside the window
     if k <= 0:
         return window + prompt_len
     vote = d.index_fill(0, window, float("-inf")) if window.numel() else d
@@ -30,14 +36,39 @@ def select_rows_torch(d: torch.Tensor, window: torch.Tensor | None, k: int, prom
     return torch.cat([window, top]).sort().values + prompt_len
 
 
+def select_rows_batched_torch(d: torch.Tensor, win_start: torch.Tensor, win: int, k: int,
+                              gen_start: torch.Tensor) -> torch.Tensor:
+    """d [B, G] fp32; win_start [B] (gen-relative, read only when win > 0); gen_start [B] each sequence's
+    first gen row -> rows [B, win + k] int64: row b is ``select_rows_torch(d[b], window_b, k, gen_start[b])``.
+    No host sync (graphs can hold it)."""
+    B, G = d.shape
+    k = max(0, min(k, G - win))
+    i = torch.arange(G, device=d.device)
+    ws = win_start.to(torch.long)[:, None]
+    sel = (i >= ws) & (i < ws + win)                                  # [B, G] the forced windows
+    if k:
+        vote = d.masked_fill(sel, float("-inf"))
+        top = torch.sort(vote, dim=1, descending=True, stable=True).indices[:, :k]
+        sel = sel.scatter(1, top, True)
+    # the selected rows in ascending order: unselected ones sort after every selected one
+    rows = torch.sort(torch.where(sel, i, i + G), dim=1).values[:, :win + k]
+    return rows + gen_start.to(torch.long)[:, None]
+
+
 @jit
-def _select_kernel(d_ptr, win_ptr, rows_ptr, G, win, k, P, HAS_WIN: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_J: tl.constexpr):
+def _select_kernel(d_ptr, win_ptr, win_stride, p_ptr, rows_ptr, G, win, k, P, HAS_WIN: tl.constexpr,
+                   SLOT_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)                         # one program per sequence
+    d_ptr += b * G
+    rows_ptr += b * (win + k)
+    p = P
+    if SLOT_P:
+        p = tl.load(p_ptr + b).to(tl.int64)
     i = tl.arange(0, BLOCK_G)
     mi = i < G
     ws = 0
     if HAS_WIN:
-        ws = tl.load(win_ptr)
+        ws = tl.load(win_ptr + b * win_stride)
     in_win = (i >= ws) & (i < ws + win)
     vi = tl.where(in_win | (i >= G), float("-inf"), tl.load(d_ptr + i, mask=mi, other=0.0))
     rank = tl.zeros([BLOCK_G], dtype=tl.int32)
@@ -50,7 +81,16 @@ def _select_kernel(d_ptr, win_ptr, rows_ptr, G, win, k, P, HAS_WIN: tl.constexpr
         rank += tl.sum((before & mj[None, :]).to(tl.int32), axis=1)
     sel = mi & (in_win | (rank < k))
     out = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    tl.store(rows_ptr + out, (i + P).to(tl.int64), mask=sel)
+    # NaN scores rank first without pushing others out, so more than win + k rows can be selected:
+    # the bound keeps the writes inside this sequence's rows (finite scores select exactly win + k)
+    tl.store(rows_ptr + out, (i + p).to(tl.int64), mask=sel & (out < win + k))
+
+
+def _launch_select(d, win_ptr, win_stride, win, k, gen_start, prompt_len, rows):
+    B, G = d.shape
+    _select_kernel[(B,)](d, win_ptr, win_stride, gen_start if gen_start is not None else rows, rows, G, win, k,
+                         prompt_len, HAS_WIN=win > 0, SLOT_P=gen_start is not None, BLOCK_G=next_pow2(G),
+                         BLOCK_J=min(32, next_pow2(G)), num_warps=4)
 
 
 def select_rows_triton(d: torch.Tensor, window: torch.Tensor | None, k: int, prompt_len: int) -> torch.Tensor:
@@ -59,8 +99,18 @@ def select_rows_triton(d: torch.Tensor, window: torch.Tensor | None, k: int, pro
     k = max(0, min(k, G - win))
     rows = torch.empty(win + k, dtype=torch.long, device=d.device)
     if win + k:
-        _select_kernel[(1,)](d, window if win else rows, rows, G, win, k, prompt_len, HAS_WIN=win > 0,
-                             BLOCK_G=next_pow2(G), BLOCK_J=min(32, next_pow2(G)), num_warps=4)
+        _launch_select(d.contiguous()[None], window if win else rows, 0, win, k, None, prompt_len, rows)
+    return rows
+
+
+def select_rows_batched_triton(d: torch.Tensor, win_start: torch.Tensor, win: int, k: int,
+                               gen_start: torch.Tensor) -> torch.Tensor:
+    B, G = d.shape
+    k = max(0, min(k, G - win))
+    rows = torch.empty((B, win + k), dtype=torch.long, device=d.device)
+    if B * (win + k):
+        _launch_select(d.contiguous(), win_start if win else rows, win_start.stride(0) if win else 0, win, k,
+                       gen_start, 0, rows)
     return rows
 
 

@@ -15,6 +15,12 @@ as CUDA graphs and replayed; ``plan_key`` names the host values that fix ``wants
 plan instead of once per layer and step. Row selection goes through ``self.ops`` (dllm.kernels) when the
 executor has fused kernels; ties in the change scores go to the lower row on every path.
 
+A layer whose rows are exactly "a forced window of gen rows plus the k other gen rows that changed most"
+says so through ``topk_rows(layer)``. In a batch whose sequences all say the same (window length, k),
+the fused executor then picks every sequence's rows in one launch (``select_rows_batched``) and calls
+``observe`` instead of ``rows``. Device buffers that ``rows`` reads (DCU's window) are written by
+``prepare_step``, which the executor calls before every step, outside any graph.
+
 | policy       | rows of layer l at step t                                                  | source |
 |--------------|----------------------------------------------------------------------------|--------|
 | `full`       | all                                                                        | C.1 |
@@ -49,6 +55,7 @@ def region_refresh(step: int, interval: int) -> bool:
 class CachePolicy(abc.ABC):
     proxy: Proxy | None = None           # change score the executor computes when wants_scores()
     ops = None                           # dllm.kernels.KernelOps, set by the executor (None: plain torch)
+    window_at = 0                        # this step's first forced gen row (a host value; see topk_rows)
 
     def reset(self, n_layers: int, prompt_len: int, gen_len: int, device: torch.device) -> None:
         """Start a new generation."""
@@ -62,6 +69,20 @@ class CachePolicy(abc.ABC):
 
     def begin_step(self, view: StepView) -> None:
         self.view = view
+
+    def prepare_step(self) -> None:
+        """Write the device buffers that this step's ``rows`` reads (host values set by ``begin_step``). The
+        executor calls it after ``begin_step`` and before the step, outside any CUDA graph."""
+
+    def topk_rows(self, layer: int) -> tuple[int, int] | None:
+        """(w, k) when ``rows(layer, scores)`` is exactly: the w gen rows from ``window_at`` on, plus the k
+        other gen rows with the largest scores (``select_rows``; k at most G - w), with no other effect
+        than ``observe(layer, scores)``. The executor may then pick the rows of a whole batch at once.
+        None otherwise. Fixed by ``plan_key`` like ``layer_key``."""
+        return None
+
+    def observe(self, layer: int, scores: torch.Tensor) -> None:
+        """What ``rows`` does with ``scores`` [1, G] besides picking rows, when the executor picks them."""
 
     def wants_scores(self, layer: int) -> bool:
         return False
@@ -192,6 +213,9 @@ class DllmCachePolicy(CachePolicy):
     def wants_scores(self, layer):
         return layer > 0 and not self.refresh_gen
 
+    def topk_rows(self, layer):
+        return None if layer == 0 or self.refresh_prompt or self.refresh_gen else (0, self.k)
+
     def layer_key(self, layer, scored):
         return (layer == 0, self.refresh_prompt, self.refresh_gen, self.k, scored)
 
@@ -248,7 +272,7 @@ class DcuPolicy(CachePolicy):
             self.window = torch.empty_like(self._win_base)
             self._new_scores = torch.zeros_like(self.scores)
         self.scores.zero_()
-        self._win_start = None                # the window buffer's start, once begin_step has written it
+        self._win_start = None                # the window buffer's start, once prepare_step has written it
 
     # -- per step -----------------------------------------------------------
     def begin_step(self, view):
@@ -260,10 +284,7 @@ class DcuPolicy(CachePolicy):
         if self.refresh_prompt and self.refresh_gen:
             self.full_step = True
         self.budgets = self.allocate()
-        start = self.window_start(view.key_pos)
-        if start != self._win_start:          # in place: graphs read it; one launch only when it moves
-            torch.add(self._win_base, start, out=self.window)
-            self._win_start = start
+        self.window_at = self.window_start(view.key_pos)
         self._prompt = self._range(0, self.P) if self.refresh_prompt else None
         self._gen = self._range(self.P, self.N) if self.refresh_gen else None
         # this step's layer scores start empty; the previous step's feed allocate() next step.
@@ -274,6 +295,11 @@ class DcuPolicy(CachePolicy):
                                   and any(self.wants_scores(l) for l in range(1, self.L)))
         if self._scored_this_step:
             self._new_scores.zero_()
+
+    def prepare_step(self) -> None:
+        if self.window_at != self._win_start:   # in place: graphs read it; one launch only when it moves
+            torch.add(self._win_base, self.window_at, out=self.window)
+            self._win_start = self.window_at
 
     def end_step(self) -> None:
         """Keep this step's layer scores for the next step's allocation (if any layer was scored)."""
@@ -329,10 +355,18 @@ class DcuPolicy(CachePolicy):
     def plan_key(self):
         return (self.full_step, self.refresh_prompt, self.refresh_gen, tuple(self.budgets))
 
+    def topk_rows(self, layer):
+        if layer == 0 or self.full_step or self.refresh_prompt or self.refresh_gen:
+            return None
+        return self.win_size, self.budgets[layer]
+
+    def observe(self, layer, scores):
+        if self._scored_this_step:
+            torch.mean(scores, dim=(0, 1), out=self._new_scores[layer])      # one kernel, in place
+
     def rows(self, layer, scores):
         if scores is not None:
-            if self._scored_this_step:
-                torch.mean(scores, dim=(0, 1), out=self._new_scores[layer])  # one kernel, in place
+            self.observe(layer, scores)
         if layer == 0 or self.full_step:
             return None
         if self.refresh_gen:

@@ -12,10 +12,12 @@ It owns the EngineSet and the device-resident state, allocated once per canvas s
 (The value proxy compares against the gen rows of v_cache itself.)
 
 One step (``run_batch``, one ``SlotStep`` per sequence of the batch): ``h = embed(canvas)``; for each
-layer: change scores if a policy wants them, ask each sequence's policy for its rows, run the layer on
-``h[b, rows[b]]`` (every sequence the same number of rows: a shorter list repeats its last row, which
-recomputes and writes the same values), scatter its outputs into the caches, then
-``h = (h + attn_cache) + mlp_cache``, which is bit for bit the full layer's ``y = h + attn; y + mlp(y)``.
+layer: change scores if a policy wants them, ask each sequence's policy for its rows (or, where every
+sequence's rows are a window plus its k most-changed rows, ``CachePolicy.topk_rows``, pick the whole
+batch's in one launch), run the layer on ``h[b, rows[b]]`` (every sequence the same number of rows: a
+shorter list repeats its last row, which recomputes and writes the same values), scatter its outputs
+into the caches, then ``h = (h + attn_cache) + mlp_cache``, which is bit for bit the full layer's
+``y = h + attn; y + mlp(y)``.
 The head runs only on the rows whose logits each commit policy needs (Dream: position i reads hidden
 row i-1), each sequence's commit policy picks its tokens, and the canvas is updated. The host reads back
 only the committed positions: one sync per step, whatever the batch size. Sequences of different lengths
@@ -78,6 +80,7 @@ class SlotPlan:
     scored: tuple[bool, ...]          # per layer: the executor computes change scores for it
     layer_keys: tuple | None          # per layer CachePolicy.layer_key; None when some layer cannot be captured
     starts: tuple[int, ...]           # per layer: the first row its residual update covers (fused path)
+    topk: tuple[tuple[int, int] | None, ...]   # per layer: CachePolicy.topk_rows where scored, else None
 
 
 @dataclasses.dataclass
@@ -118,6 +121,8 @@ class Executor:
         # SlotPlans by (policy, CachePolicy.plan_key(), ...): with CUDA graphs a step's host work is mostly
         # these per-layer questions, and their answers repeat from step to step (scripts/host-overhead.py)
         self._plans: dict[tuple, SlotPlan] = {}
+        # per batch of plans: which layers pick every sequence's rows in one launch (see _batched_topk)
+        self._batch_plans: dict[tuple, tuple] = {}
 
     def _region(self, name: str):
         return torch.profiler.record_function(f"dllm::{name}") if self.profiling else contextlib.nullcontext()
@@ -168,6 +173,10 @@ class Executor:
             self.rows_all = torch.arange(N, device=dev)                          # every row, as row indices
             self.kv_len = torch.full((B,), N, dtype=torch.int32, device=dev)     # each sequence's canvas length
             self.gen_start_t = torch.zeros((B,), dtype=torch.int32, device=dev)  # each one's first gen row
+            self.win_start_t = torch.zeros((B,), dtype=torch.int32, device=dev)  # each one's window start
+            # its host side: pinned, so the per-step upload is asynchronous (the previous one is done by
+            # then: each step ends with the readback's sync)
+            self.win_start_host = torch.zeros((B,), dtype=torch.int32, pin_memory=dev.type == "cuda")
             self.canvas = torch.empty((B, N), dtype=torch.long, device=dev)
             self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
             self.transfer = torch.zeros((B, N), dtype=torch.bool, device=dev)      # last commit, rows [0, R)
@@ -179,6 +188,8 @@ class Executor:
         self.slot.fill_(-1)
         self.lengths = None
         self._plans.clear()
+        self._batch_plans.clear()
+        self._win_starts = None
         if (B, N, P) != self._graph_shape:
             self.step_graphs.clear()      # graphs bake P (the gen slice) and buffer addresses
             self.layer_graphs.clear()
@@ -229,6 +240,7 @@ class Executor:
         if len(steps) != self.B:
             raise ValueError(f"run_batch got {len(steps)} slots for a batch of {self.B}")
         t0 = time.perf_counter()
+        self._prepare_rows(steps)
         commit_keys = [None if st is None else st.commit.step_key(st.view) for st in steps] \
             if self.cuda_graphs else [None] * self.B
         capturable = self.cuda_graphs and all(st is None or k is not None for st, k in zip(steps, commit_keys))
@@ -325,8 +337,43 @@ class Executor:
     def _make_plan(self, st: SlotStep) -> SlotPlan:
         scored = self._scored(st.cache, st.view)
         layer_keys = tuple(st.cache.layer_key(l, scored[l]) for l in range(len(self._layers)))
+        topk = tuple(st.cache.topk_rows(l) if scored[l] else None for l in range(len(self._layers)))
         return SlotPlan(tuple(scored), None if any(k is None for k in layer_keys) else layer_keys,
-                        tuple(self._residual_starts_one(st.cache, st.lo)))
+                        tuple(self._residual_starts_one(st.cache, st.lo)), topk)
+
+    def _batched_topk(self, steps) -> tuple:
+        """Per layer, the (w, k) of ``CachePolicy.topk_rows`` that every sequence of the batch shares, or None.
+        Where they share it, the fused executor picks the whole batch's rows in one launch
+        (``select_rows_batched``) instead of asking each sequence's policy."""
+        n_layers = len(self._layers)
+        if self.ops is None or len(steps) == 1:
+            return (None,) * n_layers
+        plans = [None if st is None else self._plan(st) for st in steps]
+        key = tuple(map(id, plans))
+        hit = self._batch_plans.get(key)
+        if hit is None:
+            live = [p for p in plans if p is not None]
+            shared = tuple(t if t is not None and all(p.topk[l] == t for p in live) else None
+                           for l, t in enumerate(live[0].topk)) if live else (None,) * n_layers
+            if len(self._batch_plans) >= 4096:
+                self._batch_plans.clear()
+            # the plans themselves stay in the entry, so their ids cannot be reused while it lives
+            hit = self._batch_plans[key] = (plans, shared)
+        return hit[1]
+
+    def _prepare_rows(self, steps) -> None:
+        """Before the step, outside any graph: each policy's ``prepare_step`` (its own device buffers, which its
+        ``rows`` reads in the layers it still picks itself), and each sequence's window start for the
+        batched row choice."""
+        for st in steps:
+            if st is not None:
+                st.cache.prepare_step()
+        if any(t is not None for t in self._batched_topk(steps)):
+            starts = tuple(0 if st is None else st.cache.window_at for st in steps)
+            if starts != self._win_starts:                   # one small copy, only when a window moves
+                self.win_start_host.numpy()[:] = starts
+                self.win_start_t.copy_(self.win_start_host, non_blocking=True)
+                self._win_starts = starts
 
     # -- layers and head ------------------------------------------------------
     @torch.inference_mode()
@@ -337,6 +384,7 @@ class Executor:
         t0 = time.perf_counter()
         if canvas is not self.canvas:
             self.canvas.copy_(canvas)
+        policy.prepare_step()
         logits, rows = self._forward([SlotStep(policy, None, view, lo, hi)], self.cuda_graphs)
         policy.after_step()
         return logits, StepStats(rows[0], time.perf_counter() - t0)
@@ -355,19 +403,20 @@ class Executor:
         idle = [False] * len(self._layers)
         scored = [idle if st is None else self._plan(st).scored for st in steps]
         starts = self._residual_starts(steps) if self.ops is not None else [0] * len(self._layers)
+        topk = self._batched_topk(steps)
         rows_per_layer = []                                                    # [L][B]
         for l in range(len(self._layers)):
             scored_l = [s[l] for s in scored]
             # whether the next layer is scored (the fused path takes its scores in this layer's last pass)
             next_scored = l + 1 < len(self._layers) and any(s[l + 1] for s in scored)
-            key = self._layer_key(steps, l, scored_l, next_scored, starts[l]) if layer_graphs else None
+            key = self._layer_key(steps, l, scored_l, next_scored, starts[l], topk[l]) if layer_graphs else None
             replayed, n = self.layer_graphs.replay(key) if key is not None else (False, None)
             if not replayed:
                 with self._region("layer"):
-                    n = self._layer(l, steps, scored_l, next_scored, starts[l])
+                    n = self._layer(l, steps, scored_l, next_scored, starts[l], topk[l])
                 if key is not None and self.layer_graphs.seen(key):
                     self.layer_graphs.capture(key, lambda l=l, s=scored_l, x=next_scored:
-                                              self._layer(l, steps, s, x, starts[l]))
+                                              self._layer(l, steps, s, x, starts[l], topk[l]))
             rows_per_layer.append(n)
         for st in steps:
             if st is not None:
@@ -377,7 +426,8 @@ class Executor:
         per_slot = [[rows_per_layer[l][b] for l in range(len(self._layers))] for b in range(len(steps))]
         return logits, per_slot
 
-    def _layer_key(self, steps, l: int, scored_l: list[bool], next_scored: bool, start: int) -> tuple | None:
+    def _layer_key(self, steps, l: int, scored_l: list[bool], next_scored: bool, start: int,
+                   topk: tuple | None) -> tuple | None:
         parts = []
         for st, sc in zip(steps, scored_l):
             if st is None:
@@ -387,7 +437,7 @@ class Executor:
             if k is None:
                 return None
             parts.append((id(st.cache),) + k)       # a graph reads its own policies' buffers
-        return (l, start, next_scored, self.lengths, tuple(parts))
+        return (l, start, next_scored, topk, self.lengths, tuple(parts))
 
     def _head_rows(self, steps) -> torch.Tensor:
         """Hidden rows whose logits the commits need: [B, R] (Dream: position i reads hidden row i-1)."""
@@ -428,15 +478,25 @@ class Executor:
             later = min(later, reads)
         return starts
 
-    def _layer(self, l: int, steps, scored: list[bool], next_scored: bool, start: int) -> list[int]:
+    def _layer(self, l: int, steps, scored: list[bool], next_scored: bool, start: int, topk: tuple | None
+               ) -> list[int]:
         """One layer's work for every slot; returns the rows each slot's sequence recomputed."""
         if self.ops is None:
             return self._layer_plain(l, steps, scored)
-        return self._layer_fused(l, steps, scored, next_scored, start)
+        return self._layer_fused(l, steps, scored, next_scored, start, topk)
 
-    def _slot_rows(self, l: int, steps, scores, scored: list[bool]) -> tuple[torch.Tensor | None, list[int]]:
-        """Each slot's policy picks its rows. Returns (rows [B, k], or None when every sequence recomputes
-        every row; the rows each sequence recomputed of its own canvas, padding left out)."""
+    def _slot_rows(self, l: int, steps, scores, scored: list[bool], topk: tuple | None = None
+                   ) -> tuple[torch.Tensor | None, list[int]]:
+        """Each slot's policy picks its rows, or, where every sequence's rows are a window plus the k rows
+        that changed most (``topk`` = (w, k)), one launch picks them all. Returns (rows [B, k], or None when
+        every sequence recomputes every row; the rows each sequence recomputed of its own canvas, padding
+        left out)."""
+        if topk is not None:
+            for b, st in enumerate(steps):
+                if st is not None:
+                    st.cache.observe(l, scores[b:b + 1])
+            rows = self.ops.select_rows_batched(scores, self.win_start_t, *topk, self.gen_start_t)
+            return rows, [0 if st is None else rows.shape[1] for st in steps]
         picked, counts = [], []
         for b, st in enumerate(steps):
             if st is None:
@@ -465,7 +525,8 @@ class Executor:
             rows.append(r)
         return torch.stack(rows), counts
 
-    def _layer_fused(self, l: int, steps, scored: list[bool], next_scored: bool, start: int) -> list[int]:
+    def _layer_fused(self, l: int, steps, scored: list[bool], next_scored: bool, start: int, topk: tuple | None
+                     ) -> list[int]:
         h, ops = self.h, self.ops
         scores = None
         if self.proxy == Proxy.INPUT:
@@ -475,7 +536,7 @@ class Executor:
                 scores = self.next_scores
         elif any(scored):
             scores = self._value_scores(l, h)
-        rows, counts = self._slot_rows(l, steps, scores, scored)
+        rows, counts = self._slot_rows(l, steps, scores, scored, topk)
         engine = self._layers[l]
         attn, mlp = self.attn_cache[l], self.mlp_cache[l]
         nxt = {}

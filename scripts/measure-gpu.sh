@@ -18,7 +18,8 @@
 #              and the other prompt lengths unprofiled (about 7 minutes)
 #   tests      versions and the GPU tests (kernels vs twins, graph replay == eager, Triton path == plain path)
 #   batch      batched decoding at the first prompt length (default 512): `full`, `dcu` and `dcu+apd` at
-#              batch 1, 4 and 16 side by side (dllm-bench --batch 1,4,16, 16 prompts), about 7 minutes
+#              batch 1, 4 and 16 side by side (dllm-bench --batch 1,4,16, 16 prompts; `dcu` and `dcu+apd`
+#              also profiled at each size: kernels per batched step), about 8 minutes
 #   torch      the torch-backend benches only, per prompt length
 #   ort        the same on ONNX Runtime's CUDA provider; needs onnxruntime-gpu staged beforehand with
 #              ../shared/tools/device-wheels onnxruntime-gpu==1.31.1 and PYTHONPATH / LD_LIBRARY_PATH exported
@@ -139,8 +140,9 @@ batch)
     # full at batch 16 is compute-bound (16 x 768 rows per layer): it gets its own run and time limit
     export NUM_PROMPTS=16
     METHODS=full bench "bench-batch-full-p$p" "$p" auto torch 320 --batch 1,4,16
-    METHODS=dcu@allocation=uniform,dcu+apd@allocation=uniform bench "bench-batch-dcu-p$p" "$p" auto torch 130 \
-        --batch 1,4,16
+    # --profile: kernels and GPU idle time per batched step at each size (one batch of prompts each)
+    METHODS=dcu@allocation=uniform,dcu+apd@allocation=uniform bench "bench-batch-dcu-p$p" "$p" auto torch 180 \
+        --batch 1,4,16 --profile
     ;;
 torch | ort)
     backend=$stage

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "always measured) and report tokens/s and step time per size instead of the method table")
     p.add_argument("--profile", action="store_true",
                    help="after the timed rounds, decode the first prompt once more per method under the torch "
-                        "profiler and report where a step's milliseconds go (JSON methods.<name>.profile)")
+                        "profiler and report where a step's milliseconds go (JSON methods.<name>.profile); with "
+                        "--batch, one batch of prompts per method and size (JSON batch.<method>.<size>.profile)")
     g = p.add_argument_group("decoding (DecodeConfig fields; methods set --cache/--commit)")
     add_decode_flags(g, canvas={"--gen-length": "default 64", "--block-length": "default 32",
                                 "--steps": "default: the gen length, one token per step"},
@@ -367,9 +368,8 @@ def check_args(args: argparse.Namespace) -> None:
     parse_device(args.device, "--device", check_available=args.backend != "tensorrt")
     if args.json:
         check_output_file(args.json, "--json")
-    if args.batch is not None and (args.plot or args.profile):
-        raise ConfigError("--plot and --profile describe the method comparison; drop them with --batch (its JSON "
-                          "holds every number)")
+    if args.batch is not None and args.plot:
+        raise ConfigError("--plot draws the method comparison; drop it with --batch (its JSON holds every number)")
     if args.plot:
         check_output_file(args.plot, "--plot")
         try:
@@ -436,7 +436,7 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
     from dllm.runtime.pipeline import Pipeline
     from dllm.tools.bench_report import machine_info, weight_read_floor
     from dllm.tools.bench_sources import make_prompts, weight_bytes_per_step
-    from dllm.tools.step_profile import format_profile, profile_decode
+    from dllm.tools.step_profile import format_profile, profile_batch, profile_decode
 
     engines = source.engines
     pipe = Pipeline(engines, max_seq_len=source.max_seq_len)
@@ -449,12 +449,18 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
         floor = weight_read_floor(weight_bytes_per_step(engines.spec, engines.dtype), engines.device)
     if cfg.batch_sizes:
         check_batch_limit(cfg.batch_sizes, engines.max_batch)
-        runs = run_batch_bench(pipe, prompts, cfg, cfg.batch_sizes, source.max_seq_len, log=log)
+        runs, executors = run_batch_bench(pipe, prompts, cfg, cfg.batch_sizes, source.max_seq_len, log=log)
         batches, methods = summarize_batches(runs, cfg.decode.gen_length), None
     else:
         runs = run_bench(pipe, prompts, cfg, source.max_seq_len, log=log)
         methods = summarize(runs, prompts, cfg, pipe, floor["floor_ms"] if floor else None)
-    if args.profile:
+    if args.profile and cfg.batch_sizes:
+        for name, method_cfg in cfg.method_configs().items():
+            for b in cfg.batch_sizes:          # one batch's worth of prompts: the steady state of b slots
+                prof = profile_batch(engines, executors[b], prompts.ids[:b], method_cfg, b, source.max_seq_len)
+                batches[name][str(b)]["profile"] = prof
+                log(f"[bench] profile {format_profile(f'{name} at batch {b}', prof)}")
+    elif args.profile:
         for name, method_cfg in cfg.method_configs().items():
             methods[name]["profile"] = profile_decode(pipe, prompts.ids[0], method_cfg, source.max_seq_len)
             log(f"[bench] profile {format_profile(name, methods[name]['profile'])}")

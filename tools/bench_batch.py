@@ -65,8 +65,9 @@ def decode_pass(engines, executor, prompts, cfg, batch: int, max_seq_len: int | 
 
 
 def run_batch_bench(pipe, prompts, bench_cfg, batch_sizes: tuple[int, ...], max_seq_len: int | None = None,
-                    log=print) -> dict[str, dict[int, list[BatchRun]]]:
-    """Warm up, then ``repeat`` rounds of every method at every batch size (size order reversed on odd rounds)."""
+                    log=print) -> tuple[dict[str, dict[int, list[BatchRun]]], dict]:
+    """Warm up, then ``repeat`` rounds of every method at every batch size (size order reversed on odd rounds).
+    Returns the runs and each batch size's executor (warm: a profile after the timed rounds reuses it)."""
     from dllm.runtime.executor import Executor
 
     configs = bench_cfg.method_configs()
@@ -86,7 +87,7 @@ def run_batch_bench(pipe, prompts, bench_cfg, batch_sizes: tuple[int, ...], max_
                 runs[m][b].append(BatchRun(r, wall, steps, [x.ids for x in results],
                                            sum(x.answer_length for x in results), [x.wall_s for x in results]))
         log(f"[bench] round {r + 1}/{bench_cfg.repeat} done")
-    return runs
+    return runs, executors
 
 
 def summarize_batches(runs: dict[str, dict[int, list[BatchRun]]], gen_length: int) -> dict[str, dict[str, dict]]:

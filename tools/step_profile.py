@@ -203,15 +203,36 @@ def profile_decode(pipe, prompt, cfg, max_seq_len: int | None = None) -> dict:
     Run it after a warm-up generation with the same config (CUDA graphs captured, sessions set up), so
     the profile shows the steady state.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     from dllm.runtime import decode
 
-    device = pipe.engines.device
+    return _profiled(pipe.engines, pipe.executor, lambda: decode(
+        pipe.engines, list(prompt), cfg, executor=pipe.executor, max_seq_len=max_seq_len).steps)
+
+
+def profile_batch(engines, executor, prompts, cfg, batch: int, max_seq_len: int | None = None) -> dict:
+    """``prompts`` decoded at ``batch`` slots with ``cfg`` under the torch profiler (``dllm-bench --batch
+    --profile``): ``summarize_events``' dict per batched step, so ``ops.per_layer_step`` shows what each
+    added sequence costs in launches. Warm up ``executor`` at this batch size first."""
+    from dllm.runtime.loop import decode_batch
+
+    def run():
+        before = executor.steps_run
+        decode_batch(engines, [list(p) for p in prompts], cfg, executor=executor, batch_size=batch,
+                     max_seq_len=max_seq_len)
+        return executor.steps_run - before
+
+    return _profiled(engines, executor, run)
+
+
+def _profiled(engines, executor, run) -> dict:
+    """``run()`` (returning the steps it ran) under the profiler, with the executor's regions marked."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = engines.device
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    ex, ops = pipe.executor, pipe.engines.ops
-    ex.profiling = True                       # regions (embed, layer, head, commit) and kernel ranges
+    ops = engines.ops
+    executor.profiling = True                 # regions (embed, layer, head, commit) and kernel ranges
     if ops is not None:
         ops.profiling = True
     try:
@@ -219,15 +240,15 @@ def profile_decode(pipe, prompt, cfg, max_seq_len: int | None = None) -> dict:
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            res = decode(pipe.engines, list(prompt), cfg, executor=ex, max_seq_len=max_seq_len)
+            steps = run()
             if cuda:
                 torch.cuda.synchronize(device)
             wall = time.perf_counter() - t0
     finally:
-        ex.profiling = False
+        executor.profiling = False
         if ops is not None:
             ops.profiling = False
-    return summarize_events(prof.events(), res.steps, wall, cuda, n_layers=pipe.engines.spec.n_layers)
+    return summarize_events(prof.events(), steps, wall, cuda, n_layers=engines.spec.n_layers)
 
 
 def format_profile(name: str, prof: dict) -> str:

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dllm.kernels.select import gather_rows_torch, gather_rows_triton, select_rows_torch, select_rows_triton
+from dllm.kernels.select import (gather_rows_torch, gather_rows_triton, select_rows_batched_torch,
+                                 select_rows_batched_triton, select_rows_torch, select_rows_triton)
 from tests.kernels.conftest import DEVICE, rand
 
 
@@ -42,3 +43,37 @@ def test_gather_kernel_equals_twin_and_marks_slots(device, dtype):
     assert torch.equal(h_got[1, 1], h[1, 3]) and torch.equal(h_got[0, 2], h[0, 17])
     assert slot[0].cpu().tolist() == [-1 if r not in (2, 5, 17, 29) else [2, 5, 17, 29].index(r) for r in range(N)]
     assert slot[1, 0] == 0 and slot[1, 3] in (1, 2, 3) and int((slot[1] >= 0).sum()) == 2   # a repeated row: any copy
+
+
+@pytest.mark.parametrize("G,win,k", [(32, 5, 4), (40, 9, 31), (64, 33, 0), (200, 33, 32), (16, 0, 5), (24, 4, 40)])
+def test_batched_selection_equals_each_sequence_alone(device, G, win, k):
+    """One launch for a batch: row b is exactly what select_rows gives sequence b alone, on both paths, with
+    each sequence's own window start (edges included) and first gen row."""
+    B = 5
+    d = rand(B, G, seed=G + win + k).abs()
+    d[1, ::3] = d[1, 0]                                                      # ties inside one sequence
+    starts = [0, G - win, min(3, G - win), (G - win) // 2, 1 if G - win >= 1 else 0]
+    win_start = torch.tensor(starts, dtype=torch.int32, device=device)
+    gen_start = torch.tensor([11, 7, 30, 11, 0], dtype=torch.int32, device=device)
+    alone = torch.stack([select_rows_torch(d[b], _window(starts[b], win) if win else None, k, int(gen_start[b]))
+                         for b in range(B)])
+    for fn in (select_rows_batched_torch, select_rows_batched_triton):
+        got = fn(d, win_start, win, k, gen_start)
+        assert got.dtype == torch.long and torch.equal(got, alone), fn.__name__
+
+
+def test_batched_selection_stays_inside_its_rows_when_scores_are_nan(device):
+    """Garbage scores (an idle slot's) may be NaN: each sequence still gets win + k valid rows of its own."""
+    B, G, win, k = 3, 32, 5, 4
+    d = rand(B, G, seed=1).abs()
+    d[2] = float("nan")
+    d[1, 7:20] = float("nan")
+    gen_start = torch.tensor([10, 10, 10], dtype=torch.int32, device=device)
+    win_start = torch.tensor([0, 3, 27], dtype=torch.int32, device=device)
+    for fn in (select_rows_batched_torch, select_rows_batched_triton):
+        got = fn(d, win_start, win, k, gen_start)
+        assert got.shape == (B, win + k)
+        assert bool(((got >= 10) & (got < 10 + G)).all())
+        assert bool((got[:, 1:] > got[:, :-1]).all()), fn.__name__                 # sorted, no duplicates
+    alone = select_rows_torch(d[0], _window(0, win), k, 10)
+    assert torch.equal(select_rows_batched_triton(d, win_start, win, k, gen_start)[0], alone)

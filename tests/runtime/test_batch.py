@@ -267,3 +267,35 @@ def test_a_slot_counts_as_free_as_soon_as_its_sequence_committed_its_last_token(
         steps += 1
     assert steps + 1 == solo[0].steps + solo[1].steps              # no idle step between the two
     _same(solo, [batch.results[0], batch.results[1]])
+
+
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dllm-cache"])
+def test_a_batch_picks_each_layers_rows_in_one_launch(method, tiny_models):
+    """Where every sequence's rows are a window plus its k most-changed rows, one launch picks a layer's rows
+    for the whole batch instead of one per sequence, and each sequence still gets what it gets alone."""
+    from dllm.engines.engine_set import torch_engine_set
+
+    es = torch_engine_set(tiny_models["llada"], "fp32", kernels="torch")
+    prompts, cfg = _prompts(es.spec.vocab_size, (5, 11, 8)), _config(method)
+    solo = [decode(es, p, cfg) for p in prompts]
+    calls = {"alone": 0, "batched": 0}
+    ops = es.ops
+    one, many = ops.select_rows, ops.select_rows_batched
+
+    def count(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapped
+
+    ops.select_rows, ops.select_rows_batched = count("alone", one), count("batched", many)
+    batch = decode_batch(es, prompts, cfg, batch_size=3)
+    _same(solo, batch)
+    # the sequences start together, so they agree on (window, k) in every layer that picks rows that way:
+    # one launch each (dLLM-Cache's prompt-refresh steps add the prompt rows, so each sequence picks its own)
+    picked = sum(n < len(prompts[0]) + cfg.gen_length for step in solo[0].rows_per_step for n in step)
+    assert calls["batched"] > 0
+    if method != "dllm-cache":
+        assert calls == {"alone": 0, "batched": picked}
+    else:
+        assert calls["alone"] % len(prompts) == 0 and calls["batched"] + calls["alone"] // len(prompts) == picked

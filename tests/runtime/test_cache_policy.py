@@ -26,6 +26,7 @@ def _view(step=1, i=0, start=P, end=P + 16, key=None):
 
 def _rows(pol, view, scores=None):
     pol.begin_step(view)
+    pol.prepare_step()
     out = []
     for l in range(L):
         d = scores[l] if (scores is not None and pol.wants_scores(l)) else None
@@ -167,3 +168,35 @@ def test_dcu_reference_preset():
     pol = make_cache_policy(DecodeConfig(cache="dcu_reference", proxy="input"))
     assert pol.proxy == Proxy.VALUE and pol.allocation == Allocation.UNIFORM
     assert isinstance(make_cache_policy(DecodeConfig()), FullPolicy)
+
+
+@pytest.mark.parametrize("cfg", [
+    DecodeConfig(cache="dcu", budget=8, window=8, allocation="uniform", prompt_interval=3, gen_interval=5),
+    DecodeConfig(cache="dcu", budget=8, window=8, allocation="proportional", refresh_interval=4),
+    DecodeConfig(cache="dllm_cache", prompt_interval=3, gen_interval=5, rho=0.25),
+], ids=["dcu", "dcu-proportional", "dllm-cache"])
+def test_topk_rows_describes_exactly_the_rows_the_policy_picks(cfg):
+    """Where a policy says (w, k) through topk_rows, its rows are the w gen rows from window_at plus the k
+    other most-changed gen rows: what the executor picks for a whole batch in its place."""
+    from dllm.kernels.select import select_rows_torch
+
+    pol = _policy(cfg)
+    described = 0
+    for step in range(1, 12):
+        view = _view(step=step, key=P + 3 * step)
+        pol.begin_step(view)
+        pol.prepare_step()
+        for l in range(L):
+            d = torch.rand(1, G, generator=torch.Generator().manual_seed(step * L + l))
+            scores = d if pol.wants_scores(l) else None
+            topk = pol.topk_rows(l)
+            rows = pol.rows(l, scores)
+            if topk is None:
+                continue
+            w, k = topk
+            window = torch.arange(pol.window_at, pol.window_at + w) if w else None
+            assert torch.equal(rows, select_rows_torch(d[0], window, k, P)), (step, l)
+            described += 1
+        pol.end_step()
+        pol.after_step()
+    assert described > 0

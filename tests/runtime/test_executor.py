@@ -158,14 +158,26 @@ class CheckedPlans(Executor):
     def __init__(self, engines):
         super().__init__(engines)
         self.asked = 0
+        self.batched_steps = 0
 
     def _plan(self, st):
         self.asked += 1
         plan = super()._plan(st)
         assert plan == self._make_plan(st), f"stale plan at step {st.view.step}"
-        if hasattr(st.cache, "window_rows"):
-            assert torch.equal(st.cache.window, st.cache.window_rows(st.view.key_pos))
         return plan
+
+    def _prepare_rows(self, steps):
+        super()._prepare_rows(steps)
+        for st in steps:
+            if st is not None and hasattr(st.cache, "window_rows"):
+                assert torch.equal(st.cache.window, st.cache.window_rows(st.view.key_pos))
+        if any(t is not None for t in self._batched_topk(steps)):     # the batch's own window starts
+            self.batched_steps += 1
+            for b, st in enumerate(steps):
+                if st is not None:
+                    assert int(self.win_start_t[b]) == st.cache.window_at
+                    if hasattr(st.cache, "window_rows"):
+                        assert st.cache.window_at == int(st.cache.window_rows(st.view.key_pos)[0])
 
 
 PLAN_METHODS = {
@@ -195,3 +207,24 @@ def test_remembered_step_plans_equal_the_policies_answers(method, kernels, tiny_
     assert ex.asked > 0
     if method != "dcu@proportional":                         # repeating plans are asked once, then reused
         assert len(ex._plans) < len(got.rows_per_step)
+
+
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dllm-cache", "dcu@proportional"])
+def test_remembered_plans_and_window_starts_in_a_batch(method, tiny_models):
+    """In a batch (prompts of different lengths, more prompts than slots), every remembered plan equals the
+    policy's fresh answers, the batch's window starts are each sequence's own, and every sequence decodes
+    what it decodes alone."""
+    from dllm.engines.engine_set import torch_engine_set
+    from dllm.runtime import method_config
+    from dllm.runtime.loop import decode_batch
+
+    engines = torch_engine_set(tiny_models["llada"], "fp32", kernels="torch")
+    base = DecodeConfig(gen_length=32, block_length=8, steps=16, budget=4, window=4, allocation="uniform",
+                        tau0=0.4, beta=0.02)
+    cfg = method_config(method.split("@")[0], base).replace(**PLAN_METHODS[method])
+    prompts = [list(range(6, 17)), list(range(20, 27)), list(range(30, 39)), list(range(40, 45))]
+    ex = CheckedPlans(engines)
+    got = decode_batch(engines, prompts, cfg, executor=ex, batch_size=3)
+    assert [r.ids for r in got] == [decode(engines, p, cfg).ids for p in prompts]
+    if method != "dcu@proportional":             # uniform budgets: the batch picks its rows together
+        assert ex.batched_steps > 0

@@ -158,12 +158,35 @@ def test_step_bodies_have_no_host_sync(method, kernels, tiny_models):
         cache.begin_step(view)
         lo, hi = commit.logit_range(view)
         assert commit.step_key(view) is not None                        # greedy commits are capturable
+        steps = [SlotStep(cache, commit, view, lo, hi)]
+        ex._prepare_rows(steps)                  # run_batch's host work before the step (DCU's window)
         before = (_host_state(cache), _host_state(commit))
         with no_host_sync():
-            ex._step_body([SlotStep(cache, commit, view, lo, hi)], True, layer_graphs=False)
+            ex._step_body(steps, True, layer_graphs=False)
         assert (_host_state(cache), _host_state(commit)) == before
         committed = ex.read_committed(lo, hi)
         cache.after_step()
         commit.after_step(view)
         view.block_masks -= len(committed)
         view.key_pos = committed[-1] if committed else view.key_pos
+
+
+class NoSyncBodies(Executor):
+    """Runs every step body (what a CUDA graph would hold) with host reads refused."""
+
+    def _step_body(self, steps, commit, layer_graphs):
+        with no_host_sync():
+            return super()._step_body(steps, commit, layer_graphs)
+
+
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dllm-cache", "dcu@proportional"])
+def test_batched_step_bodies_have_no_host_sync(method, tiny_models):
+    """A batch's step body, the one-launch row choice of every sequence included, reads nothing back to the
+    host, and the batch still decodes what each prompt decodes alone."""
+    from dllm.runtime.loop import decode_batch
+
+    engines = torch_engine_set(tiny_models["llada"], "fp32", kernels="torch")
+    cfg = _config(method)
+    prompts = [list(range(6, 17)), list(range(20, 27)), list(range(30, 39))]
+    got = decode_batch(engines, prompts, cfg, executor=NoSyncBodies(engines), batch_size=3)
+    assert [r.ids for r in got] == [decode(engines, p, cfg).ids for p in prompts]

@@ -103,18 +103,18 @@ def test_dcu_window_follows_the_last_committed_token(torch_engines):
     from dllm.runtime import cache_policy
 
     seen = []
-    orig = cache_policy.DcuPolicy.begin_step
+    orig = cache_policy.DcuPolicy.prepare_step
 
-    def spy(self, view):
-        orig(self, view)
-        seen.append((view.key_pos, self.window.tolist()))
+    def spy(self):
+        orig(self)
+        seen.append((self.view.key_pos, self.window.tolist()))
 
-    cache_policy.DcuPolicy.begin_step = spy
+    cache_policy.DcuPolicy.prepare_step = spy
     try:
         res = decode(torch_engines["llada"], list(range(6, 14)),
                      DecodeConfig(gen_length=32, block_length=8, steps=32, cache="dcu", window=4))
     finally:
-        cache_policy.DcuPolicy.begin_step = orig
+        cache_policy.DcuPolicy.prepare_step = orig
     P = 8
     assert seen[0][0] == P - 1 and seen[0][1] == [0, 1, 2, 3, 4]
     pos_by_step = {s: P + i for i, s in enumerate(res.commit_step)}

@@ -210,7 +210,7 @@ def test_batch_sizes_side_by_side(engine_dir, tmp_path, capsys):
     (["--batch", "0"], "not a positive integer"),
     (["--batch", "2,2"], "twice"),
     (["--batch", "9"], "--max-batch 9"),                                   # the engines were exported for 8
-    (["--batch", "2", "--plot", "p.png"], "drop them with --batch"),
+    (["--batch", "2", "--plot", "p.png"], "drop it with --batch"),
 ])
 def test_bad_batch_flags_exit_2(engine_dir, capsys, args, message):
     assert bench.main([str(engine_dir), *args]) == 2

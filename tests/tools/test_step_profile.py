@@ -134,3 +134,26 @@ def tiny_model_engines_for_ops():
         out[kernels] = {m: profile_decode(pipe, list(range(6, 14)), method_config(m, base))["ops"]
                         for m in ("full", "dcu", "dcu+apd")}
     return out
+
+
+def test_a_profiled_batch_shows_what_each_added_sequence_costs(tmp_path, capsys):
+    """dllm-bench --batch --profile: one profile per method and batch size. A batch picks each layer's DCU
+    rows in one launch, so a layer step costs as many operators at batch 8 as at batch 4 (a layer's work
+    does not grow with the batch); only the commit, which each sequence's policy runs on its own rows,
+    does."""
+    from dllm.exporter.models.writer import tiny_spec
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(tiny_spec("llada", n_layers=3, d_model=64, max_seq_len=256).to_dict()))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--random-weights", str(spec), "--backend", "torch", "--methods", "dcu@allocation=uniform",
+                       "--prompt-len", "8", "--gen-length", "16", "--block-length", "16", "--repeat", "1",
+                       "--warmup", "1", "--budget", "4", "--window", "4", "--num-prompts", "8", "--threads", "1",
+                       "--batch", "1,4,8", "--profile", "--json", str(out)]) == 0
+    assert "profile dcu@allocation=uniform at batch 8:" in capsys.readouterr().err
+    by_size = json.loads(out.read_text())["batch"]["dcu@allocation=uniform"]
+    prof = {b: by_size[b]["profile"] for b in ("1", "4", "8")}
+    assert all(p["steps"] == 16 for p in prof.values())                 # one prompt length: in lockstep
+    region = {b: p["ops"]["by_region_per_step"] for b, p in prof.items()}
+    assert region["8"]["layer"] == region["4"]["layer"] > 0
+    assert region["8"]["commit"] == 2 * region["4"]["commit"] == 8 * region["1"]["commit"] > 0
