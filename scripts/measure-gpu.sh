@@ -141,7 +141,7 @@ batch)
     export NUM_PROMPTS=16
     METHODS=full bench "bench-batch-full-p$p" "$p" auto torch 320 --batch 1,4,16
     # --profile: kernels and GPU idle time per batched step at each size (one batch of prompts each)
-    METHODS=dcu@allocation=uniform,dcu+apd@allocation=uniform bench "bench-batch-dcu-p$p" "$p" auto torch 180 \
+    METHODS=dcu@allocation=uniform,dcu+apd@allocation=uniform bench "bench-batch-dcu-p$p" "$p" auto torch 220 \
         --batch 1,4,16 --profile
     ;;
 torch | ort)

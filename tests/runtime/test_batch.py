@@ -269,7 +269,7 @@ def test_a_slot_counts_as_free_as_soon_as_its_sequence_committed_its_last_token(
     _same(solo, [batch.results[0], batch.results[1]])
 
 
-@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dllm-cache"])
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dllm-cache", "dcu-reference"])
 def test_a_batch_picks_each_layers_rows_in_one_launch(method, tiny_models):
     """Where every sequence's rows are a window plus its k most-changed rows, one launch picks a layer's rows
     for the whole batch instead of one per sequence, and each sequence still gets what it gets alone."""
