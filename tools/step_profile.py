@@ -213,15 +213,9 @@ def profile_batch(engines, executor, prompts, cfg, batch: int, max_seq_len: int 
     """``prompts`` decoded at ``batch`` slots with ``cfg`` under the torch profiler (``dllm-bench --batch
     --profile``): ``summarize_events``' dict per batched step, so ``ops.per_layer_step`` shows what each
     added sequence costs in launches. Warm up ``executor`` at this batch size first."""
-    from dllm.runtime.loop import decode_batch
+    from dllm.tools.bench_batch import decode_pass
 
-    def run():
-        before = executor.steps_run
-        decode_batch(engines, [list(p) for p in prompts], cfg, executor=executor, batch_size=batch,
-                     max_seq_len=max_seq_len)
-        return executor.steps_run - before
-
-    return _profiled(engines, executor, run)
+    return _profiled(engines, executor, lambda: decode_pass(engines, executor, prompts, cfg, batch, max_seq_len)[2])
 
 
 def _profiled(engines, executor, run) -> dict:

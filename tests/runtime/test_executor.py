@@ -152,8 +152,9 @@ def test_dcu_budget_covering_every_row_reproduces_full(arch, proxy, torch_engine
 
 
 class CheckedPlans(Executor):
-    """Checks every remembered SlotPlan against the policy's answers asked afresh, and the DCU window
-    buffer (written only when it moves) against the window of the current key position."""
+    """Checks every remembered SlotPlan against the policy's answers asked afresh, the DCU window buffer
+    (written only when it moves) against the window of the current key position, and in a batch the
+    uploaded window starts against each sequence's own."""
 
     def __init__(self, engines):
         super().__init__(engines)
@@ -190,16 +191,21 @@ PLAN_METHODS = {
 }
 
 
+def _plan_config(method: str) -> DecodeConfig:
+    from dllm.runtime import method_config
+
+    base = DecodeConfig(gen_length=32, block_length=8, steps=16, budget=4, window=4, allocation="uniform",
+                        tau0=0.4, beta=0.02)
+    return method_config(method.split("@")[0], base).replace(**PLAN_METHODS[method])
+
+
 @pytest.mark.parametrize("kernels", ["plain", "torch"])
 @pytest.mark.parametrize("method", sorted(PLAN_METHODS))
 def test_remembered_step_plans_equal_the_policies_answers(method, kernels, tiny_models):
     from dllm.engines.engine_set import torch_engine_set
-    from dllm.runtime import method_config
 
     engines = torch_engine_set(tiny_models["llada"], "fp32", kernels=kernels)
-    base = DecodeConfig(gen_length=32, block_length=8, steps=16, budget=4, window=4, allocation="uniform",
-                        tau0=0.4, beta=0.02)
-    cfg = method_config(method.split("@")[0], base).replace(**PLAN_METHODS[method])
+    cfg = _plan_config(method)
     ex = CheckedPlans(engines)
     for prompt in (list(range(6, 17)), list(range(20, 27))):      # a second prompt length: plans re-made
         got = decode(engines, prompt, cfg, executor=ex)
@@ -215,13 +221,10 @@ def test_remembered_plans_and_window_starts_in_a_batch(method, tiny_models):
     policy's fresh answers, the batch's window starts are each sequence's own, and every sequence decodes
     what it decodes alone."""
     from dllm.engines.engine_set import torch_engine_set
-    from dllm.runtime import method_config
     from dllm.runtime.loop import decode_batch
 
     engines = torch_engine_set(tiny_models["llada"], "fp32", kernels="torch")
-    base = DecodeConfig(gen_length=32, block_length=8, steps=16, budget=4, window=4, allocation="uniform",
-                        tau0=0.4, beta=0.02)
-    cfg = method_config(method.split("@")[0], base).replace(**PLAN_METHODS[method])
+    cfg = _plan_config(method)
     prompts = [list(range(6, 17)), list(range(20, 27)), list(range(30, 39)), list(range(40, 45))]
     ex = CheckedPlans(engines)
     got = decode_batch(engines, prompts, cfg, executor=ex, batch_size=3)
