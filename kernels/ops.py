@@ -97,9 +97,10 @@ class KernelOps:
     def select_rows(self, d, window, k, prompt_len):
         return self._call("select_rows", d, window, k, prompt_len)
 
-    def select_rows_batched(self, d, win_start, win, k, gen_start):
-        """``select_rows`` for every sequence of a batch in one launch -> rows [B, win + k]."""
-        return self._call("select_rows_batched", d, win_start, win, k, gen_start)
+    def select_rows_batched(self, d, win_start, win, k, gen_start, k_slot=None):
+        """``select_rows`` for every sequence of a batch in one launch -> rows [B, win + k] (with ``k_slot`` [B],
+        each sequence its own k, padded with its last row)."""
+        return self._call("select_rows_batched", d, win_start, win, k, gen_start, k_slot)
 
     def gather_rows(self, h, rows, slot=None):
         return self._call("gather_rows", h, rows, slot)

@@ -6,10 +6,12 @@ Ties go to the lower row (a stable descending sort), so the choice is determinis
 The torch twin sorts; the Triton kernel ranks every row against every other in one program and writes
 the selected rows in order with a prefix sum: one launch instead of about eight, bit-identical rows.
 
-``select_rows_batched(d, win_start, win, k, gen_start)``: the same choice for every sequence of a batch
-at once (d [B, G], each sequence its own window start and first gen row, the same window length and k),
-so a batch of 16 costs one launch per layer instead of 16 and a stack: rows [B, win + k], row b equal
-to ``select_rows`` of sequence b alone.
+``select_rows_batched(d, win_start, win, k, gen_start, k_slot)``: the same choice for every sequence of a
+batch at once (d [B, G], each sequence its own window start and first gen row, the same window length), so
+a batch of 16 costs one launch per layer instead of 16 and a stack: rows [B, win + k], row b equal to
+``select_rows`` of sequence b alone. With ``k_slot`` [B] (DCU's proportional budgets differ per sequence)
+sequence b takes its own k_slot[b] <= k rows and pads its row of the result with copies of its last row,
+as the executor pads any shorter list.
 
 ``gather_rows(h, rows, slot)``: each sequence's input rows ``h[b, rows[b]]`` (rows [B, k]: every
 sequence of a batch recomputes its own rows, as many for each; a shorter list is padded with copies of
@@ -37,27 +39,34 @@ def select_rows_torch(d: torch.Tensor, window: torch.Tensor | None, k: int, prom
 
 
 def select_rows_batched_torch(d: torch.Tensor, win_start: torch.Tensor, win: int, k: int,
-                              gen_start: torch.Tensor) -> torch.Tensor:
+                              gen_start: torch.Tensor, k_slot: torch.Tensor | None = None) -> torch.Tensor:
     """d [B, G] fp32; win_start [B] (gen-relative, read only when win > 0); gen_start [B] each sequence's
-    first gen row -> rows [B, win + k] int64: row b is ``select_rows_torch(d[b], window_b, k, gen_start[b])``.
-    No host sync (graphs can hold it)."""
+    first gen row; k_slot [B] each sequence's own k (at most k; needs win > 0, for a row to repeat) or None
+    -> rows [B, win + k] int64: row b is ``select_rows_torch(d[b], window_b, k_b, gen_start[b])``, padded
+    with its last row. No host sync (graphs can hold it)."""
     B, G = d.shape
     k = max(0, min(k, G - win))
+    if k_slot is not None and win == 0:
+        raise ValueError("per-sequence k needs a window: a sequence without rows has no row to repeat")
     i = torch.arange(G, device=d.device)
     ws = win_start.to(torch.long)[:, None]
     sel = (i >= ws) & (i < ws + win)                                  # [B, G] the forced windows
     if k:
         vote = d.masked_fill(sel, float("-inf"))
         top = torch.sort(vote, dim=1, descending=True, stable=True).indices[:, :k]
-        sel = sel.scatter(1, top, True)
+        take = True if k_slot is None else torch.arange(k, device=d.device) < k_slot.to(torch.long)[:, None]
+        sel = sel.scatter(1, top, take)
     # the selected rows in ascending order: unselected ones sort after every selected one
     rows = torch.sort(torch.where(sel, i, i + G), dim=1).values[:, :win + k]
+    if k_slot is not None:                                            # past its own rows: its last row again
+        n = win + k_slot.to(torch.long).clamp(0, k)[:, None]                 # [B, 1]
+        rows = torch.where(torch.arange(win + k, device=d.device) < n, rows, rows.gather(1, n - 1))
     return rows + gen_start.to(torch.long)[:, None]
 
 
 @jit
-def _select_kernel(d_ptr, win_ptr, win_stride, p_ptr, rows_ptr, G, win, k, P, HAS_WIN: tl.constexpr,
-                   SLOT_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+def _select_kernel(d_ptr, win_ptr, win_stride, p_ptr, k_ptr, rows_ptr, G, win, k, P, HAS_WIN: tl.constexpr,
+                   SLOT_P: tl.constexpr, SLOT_K: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)                         # one program per sequence
     d_ptr += b * G
     rows_ptr += b * (win + k)
@@ -79,17 +88,25 @@ def _select_kernel(d_ptr, win_ptr, win_stride, p_ptr, rows_ptr, G, win, k, P, HA
                       tl.load(d_ptr + j, mask=mj, other=0.0))
         before = (vj[None, :] > vi[:, None]) | ((vj[None, :] == vi[:, None]) & (j[None, :] < i[:, None]))
         rank += tl.sum((before & mj[None, :]).to(tl.int32), axis=1)
-    sel = mi & (in_win | (rank < k))
+    kb = k
+    if SLOT_K:
+        kb = tl.minimum(tl.maximum(tl.load(k_ptr + b), 0), k)
+    sel = mi & (in_win | (rank < kb))
     out = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     # NaN scores rank first without pushing others out, so more than win + k rows can be selected:
     # the bound keeps the writes inside this sequence's rows (finite scores select exactly win + k)
-    tl.store(rows_ptr + out, (i + p).to(tl.int64), mask=sel & (out < win + k))
+    tl.store(rows_ptr + out, (i + p).to(tl.int64), mask=sel & (out < win + kb))
+    if SLOT_K:                                                # pad to win + k with the last row written
+        n = tl.minimum(tl.sum(sel.to(tl.int32), axis=0), win + kb)
+        last = tl.max(tl.where(sel & (out < n), i, -1), axis=0)
+        tl.store(rows_ptr + i, (last + p).to(tl.int64), mask=(i >= n) & (i < win + k))
 
 
-def _launch_select(d, win_ptr, win_stride, win, k, gen_start, prompt_len, rows):
+def _launch_select(d, win_ptr, win_stride, win, k, gen_start, prompt_len, rows, k_slot=None):
     B, G = d.shape
-    _select_kernel[(B,)](d, win_ptr, win_stride, gen_start if gen_start is not None else rows, rows, G, win, k,
-                         prompt_len, HAS_WIN=win > 0, SLOT_P=gen_start is not None, BLOCK_G=next_pow2(G),
+    _select_kernel[(B,)](d, win_ptr, win_stride, gen_start if gen_start is not None else rows,
+                         k_slot if k_slot is not None else rows, rows, G, win, k, prompt_len, HAS_WIN=win > 0,
+                         SLOT_P=gen_start is not None, SLOT_K=k_slot is not None, BLOCK_G=next_pow2(G),
                          BLOCK_J=min(32, next_pow2(G)), num_warps=4)
 
 
@@ -104,13 +121,15 @@ def select_rows_triton(d: torch.Tensor, window: torch.Tensor | None, k: int, pro
 
 
 def select_rows_batched_triton(d: torch.Tensor, win_start: torch.Tensor, win: int, k: int,
-                               gen_start: torch.Tensor) -> torch.Tensor:
+                               gen_start: torch.Tensor, k_slot: torch.Tensor | None = None) -> torch.Tensor:
     B, G = d.shape
     k = max(0, min(k, G - win))
+    if k_slot is not None and win == 0:
+        raise ValueError("per-sequence k needs a window: a sequence without rows has no row to repeat")
     rows = torch.empty((B, win + k), dtype=torch.long, device=d.device)
     if B * (win + k):
         _launch_select(d.contiguous(), win_start if win else rows, win_start.stride(0) if win else 0, win, k,
-                       gen_start, 0, rows)
+                       gen_start, 0, rows, None if k_slot is None or not k else k_slot)
     return rows
 
 

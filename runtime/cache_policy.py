@@ -16,9 +16,11 @@ plan instead of once per layer and step. Row selection goes through ``self.ops``
 executor has fused kernels; ties in the change scores go to the lower row on every path.
 
 A layer whose rows are exactly "a forced window of gen rows plus the k other gen rows that changed most"
-says so through ``topk_rows(layer)``. In a batch whose sequences all say the same (window length, k),
-the fused executor then picks every sequence's rows in one launch (``select_rows_batched``) and calls
-``observe`` instead of ``rows``. Device buffers that ``rows`` reads (DCU's window) are written by
+says so through ``topk_rows(layer)``. In a batch whose sequences all say the same window length (k may
+differ: DCU's proportional budgets), the fused executor then picks every sequence's rows in one launch
+(``select_rows_batched``) and calls ``observe`` instead of ``rows``; a policy that keeps its per-layer mean
+scores in the column of the executor's table it gets from ``bind_layer_means`` has them written for the
+whole batch in one launch instead. Device buffers that ``rows`` reads (DCU's window) are written by
 ``prepare_step``, which the executor calls before every step, outside any graph.
 
 | policy       | rows of layer l at step t                                                  | source |
@@ -83,6 +85,13 @@ class CachePolicy(abc.ABC):
 
     def observe(self, layer: int, scores: torch.Tensor) -> None:
         """What ``rows`` does with ``scores`` [1, G] besides picking rows, when the executor picks them."""
+
+    def bind_layer_means(self, means: torch.Tensor) -> bool:
+        """From now on, keep the per-layer mean change scores that ``observe`` records in ``means`` [L] fp32
+        (this slot's column of the executor's [L, B] table, a persistent buffer). True when ``observe`` records
+        nothing else: the executor then takes a whole batch's means of a layer in one launch instead of
+        calling each policy's ``observe``. False (the default): ``observe`` is called as usual."""
+        return False
 
     def wants_scores(self, layer: int) -> bool:
         return False
@@ -363,6 +372,16 @@ class DcuPolicy(CachePolicy):
     def observe(self, layer, scores):
         if self._scored_this_step:
             torch.mean(scores, dim=(0, 1), out=self._new_scores[layer])      # one kernel, in place
+
+    def bind_layer_means(self, means):
+        if self.allocation == Allocation.UNIFORM:        # the budgets never read the scores
+            return False
+        if means.shape != self.scores.shape or means.dtype != self.scores.dtype:
+            raise ValueError(f"layer means must be [{self.L}] float32, got {list(means.shape)} {means.dtype}")
+        # every layer from 1 on is observed in a scored step, and layer 0's mean is never read, so the
+        # buffer needs no zeroing when it changes
+        self._new_scores = means
+        return True
 
     def rows(self, layer, scores):
         if scores is not None:

@@ -14,8 +14,9 @@ It owns the EngineSet and the device-resident state, allocated once per canvas s
 One step (``run_batch``, one ``SlotStep`` per sequence of the batch): ``h = embed(canvas)``; for each
 layer: change scores if a policy wants them, ask each sequence's policy for its rows (or, where every
 sequence's rows are a window plus its k most-changed rows, ``CachePolicy.topk_rows``, pick the whole
-batch's in one launch), run the layer on ``h[b, rows[b]]`` (every sequence the same number of rows: a
-shorter list repeats its last row, which recomputes and writes the same values), scatter its outputs
+batch's in one launch, each sequence with its own k when their budgets differ, and take every sequence's
+mean change score in one more launch), run the layer on ``h[b, rows[b]]`` (every sequence the same number
+of rows: a shorter list repeats its last row, which recomputes and writes the same values), scatter its outputs
 into the caches, then ``h = (h + attn_cache) + mlp_cache``, which is bit for bit the full layer's
 ``y = h + attn; y + mlp(y)``.
 The head runs only on the rows whose logits each commit policy needs (Dream: position i reads hidden
@@ -177,6 +178,12 @@ class Executor:
             # its host side: pinned, so the per-step upload is asynchronous (the previous one is done by
             # then: each step ends with the readback's sync)
             self.win_start_host = torch.zeros((B,), dtype=torch.int32, pin_memory=dev.type == "cuda")
+            # each sequence's k per layer, where the batch picks its rows together with different k (DCU's
+            # proportional budgets), and each one's mean change score per layer (CachePolicy.bind_layer_means)
+            self.k_slot_t = torch.zeros((L, B), dtype=torch.int32, device=dev)
+            self.k_slot_host = torch.zeros((L, B), dtype=torch.int32, pin_memory=dev.type == "cuda")
+            self.layer_means = torch.zeros((L, B), dtype=torch.float32, device=dev)
+            self._mean_columns = [self.layer_means[:, b] for b in range(B)]
             self.canvas = torch.empty((B, N), dtype=torch.long, device=dev)
             self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
             self.transfer = torch.zeros((B, N), dtype=torch.bool, device=dev)      # last commit, rows [0, R)
@@ -189,7 +196,8 @@ class Executor:
         self.lengths = None
         self._plans.clear()
         self._batch_plans.clear()
-        self._win_starts = None
+        self._win_starts = self._k_table = None
+        self._means_bound = [False] * B
         if (B, N, P) != self._graph_shape:
             self.step_graphs.clear()      # graphs bake P (the gen slice) and buffer addresses
             self.layer_graphs.clear()
@@ -342,38 +350,54 @@ class Executor:
                         tuple(self._residual_starts_one(st.cache, st.lo)), topk)
 
     def _batched_topk(self, steps) -> tuple:
-        """Per layer, the (w, k) of ``CachePolicy.topk_rows`` that every sequence of the batch shares, or None.
-        Where they share it, the fused executor picks the whole batch's rows in one launch
-        (``select_rows_batched``) instead of asking each sequence's policy."""
+        """Per layer, (w, k, per_slot) where every sequence of the batch picks its rows as ``CachePolicy.topk_rows``
+        says with the same window length w, else None. There the fused executor picks the whole batch's rows in
+        one launch (``select_rows_batched``) instead of asking each sequence's policy: k is the sequences'
+        shared k, or (per_slot) their largest, each one's own k coming from ``k_slot_t``."""
+        return self._batch_plan(steps)[1]
+
+    def _batch_plan(self, steps) -> tuple:
+        """(plans, per-layer batched choice, per-sequence k table or None), remembered per combination of plans."""
         n_layers = len(self._layers)
         if self.ops is None or len(steps) == 1:
-            return (None,) * n_layers
+            return None, (None,) * n_layers, None
         plans = [None if st is None else self._plan(st) for st in steps]
         key = tuple(map(id, plans))
         hit = self._batch_plans.get(key)
         if hit is None:
             live = [p for p in plans if p is not None]
-            shared = tuple(t if t is not None and all(p.topk[l] == t for p in live) else None
-                           for l, t in enumerate(live[0].topk)) if live else (None,) * n_layers
+            shared = tuple(_shared_topk([p.topk[l] for p in live]) if live else None for l in range(n_layers))
+            table = None
+            if any(t is not None and t[2] for t in shared):
+                table = tuple(tuple(p.topk[l][1] if p is not None and t is not None else 0 for p in plans)
+                              for l, t in enumerate(shared))
             if len(self._batch_plans) >= 4096:
                 self._batch_plans.clear()
             # the plans themselves stay in the entry, so their ids cannot be reused while it lives
-            hit = self._batch_plans[key] = (plans, shared)
-        return hit[1]
+            hit = self._batch_plans[key] = (plans, shared, table)
+        return hit
 
     def _prepare_rows(self, steps) -> None:
         """Before the step, outside any graph: each policy's ``prepare_step`` (its own device buffers, which its
         ``rows`` reads in the layers it still picks itself), and each sequence's window start for the
         batched row choice."""
-        for st in steps:
+        batched = len(steps) > 1 and self.ops is not None
+        for b, st in enumerate(steps):
             if st is not None:
+                if batched:
+                    self._means_bound[b] = st.cache.bind_layer_means(self._mean_columns[b])
                 st.cache.prepare_step()
-        if any(t is not None for t in self._batched_topk(steps)):
+        _, topk, table = self._batch_plan(steps)
+        if any(t is not None for t in topk):
             starts = tuple(0 if st is None else st.cache.window_at for st in steps)
             if starts != self._win_starts:                   # one small copy, only when a window moves
                 self.win_start_host.numpy()[:] = starts
                 self.win_start_t.copy_(self.win_start_host, non_blocking=True)
                 self._win_starts = starts
+        if table is not None and table != self._k_table:     # one small copy, when the budgets change
+            self.k_slot_host.numpy()[:] = table
+            self.k_slot_t.copy_(self.k_slot_host, non_blocking=True)
+            self._k_table = table
 
     # -- layers and head ------------------------------------------------------
     @torch.inference_mode()
@@ -492,11 +516,19 @@ class Executor:
         every sequence recomputes every row; the rows each sequence recomputed of its own canvas, padding
         left out)."""
         if topk is not None:
-            for b, st in enumerate(steps):
-                if st is not None:
+            w, k, per_slot = topk
+            live = [(b, st) for b, st in enumerate(steps) if st is not None]
+            if any(self._means_bound[b] for b, _ in live):   # every bound sequence's observe in one launch
+                torch.mean(scores, dim=1, out=self.layer_means[l])
+            for b, st in live:
+                if not self._means_bound[b]:
                     st.cache.observe(l, scores[b:b + 1])
-            rows = self.ops.select_rows_batched(scores, self.win_start_t, *topk, self.gen_start_t)
-            return rows, [0 if st is None else rows.shape[1] for st in steps]
+            rows = self.ops.select_rows_batched(scores, self.win_start_t, w, k, self.gen_start_t,
+                                                self.k_slot_t[l] if per_slot else None)
+            counts = [0] * len(steps)
+            for b, st in live:
+                counts[b] = w + min(self._plan(st).topk[l][1], rows.shape[1] - w) if per_slot else rows.shape[1]
+            return rows, counts
         picked, counts = [], []
         for b, st in enumerate(steps):
             if st is None:
@@ -662,3 +694,15 @@ class Executor:
             out = self.logit_flat[:B * R * V].view(B, R, V)
             return self.engines.head.run({"h_rows": h_rows}, {"logits": out})["logits"]
         return self.engines.head.run({"h_rows": h_rows})["logits"]
+
+
+def _shared_topk(answers: list) -> tuple[int, int, bool] | None:
+    """The batch's row choice at one layer from each live sequence's ``topk_rows`` answer: (w, k, False) when
+    they all say (w, k); (w, largest k, True) when they share only w (each sequence its own k, which needs a
+    window: a sequence pads its rows with its last one); None otherwise."""
+    if any(a is None for a in answers) or len({a[0] for a in answers}) != 1:
+        return None
+    w, ks = answers[0][0], {a[1] for a in answers}
+    if len(ks) == 1:
+        return w, answers[0][1], False
+    return (w, max(ks), True) if w > 0 else None

@@ -77,3 +77,44 @@ def test_batched_selection_stays_inside_its_rows_when_scores_are_nan(device):
         assert bool((got[:, 1:] > got[:, :-1]).all()), fn.__name__                 # sorted, no duplicates
     alone = select_rows_torch(d[0], _window(0, win), k, 10)
     assert torch.equal(select_rows_batched_triton(d, win_start, win, k, gen_start)[0], alone)
+
+
+@pytest.mark.parametrize("G,win,k", [(32, 5, 4), (40, 9, 31), (64, 33, 0), (200, 33, 32), (24, 4, 40), (16, 1, 15)])
+def test_batched_selection_with_a_k_per_sequence(device, G, win, k):
+    """Each sequence its own k (DCU's proportional budgets): row b is select_rows of sequence b alone with
+    its k, then its last row repeated up to win + k, on both paths."""
+    B = 5
+    d = rand(B, G, seed=G + win + k + 1).abs()
+    d[2, ::2] = d[2, 1]                                                      # ties inside one sequence
+    cap = max(0, min(k, G - win))
+    ks = [cap, 0, cap // 2, max(0, cap - 1), k + 7]                          # above k: held to k
+    starts = [0, G - win, min(3, G - win), (G - win) // 2, 1 if G - win >= 1 else 0]
+    win_start = torch.tensor(starts, dtype=torch.int32, device=device)
+    gen_start = torch.tensor([11, 7, 30, 11, 0], dtype=torch.int32, device=device)
+    k_slot = torch.tensor(ks, dtype=torch.int32, device=device)
+    want = []
+    for b in range(B):
+        own = select_rows_torch(d[b], _window(starts[b], win), min(ks[b], cap), int(gen_start[b]))
+        want.append(torch.cat([own, own[-1:].expand(win + cap - own.numel())]))
+    want = torch.stack(want)
+    for fn in (select_rows_batched_torch, select_rows_batched_triton):
+        got = fn(d, win_start, win, k, gen_start, k_slot)
+        assert got.shape == (B, win + cap) and torch.equal(got, want), fn.__name__
+    with pytest.raises(ValueError, match="needs a window"):
+        select_rows_batched_torch(d, win_start, 0, k, gen_start, k_slot)
+
+
+def test_a_k_per_sequence_with_nan_scores_stays_inside_its_rows(device):
+    B, G, win, k = 3, 32, 5, 6
+    d = rand(B, G, seed=2).abs()
+    d[2] = float("nan")
+    d[1, 7:20] = float("nan")
+    gen_start = torch.tensor([10, 10, 10], dtype=torch.int32, device=device)
+    win_start = torch.tensor([0, 3, 27], dtype=torch.int32, device=device)
+    k_slot = torch.tensor([6, 2, 0], dtype=torch.int32, device=device)
+    for fn in (select_rows_batched_torch, select_rows_batched_triton):
+        got = fn(d, win_start, win, k, gen_start, k_slot)
+        assert got.shape == (B, win + k)
+        assert bool(((got >= 10) & (got < 10 + G)).all()) and bool((got[:, 1:] >= got[:, :-1]).all())
+        for b, n in enumerate((win + 6, win + 2, win)):                       # its own rows, then repeats
+            assert got[b, :n].unique().numel() == n and bool((got[b, n - 1:] == got[b, n - 1]).all())

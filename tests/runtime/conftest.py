@@ -18,6 +18,14 @@ def tiny_models():
 
 
 @pytest.fixture(scope="session")
+def deep_llada():
+    """A tiny LLaDA with 4 layers: DCU's proportional budgets need at least 3 budgeted layers to differ (with
+    2 layers the single budgeted layer always takes the whole budget)."""
+    torch.set_num_threads(1)
+    return init_weights(DiffusionLM(tiny_spec("llada", n_layers=4, max_seq_len=128)), seed=5, std=0.5).eval()
+
+
+@pytest.fixture(scope="session")
 def torch_engines(tiny_models):
     from dllm.engines.engine_set import torch_engine_set
 

@@ -160,6 +160,7 @@ class CheckedPlans(Executor):
         super().__init__(engines)
         self.asked = 0
         self.batched_steps = 0
+        self.per_slot_k = 0
 
     def _plan(self, st):
         self.asked += 1
@@ -179,6 +180,11 @@ class CheckedPlans(Executor):
                     assert int(self.win_start_t[b]) == st.cache.window_at
                     if hasattr(st.cache, "window_rows"):
                         assert st.cache.window_at == int(st.cache.window_rows(st.view.key_pos)[0])
+            for l, t in enumerate(self._batched_topk(steps)):       # each sequence's own k, where they differ
+                if t is not None and t[2]:
+                    self.per_slot_k += 1
+                    assert [int(k) for b, k in enumerate(self.k_slot_t[l]) if steps[b] is not None] == \
+                        [st.cache.topk_rows(l)[1] for st in steps if st is not None]
 
 
 PLAN_METHODS = {
@@ -216,18 +222,18 @@ def test_remembered_step_plans_equal_the_policies_answers(method, kernels, tiny_
 
 
 @pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dllm-cache", "dcu@proportional"])
-def test_remembered_plans_and_window_starts_in_a_batch(method, tiny_models):
+def test_remembered_plans_and_window_starts_in_a_batch(method, deep_llada):
     """In a batch (prompts of different lengths, more prompts than slots), every remembered plan equals the
-    policy's fresh answers, the batch's window starts are each sequence's own, and every sequence decodes
-    what it decodes alone."""
+    policy's fresh answers, the batch's window starts and (proportional budgets, 4 layers so that they
+    differ) per-sequence k are each sequence's own, and every sequence decodes what it decodes alone."""
     from dllm.engines.engine_set import torch_engine_set
     from dllm.runtime.loop import decode_batch
 
-    engines = torch_engine_set(tiny_models["llada"], "fp32", kernels="torch")
+    engines = torch_engine_set(deep_llada, "fp32", kernels="torch")
     cfg = _plan_config(method)
     prompts = [list(range(6, 17)), list(range(20, 27)), list(range(30, 39)), list(range(40, 45))]
     ex = CheckedPlans(engines)
     got = decode_batch(engines, prompts, cfg, executor=ex, batch_size=3)
     assert [r.ids for r in got] == [decode(engines, p, cfg).ids for p in prompts]
-    if method != "dcu@proportional":             # uniform budgets: the batch picks its rows together
-        assert ex.batched_steps > 0
+    assert ex.batched_steps > 0                  # the batch picks its rows together (proportional: each its k)
+    assert (ex.per_slot_k > 0) == (method == "dcu@proportional")
