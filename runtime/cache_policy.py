@@ -86,6 +86,16 @@ class CachePolicy(abc.ABC):
     def observe(self, layer: int, scores: torch.Tensor) -> None:
         """What ``rows`` does with ``scores`` [1, G] besides picking rows, when the executor picks them."""
 
+    def next_budgets_request(self) -> tuple[tuple, torch.Tensor] | None:
+        """After a step: (the arguments of ``allocate_budgets`` besides the scores, this policy's layer scores
+        [L]) when its next step's budgets are ``allocate_budgets`` of those scores as they stand now, else None.
+        The executor then computes a whole batch's budgets in one pass and one readback, and hands each
+        policy its own through ``set_next_budgets``."""
+        return None
+
+    def set_next_budgets(self, step: int, budgets: list[int]) -> None:
+        """The budgets of step ``step`` (what ``next_budgets_request`` asked for), computed by the executor."""
+
     def bind_layer_means(self, means: torch.Tensor) -> bool:
         """From now on, keep the per-layer mean change scores that ``observe`` records in ``means`` [L] fp32
         (this slot's column of the executor's [L, B] table, a persistent buffer). True when ``observe`` records
@@ -281,6 +291,7 @@ class DcuPolicy(CachePolicy):
             self.window = torch.empty_like(self._win_base)
             self._new_scores = torch.zeros_like(self.scores)
         self.scores.zero_()
+        self._next_budgets: tuple[int, list[int]] | None = None   # (step, budgets) from the executor
         self._win_start = None                # the window buffer's start, once prepare_step has written it
 
     # -- per step -----------------------------------------------------------
@@ -329,20 +340,26 @@ class DcuPolicy(CachePolicy):
         return self._win_base + self.window_start(key_pos)
 
     def allocate(self) -> list[int]:
-        """k_l per layer (index 0 unused: layer 0 is full). One host sync per step at most."""
+        """k_l per layer (index 0 unused: layer 0 is full). One host sync per step at most, none when the
+        executor computed them for the whole batch (``set_next_budgets``)."""
         L, G, budget = self.L, self.G, self.cfg.budget
         cap = max(0, G - self.win_size)
         if self.allocation == Allocation.UNIFORM or not self.has_scores or L < 2:
             return [min(budget, cap)] * L
-        s = self.scores[1:].double()                                          # [L-1]
-        total = budget * (L - 1)
-        if self.allocation == Allocation.PROPORTIONAL:
-            denom = s.sum()
-            w = torch.where(denom > 0, s / denom.clamp(min=1e-30), torch.full_like(s, 1.0 / (L - 1)))
-        else:
-            w = torch.softmax(self.cfg.softmax_temp * s, dim=0)
-        k = torch.floor(total * w).clamp(0, G).long().tolist()
-        return [min(budget, cap)] + [min(x, cap) for x in k]
+        if self._next_budgets is not None and self._next_budgets[0] == self.view.step:
+            return self._next_budgets[1]
+        return allocate_budgets(self.scores[None], *self._budget_args())[0]
+
+    def _budget_args(self) -> tuple:
+        return self.cfg.budget, self.G, max(0, self.G - self.win_size), self.allocation, self.cfg.softmax_temp
+
+    def next_budgets_request(self):
+        if self.allocation == Allocation.UNIFORM or not self.has_scores or self.L < 2:
+            return None
+        return self._budget_args(), self.scores
+
+    def set_next_budgets(self, step, budgets):
+        self._next_budgets = (step, budgets)
 
     # -- per layer ----------------------------------------------------------
     def wants_scores(self, layer):
@@ -394,6 +411,23 @@ class DcuPolicy(CachePolicy):
             # the window is forced; the budget goes to the most-changed rows outside it
             gen = self._select(batch_mean(scores), self.window, self.budgets[layer])
         return gen if self._prompt is None else torch.cat([self._prompt, gen])
+
+
+def allocate_budgets(scores: torch.Tensor, budget: int, G: int, cap: int, allocation: Allocation,
+                     softmax_temp: float) -> list[list[int]]:
+    """DCU's k_l of every layer for each of B sequences from their layer scores [B, L] (``DcuPolicy``'s
+    proportional or softmax rule; index 0 unused: layer 0 is full). One pass and one readback for the whole
+    batch; a sequence gets the same budgets alone or in a batch (every operation works row by row)."""
+    L = scores.shape[1]
+    s = scores[:, 1:].double()                                                  # [B, L-1]
+    total = budget * (L - 1)
+    if allocation == Allocation.PROPORTIONAL:
+        denom = s.sum(1, keepdim=True)
+        w = torch.where(denom > 0, s / denom.clamp(min=1e-30), torch.full_like(s, 1.0 / (L - 1)))
+    else:
+        w = torch.softmax(softmax_temp * s, dim=1)
+    k = torch.floor(total * w).clamp(0, G).long().tolist()
+    return [[min(budget, cap)] + [min(x, cap) for x in row] for row in k]
 
 
 def make_cache_policy(cfg: DecodeConfig, spec: ModelSpec | None = None) -> CachePolicy:

@@ -56,7 +56,7 @@ from dllm.engines.engine_set import EngineSet
 from dllm.errors import BackendError
 from dllm.kernels.residual import scatter_rows
 from dllm.kernels.select import gather_rows_torch
-from dllm.runtime.cache_policy import CachePolicy, make_cache_policy
+from dllm.runtime.cache_policy import CachePolicy, allocate_budgets, make_cache_policy
 from dllm.runtime.commit import CommitPolicy, make_commit_policy
 from dllm.runtime.config import Proxy
 from dllm.runtime.graphs import GraphCache
@@ -268,6 +268,8 @@ class Executor:
                 st.commit.after_step(st.view)
         engine_s = time.perf_counter() - t0
         committed = self._read_committed_all(steps)
+        if len(steps) > 1:
+            self._allocate_next(steps)
         self.steps_run += 1
         return [None if st is None else StepOutcome(c, StepStats(r, engine_s))
                 for st, c, r in zip(steps, committed, rows)]
@@ -309,6 +311,20 @@ class Executor:
         mask = mask.numpy()                   # host memory: numpy's nonzero costs a few µs, torch's tens
         return [[] if st is None else (np.flatnonzero(mask[b, :st.hi - st.lo]) + st.lo).tolist()
                 for b, st in enumerate(steps)]
+
+    def _allocate_next(self, steps) -> None:
+        """The next step's budgets of every sequence whose policy asks (DCU's proportional and softmax
+        allocation) in one pass and one readback, after the step's sync, instead of one sync per sequence in
+        its ``begin_step``."""
+        groups: dict[tuple, list] = {}
+        for st in steps:
+            request = None if st is None else st.cache.next_budgets_request()
+            if request is not None:
+                groups.setdefault(request[0], []).append((st, request[1]))
+        for args, members in groups.items():
+            budgets = allocate_budgets(torch.stack([scores for _, scores in members]), *args)
+            for (st, _), ks in zip(members, budgets):
+                st.cache.set_next_budgets(st.view.step + 1, ks)
 
     def _step_key(self, steps, commit_keys) -> tuple | None:
         """What fixes a whole step's kernels; None when a layer cannot be captured."""

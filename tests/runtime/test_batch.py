@@ -301,35 +301,40 @@ def test_a_batch_picks_each_layers_rows_in_one_launch(method, tiny_models):
         assert calls["alone"] % len(prompts) == 0 and calls["batched"] + calls["alone"] // len(prompts) == picked
 
 
+@pytest.mark.parametrize("allocation", ["proportional", "softmax"])
 @pytest.mark.parametrize("kernels", ["plain", "torch"])
-def test_proportional_budgets_are_each_sequences_own_in_a_batch(kernels, deep_llada):
-    """DCU's proportional budgets differ from sequence to sequence (4 layers, so they can): each sequence
-    still gets exactly what it gets alone, rows per layer and step included. With fused kernels the batch
-    picks a layer's rows in one launch, each sequence with its own k, and takes every sequence's layer
-    means in one launch instead of one per sequence (the Triton kernel's per-sequence k is checked against
-    this twin in tests/kernels/test_select.py)."""
+def test_proportional_budgets_are_each_sequences_own_in_a_batch(kernels, allocation, deep_llada, monkeypatch):
+    """DCU's proportional (and softmax) budgets differ from sequence to sequence (4 layers, so they can):
+    each sequence still gets exactly what it gets alone, rows per layer and step included. The executor
+    computes every sequence's next budgets in one pass after the step (no policy reads its own back); with
+    fused kernels the batch also picks a layer's rows in one launch, each sequence with its own k, and takes
+    every sequence's layer means in one launch (the Triton kernel's per-sequence k is checked against this
+    twin in tests/kernels/test_select.py)."""
     from dllm.engines.engine_set import torch_engine_set
+    from dllm.runtime import cache_policy, executor
 
     es = torch_engine_set(deep_llada, "fp32", kernels=kernels)
     prompts = _prompts(es.spec.vocab_size, (5, 11, 8, 6))
-    cfg = _config("dcu@proportional").replace(gen_length=24, steps=24, budget=3)
+    cfg = _config(f"dcu@{allocation}").replace(gen_length=24, steps=24, budget=3)
     solo = [decode(es, p, cfg) for p in prompts]
     # at some step, two sequences recompute different row counts in one layer: their budgets differ
     assert any(len({tuple(r.rows_per_step[t]) for r in solo}) > 1 for t in range(1, solo[0].steps))
-    calls = {"alone": 0, "batched": 0, "per_slot": 0}
+    calls = {"alone": 0, "batched": 0, "per_slot": 0, "own budgets": 0, "batch budgets": 0}
+
+    def counted(name, fn):
+        def wrapped(*args):
+            calls[name] += 1
+            if name == "batched":
+                calls["per_slot"] += args[-1] is not None
+            return fn(*args)
+        return wrapped
+
     if es.ops is not None:
-        one, many = es.ops.select_rows, es.ops.select_rows_batched
-
-        def alone(*args):
-            calls["alone"] += 1
-            return one(*args)
-
-        def batched(*args):
-            calls["batched"] += 1
-            calls["per_slot"] += args[-1] is not None
-            return many(*args)
-
-        es.ops.select_rows, es.ops.select_rows_batched = alone, batched
+        monkeypatch.setattr(es.ops, "select_rows", counted("alone", es.ops.select_rows))
+        monkeypatch.setattr(es.ops, "select_rows_batched", counted("batched", es.ops.select_rows_batched))
+    monkeypatch.setattr(cache_policy, "allocate_budgets", counted("own budgets", cache_policy.allocate_budgets))
+    monkeypatch.setattr(executor, "allocate_budgets", counted("batch budgets", executor.allocate_budgets))
     _same(solo, decode_batch(es, prompts, cfg, batch_size=3))
+    assert calls["own budgets"] == 0 and calls["batch budgets"] > 0
     if es.ops is not None:
         assert calls["alone"] == 0 and calls["per_slot"] > 0

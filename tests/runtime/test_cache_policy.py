@@ -138,6 +138,31 @@ def test_allocation_uniform_proportional_softmax():
         assert all(0 <= x <= G - 9 for x in k)
 
 
+@pytest.mark.parametrize("alloc", ["proportional", "softmax"])
+def test_a_batch_of_budgets_equals_each_sequences_own(alloc):
+    """allocate_budgets over a batch's layer scores gives each sequence the budgets it gets alone, and a policy
+    handed them for its next step (set_next_budgets) uses them instead of reading its scores back."""
+    from dllm.runtime.cache_policy import allocate_budgets
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(6, L, generator=g) * torch.rand(6, 1, generator=g)
+    scores[2] = 0                                                     # no change anywhere: spread evenly
+    scores[4, 1] = 0
+    args = (8, G, G - 9, Allocation(alloc), 5.0)
+    batch = allocate_budgets(scores, *args)
+    assert batch == [allocate_budgets(scores[b:b + 1], *args)[0] for b in range(6)]
+    assert batch[2][1:] == [8] * (L - 1) and len({tuple(r) for r in batch}) > 2
+    pol = _dcu(allocation=alloc, budget=8, window=8, softmax_temp=5.0)
+    _rows(pol, _view(step=2), torch.rand(L, 1, G, generator=g))   # (after_step inside) scores recorded
+    assert pol.next_budgets_request()[0] == args
+    own = allocate_budgets(pol.scores[None], *args)[0]
+    pol.set_next_budgets(3, batch[0])
+    pol.begin_step(_view(step=3))
+    assert pol.budgets == batch[0] != own
+    pol.begin_step(_view(step=4))                                     # handed for another step: its own
+    assert pol.budgets == own
+
+
 def test_allocation_is_clamped_to_the_gen_region():
     pol = _dcu(allocation="proportional", budget=60, window=8)
     d = torch.zeros(L, 1, G)
