@@ -106,5 +106,5 @@ class KernelOps:
         return self._call("gather_rows", h, rows, slot)
 
     # -- commit policies ----------------------------------------------------
-    def vocab_stats(self, logits, prev=None, want_c=False):
-        return self._call("vocab_stats", logits, prev, want_c)
+    def vocab_stats(self, logits, prev=None, want_c=False, prev_rows=None):
+        return self._call("vocab_stats", logits, prev, want_c, prev_rows)

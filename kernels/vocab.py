@@ -9,6 +9,10 @@ For logits [B, R, V] (and, for APD's stability term, the same rows' logits of th
 | c      | 1 - (second-largest p)                                                    | apd |
 | H      | 1 - cos(p, p_prev) over the whole vocabulary                              | apd |
 
+``prev_rows`` [B, R] (int64) reads the previous logits from a table ``prev`` [B, G, V] instead: row (b, i)
+of the logits against ``prev[b, prev_rows[b, i]]``, so a batch whose sequences sit at different rows of
+their tables needs no gathered copy of them.
+
 The torch twin materialises the float64 softmax of every row (and of the previous logits); the Triton
 kernel makes two passes over each row in fp64 registers instead: the max/argmax/second max, then
 S = sum e, A = sum e*e', B = sum e^2, C = sum e'^2 with e = exp(l - max), so conf = 1/S,
@@ -34,7 +38,10 @@ class VocabStats:
     H: torch.Tensor | None           # [B, R] float64 (prev given)
 
 
-def vocab_stats_torch(logits: torch.Tensor, prev: torch.Tensor | None = None, want_c: bool = False) -> VocabStats:
+def vocab_stats_torch(logits: torch.Tensor, prev: torch.Tensor | None = None, want_c: bool = False,
+                      prev_rows: torch.Tensor | None = None) -> VocabStats:
+    if prev is not None and prev_rows is not None:
+        prev = prev[torch.arange(prev.shape[0], device=prev.device)[:, None], prev_rows]    # [B, R, V]
     x0 = logits.argmax(-1)
     p = F.softmax(logits.double(), dim=-1)                                      # [B, R, V]
     conf = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
@@ -47,9 +54,12 @@ def vocab_stats_torch(logits: torch.Tensor, prev: torch.Tensor | None = None, wa
 
 
 @jit
-def _vocab_kernel(l_ptr, p_ptr, x0_ptr, conf_ptr, c_ptr, h_ptr, V, HAS_PREV: tl.constexpr, BLOCK_V: tl.constexpr):
+def _vocab_kernel(l_ptr, p_ptr, pi_ptr, x0_ptr, conf_ptr, c_ptr, h_ptr, V, R, GP, HAS_PREV: tl.constexpr,
+                  PREV_ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     row, prow = l_ptr + r * V, p_ptr + r * V
+    if PREV_ROWS:                                     # row (b, i) against prev[b, prev_rows[b, i]]
+        prow = p_ptr + ((r // R) * GP + tl.load(pi_ptr + r)) * V
     neg = float("-inf")
     m1 = tl.full([], neg, tl.float32)                 # largest logit, second largest, first argmax
     m2 = tl.full([], neg, tl.float32)
@@ -89,17 +99,21 @@ def _vocab_kernel(l_ptr, p_ptr, x0_ptr, conf_ptr, c_ptr, h_ptr, V, HAS_PREV: tl.
         tl.store(h_ptr + r, 1.0 - A / tl.sqrt(B * C))
 
 
-def vocab_stats_triton(logits: torch.Tensor, prev: torch.Tensor | None = None, want_c: bool = False) -> VocabStats:
+def vocab_stats_triton(logits: torch.Tensor, prev: torch.Tensor | None = None, want_c: bool = False,
+                       prev_rows: torch.Tensor | None = None) -> VocabStats:
     B, R, V = logits.shape
     logits = logits.contiguous()
     prev = prev.contiguous() if prev is not None else None
+    prev_rows = prev_rows.contiguous() if prev is not None and prev_rows is not None else None
     dev = logits.device
     x0 = torch.empty((B, R), dtype=torch.long, device=dev)
     conf = torch.empty((B, R), dtype=torch.float64, device=dev)
     c = torch.empty((B, R), dtype=torch.float64, device=dev)
     H = torch.empty((B, R), dtype=torch.float64, device=dev) if prev is not None else None
     if B * R:
-        _vocab_kernel[(B * R,)](logits, prev if prev is not None else logits, x0, conf, c,
-                                H if H is not None else conf, V, HAS_PREV=prev is not None,
+        _vocab_kernel[(B * R,)](logits, prev if prev is not None else logits,
+                                prev_rows if prev_rows is not None else x0, x0, conf, c,
+                                H if H is not None else conf, V, R, prev.shape[1] if prev_rows is not None else 0,
+                                HAS_PREV=prev is not None, PREV_ROWS=prev_rows is not None,
                                 BLOCK_V=min(4096, 1 << max(0, V - 1).bit_length()), num_warps=8)
     return VocabStats(x0, conf, c if want_c else None, H)

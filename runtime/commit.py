@@ -31,6 +31,7 @@ statistics come from one pass over the logits (``vocab_stats``) instead of a flo
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 
 import torch
@@ -83,6 +84,29 @@ class CommitPolicy(abc.ABC):
     def after_step(self, view: StepView) -> None:
         """Host-side bookkeeping after a step's ``select``. ``select`` itself must not change host state
         that it reads: a captured graph replays the work ``select`` recorded."""
+
+    # -- deciding a batch's step together (see BatchRows) ----------------------
+    def batch_key(self, view: StepView) -> tuple | None:
+        """Sequences whose policies give equal keys (not None) this step decide it together: one
+        ``select_batch`` over every sequence's rows, with the policies' device state in tables the executor
+        owns (``make_batch_tables``, ``bind_batch``). None (the default): this policy decides alone."""
+        return None
+
+    def make_batch_tables(self, batch: int, gen_len: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        """The device state of ``batch`` sequences, one row each (policies with equal ``batch_key``); None when
+        the policy keeps none."""
+        return None
+
+    def bind_batch(self, tables, b: int) -> None:
+        """Keep this policy's device state in row b of ``tables`` from now on (moving what it holds there)."""
+
+    def select_batch(self, view: StepView, logits: torch.Tensor, ids: torch.Tensor, rows: "BatchRows",
+                     tables) -> tuple[torch.Tensor, torch.Tensor]:
+        """``select`` for every sequence of a batch at once, called on one of their policies with its view (the
+        equal ``batch_key`` vouches that what the others' would add is the same): logits [B, R, V] and ids
+        [B, R] of each sequence's rows (``rows``) -> (transfer [B, R] bool, x0 [B, R]). Row b of the result
+        equals what slot b's own policy selects from its rows alone."""
+        raise NotImplementedError
 
     def _greedy(self) -> bool:
         """Argmax tokens ranked by their probability: no random draw anywhere in ``select``."""
@@ -139,6 +163,17 @@ class CommitPolicy(abc.ABC):
         return x0, self.confidence(logits, x0)
 
 
+@dataclasses.dataclass
+class BatchRows:
+    """Where each sequence of a batch sits in a batched commit, as device tensors [B, R] over R rows (the
+    longest logit range of the batch; a shorter range repeats its last row, as the head's rows do)."""
+    last: torch.Tensor          # min(r, R_b - 1): the row each row stands for (int64)
+    idx: torch.Tensor           # its canvas position (int64)
+    gen: torch.Tensor           # its gen-relative position (int64)
+    in_block: torch.Tensor      # bool: its canvas position lies in the sequence's current block
+    valid: torch.Tensor         # bool: r < R_b, a row of the sequence's own range
+
+
 # -- schedule --------------------------------------------------------------------------------------
 def even_split(n: int, steps: int) -> list[int]:
     """LLaDA's schedule: n tokens over ``steps``, remainder to the first steps (10 over 4 -> 3,3,2,2)."""
@@ -167,6 +202,25 @@ class LladaSchedule(CommitPolicy):
 
     def step_key(self, view):
         return ("schedule", self.counts[view.step_in_block], view.start, view.end) if self._greedy() else None
+
+    def batch_key(self, view):
+        if self.ops is None or not self._greedy():
+            return None
+        # ranked on canvas-wide rows, like the reference: rows of one length break ties as they do alone
+        return ("schedule", self.cfg, self.counts[view.step_in_block], view.canvas_len)
+
+    def select_batch(self, view, logits, ids, rows, tables):
+        B = logits.shape[0]
+        cand = (ids == self.mask_id) & rows.in_block
+        stats = self.ops.vocab_stats(logits)
+        conf = stats.conf.masked_fill(~cand, NEG_INF).gather(1, rows.last)     # repeated rows: equal values
+        full = torch.full((B, view.canvas_len), NEG_INF, dtype=conf.dtype, device=conf.device)
+        full.scatter_(1, rows.idx, conf)
+        k = self.counts[view.step_in_block]
+        transfer = torch.zeros(full.shape, dtype=torch.bool, device=conf.device)
+        if k > 0:
+            transfer.scatter_(1, torch.topk(full, k, dim=-1).indices, True)
+        return self.without_mask_tokens(transfer.gather(1, rows.idx) & rows.valid, stats.x0)
 
     def select(self, logits, ids, view):
         B, R, _ = logits.shape
@@ -270,6 +324,15 @@ class ThresholdCommit(CommitPolicy):
 
     def step_key(self, view):
         return ("threshold", view.start, view.end) if self._greedy() else None
+
+    def batch_key(self, view):
+        return ("threshold", self.cfg) if self.ops is not None and self._greedy() else None
+
+    def select_batch(self, view, logits, ids, rows, tables):
+        cand = (ids == self.mask_id) & rows.in_block
+        stats = self.ops.vocab_stats(logits)
+        conf = stats.conf.masked_fill(~cand, NEG_INF)                           # [B, R]
+        return self.without_mask_tokens(_with_top1(cand & (conf >= self.cfg.threshold), conf, cand), stats.x0)
 
     def select(self, logits, ids, view):
         cand = self.candidates(ids, view.start, view)
@@ -460,6 +523,8 @@ class ApdCommit(CommitPolicy):
     are optional (off by default).
     """
 
+    _bound = None          # (tables, b) once the executor keeps this policy's state in a batch's tables
+
     def reset(self, batch, prompt_len, gen_len, vocab, device, generator):
         super().reset(batch, prompt_len, gen_len, vocab, device, generator)
         shape = (batch, gen_len) if self.cfg.apd_mode == ApdMode.PER_TOKEN else ()
@@ -469,6 +534,7 @@ class ApdCommit(CommitPolicy):
                 (dev.index is not None and tau.device.index != dev.index):
             self.tau = torch.full(shape, self.cfg.tau0, dtype=torch.float64, device=device)
             self.prev = None
+            self._bound = None
         else:
             self.tau.fill_(self.cfg.tau0)
         # the previous step's distribution of every gen row: float64 probabilities on the plain path,
@@ -534,6 +600,54 @@ class ApdCommit(CommitPolicy):
         prev.copy_(logits)
         return stats.x0, stats.conf
 
+    # -- a batch decides together: greedy with fused kernels, tau and prev in the executor's tables --------
+    def batch_key(self, view):
+        if self.ops is None or not self._greedy():
+            return None
+        if self.cfg.apd_mode == ApdMode.PER_TOKEN:
+            return ("apd", self.cfg, self.has_prev)
+        # the global means sum over each sequence's rows: only ranges of one length sum in the order they do alone
+        lo, hi = self.logit_range(view)
+        return ("apd", self.cfg, self.has_prev, hi - lo)
+
+    def make_batch_tables(self, batch, gen_len, vocab, dtype, device):
+        per_token = self.cfg.apd_mode == ApdMode.PER_TOKEN
+        return ApdTables(torch.full((batch, gen_len) if per_token else (batch,), self.cfg.tau0, dtype=torch.float64,
+                                    device=device),
+                         torch.empty((batch, gen_len, vocab), dtype=dtype, device=device))
+
+    def bind_batch(self, tables, b):
+        if self._bound is not None and self._bound[0] is tables and self._bound[1] == b:
+            return
+        tau = tables.tau[b:b + 1] if self.tau.dim() else tables.tau[b]
+        tau.copy_(self.tau)
+        prev = tables.prev[b:b + 1]
+        if self.has_prev and self.prev is not None and self.prev.shape == prev.shape:
+            prev.copy_(self.prev)
+        self.tau, self.prev, self._bound = tau, prev, (tables, b)
+
+    def select_batch(self, view, logits, ids, rows, tables):
+        cfg = self.cfg
+        cand = (ids == self.mask_id) & rows.in_block                           # [B, R] each block's masks
+        stats = self.ops.vocab_stats(logits, tables.prev if self.has_prev else None, want_c=self.has_prev,
+                                     prev_rows=rows.gen)
+        if self.has_prev:
+            if cfg.apd_mode == ApdMode.PER_TOKEN:
+                t = tables.tau.gather(1, rows.gen)                             # repeated rows: equal values
+                tables.tau.scatter_(1, rows.gen, t.sub_(cfg.alpha * stats.c).add_(cfg.beta * stats.H))
+            else:
+                zero = torch.zeros((), dtype=stats.c.dtype, device=logits.device)
+                n = cand.sum(1).clamp(min=1)
+                tables.tau.sub_(cfg.alpha * torch.where(cand, stats.c, zero).sum(1) / n)
+                tables.tau.add_(cfg.beta * torch.where(cand, stats.H, zero).sum(1) / n)
+            if cfg.tau_min is not None or cfg.tau_max is not None:
+                tables.tau.clamp_(min=cfg.tau_min, max=cfg.tau_max)
+        b = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        tables.prev.index_put_((b.expand_as(rows.gen), rows.gen), logits)    # this step's logits for the next
+        conf = stats.conf.masked_fill(~cand, NEG_INF)
+        tau = tables.tau.gather(1, rows.gen) if tables.tau.dim() == 2 else tables.tau[:, None]
+        return self.without_mask_tokens(_with_top1(cand & (conf >= tau), conf, cand), stats.x0)
+
     def _update(self, c, H, cand, g0):
         """tau -= alpha * c, then += beta * H (the reference's order of float64 operations)."""
         cfg = self.cfg
@@ -550,6 +664,14 @@ class ApdCommit(CommitPolicy):
             self.tau.add_(cfg.beta * torch.where(cand, H, zero).sum() / n)
         if cfg.tau_min is not None or cfg.tau_max is not None:
             self.tau.clamp_(min=cfg.tau_min, max=cfg.tau_max)
+
+
+@dataclasses.dataclass
+class ApdTables:
+    """APD's device state for a batch, one row per slot: tau ([B, G] per token, [B] global) and the previous
+    step's logits of every gen row [B, G, V]."""
+    tau: torch.Tensor
+    prev: torch.Tensor
 
 
 def make_commit_policy(cfg: DecodeConfig, arch: Arch, mask_id: int) -> CommitPolicy:

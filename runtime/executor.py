@@ -57,7 +57,7 @@ from dllm.errors import BackendError
 from dllm.kernels.residual import scatter_rows
 from dllm.kernels.select import gather_rows_torch
 from dllm.runtime.cache_policy import CachePolicy, allocate_budgets, make_cache_policy
-from dllm.runtime.commit import CommitPolicy, make_commit_policy
+from dllm.runtime.commit import BatchRows, CommitPolicy, make_commit_policy
 from dllm.runtime.config import Proxy
 from dllm.runtime.graphs import GraphCache
 from dllm.runtime.view import StepView
@@ -184,6 +184,11 @@ class Executor:
             self.k_slot_host = torch.zeros((L, B), dtype=torch.int32, pin_memory=dev.type == "cuda")
             self.layer_means = torch.zeros((L, B), dtype=torch.float32, device=dev)
             self._mean_columns = [self.layer_means[:, b] for b in range(B)]
+            # where a batched commit finds each sequence's rows: lo, range length, block start and end
+            # (relative to lo) and the gen row of lo, per slot (see _commit_rows)
+            self.commit_meta_t = torch.zeros((5, B), dtype=torch.long, device=dev)
+            self.commit_meta_host = torch.zeros((5, B), dtype=torch.long, pin_memory=dev.type == "cuda")
+            self._commit_tables: dict = {}          # per commit policy kind and config (CommitPolicy.make_batch_tables)
             self.canvas = torch.empty((B, N), dtype=torch.long, device=dev)
             self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
             self.transfer = torch.zeros((B, N), dtype=torch.bool, device=dev)      # last commit, rows [0, R)
@@ -196,7 +201,8 @@ class Executor:
         self.lengths = None
         self._plans.clear()
         self._batch_plans.clear()
-        self._win_starts = self._k_table = None
+        self._win_starts = self._k_table = self._commit_meta = None
+        self._commit_group = None
         self._means_bound = [False] * B
         if (B, N, P) != self._graph_shape:
             self.step_graphs.clear()      # graphs bake P (the gen slice) and buffer addresses
@@ -249,6 +255,7 @@ class Executor:
             raise ValueError(f"run_batch got {len(steps)} slots for a batch of {self.B}")
         t0 = time.perf_counter()
         self._prepare_rows(steps)
+        self._prepare_commits(steps)
         commit_keys = [None if st is None else st.commit.step_key(st.view) for st in steps] \
             if self.cuda_graphs else [None] * self.B
         capturable = self.cuda_graphs and all(st is None or k is not None for st, k in zip(steps, commit_keys))
@@ -281,9 +288,62 @@ class Executor:
         return rows, logits
 
     def _commit_all(self, steps, logits: torch.Tensor) -> None:
+        if self._commit_group is not None:
+            self._commit_together(steps, logits, self._commit_group)
+            return
         for b, st in enumerate(steps):
             if st is not None:
                 self.apply_commit(st.commit, logits[b:b + 1, :st.hi - st.lo], st.view, st.lo, st.hi, b)
+
+    def _prepare_commits(self, steps) -> None:
+        """Before the step, outside any graph: whether every sequence's commit policy decides this step with the
+        others (the same ``CommitPolicy.batch_key``); if so, bind their state to the batch's tables and upload
+        where each sequence's rows are (one small copy, only when they move)."""
+        self._commit_group = None
+        live = [st for st in steps if st is not None]
+        if len(steps) == 1 or self.ops is None or not live:
+            return
+        keys = {st.commit.batch_key(st.view) for st in live}
+        if len(keys) != 1 or None in keys:
+            return
+        first = live[0].commit
+        tkey = (type(first), first.cfg)
+        if tkey not in self._commit_tables:
+            with torch.inference_mode(False):       # policies write their rows outside inference mode (reset)
+                self._commit_tables[tkey] = first.make_batch_tables(self.B, self.G, self.spec.vocab_size,
+                                                                    self.dtype, self.device)
+        tables = self._commit_tables[tkey]
+        for b, st in enumerate(steps):
+            if st is not None:
+                st.commit.bind_batch(tables, b)
+        # an idle slot: one row at canvas position 0 outside any block, read and written back unchanged
+        meta = tuple(zip(*[(0, 1, 0, 0, 0) if st is None else
+                           (st.lo, st.hi - st.lo, st.view.start - st.lo, st.view.end - st.lo,
+                            st.lo - st.view.prompt_len) for st in steps]))
+        if meta != self._commit_meta:
+            self.commit_meta_host.numpy()[:] = meta
+            self.commit_meta_t.copy_(self.commit_meta_host, non_blocking=True)
+            self._commit_meta = meta
+        self._commit_group = (first, live[0].view, tables)
+
+    def _commit_rows(self, R: int):
+        """Each sequence's rows of a batched commit over R rows, from ``commit_meta_t`` (device work only)."""
+        lo, n, b_lo, b_hi, g0 = self.commit_meta_t[:, :, None]                 # [B, 1] each
+        r = self.rows_all[:R]
+        last = torch.minimum(r, n - 1)                                         # [B, R]
+        return BatchRows(last=last, idx=lo + last, gen=g0 + last, in_block=(r >= b_lo) & (r < b_hi), valid=r < n)
+
+    def _commit_together(self, steps, logits: torch.Tensor, group) -> None:
+        """One ``select_batch`` for every sequence; rows past a sequence's range repeat its last row and write
+        the same value to the same canvas position."""
+        first, view, tables = group
+        R = logits.shape[1]
+        with self._region("commit"):
+            rows = self._commit_rows(R)
+            ids = self.canvas.gather(1, rows.idx)
+            transfer, x0 = first.select_batch(view, logits, ids, rows, tables)
+            self.canvas.scatter_(1, rows.idx, torch.where(transfer, x0, ids).gather(1, rows.last))
+            self.transfer[:, :R].copy_(transfer & rows.valid)
 
     def apply_commit(self, commit: CommitPolicy, logits: torch.Tensor, view: StepView, lo: int, hi: int,
                      b: int = 0) -> None:

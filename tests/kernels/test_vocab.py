@@ -24,3 +24,18 @@ def test_kernel_matches_twin(device, dtype, B, R, V, with_prev):
     if R > 1:
         assert got.x0[0, 1] == 3
     assert got.H is None if not with_prev else got.H.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_previous_rows_read_from_a_table_equal_those_passed_alone(device, dtype):
+    """prev_rows: each row against its own row of a [B, G, V] table (a batch's sequences at different rows
+    of their tables, repeated rows included) gives exactly what passing those rows gathered gives, on both paths."""
+    B, R, G, V = 3, 4, 9, 700
+    logits = rand(B, R, V, dtype=dtype, seed=5, scale=4.0)
+    table = rand(B, G, V, dtype=dtype, seed=6, scale=4.0)
+    rows = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 7], [8, 8, 8, 8]], device=device)
+    gathered = torch.stack([table[b, rows[b]] for b in range(B)])
+    for fn in (vocab_stats_torch, vocab_stats_triton):
+        want, got = fn(logits, gathered, want_c=True), fn(logits, table, want_c=True, prev_rows=rows)
+        for name in ("x0", "conf", "c", "H"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (fn.__name__, name)

@@ -338,3 +338,42 @@ def test_proportional_budgets_are_each_sequences_own_in_a_batch(kernels, allocat
     assert calls["own budgets"] == 0 and calls["batch budgets"] > 0
     if es.ops is not None:
         assert calls["alone"] == 0 and calls["per_slot"] > 0
+
+
+@pytest.mark.parametrize("method", ["dcu+apd", "dcu+apd@global", "dcu", "dual+threshold"])
+def test_a_batch_decides_its_commits_together(method, tiny_models, monkeypatch):
+    """With fused kernels, the sequences of a batch decide each step's commit in one pass over all their
+    logits (APD's tau and previous logits in the executor's tables), and each gets what it gets alone.
+    Sequences that start together never decide alone (the schedule ranks canvas-wide rows as the reference
+    does, so it batches sequences of one canvas length only); with more prompts than slots, an APD sequence
+    that joins decides alone until it has a previous step, then joins in."""
+    from dllm.engines.engine_set import torch_engine_set
+    from dllm.runtime.commit import ApdCommit, LladaSchedule, ThresholdCommit
+
+    name, _, apd_mode = method.partition("@")
+    es = torch_engine_set(tiny_models["llada"], "fp32", kernels="torch")
+    cfg = _config(name, apd_mode=apd_mode or "per_token")
+    lengths = (7, 7, 7, 9, 7) if name == "dcu" else PROMPT_LENGTHS
+    prompts = _prompts(es.spec.vocab_size, lengths)
+    solo = [decode(es, p, cfg) for p in prompts]
+    assert any(max(r.tokens_per_step) > 1 for r in solo) or name == "dcu"
+    policy = {"dcu+apd": ApdCommit, "dcu": LladaSchedule, "dual+threshold": ThresholdCommit}[name]
+    calls = {"alone": 0, "together": 0}
+    alone, together = policy.select, policy.select_batch
+
+    def count_alone(self, *args):
+        calls["alone"] += 1
+        return alone(self, *args)
+
+    def count_together(self, *args):
+        calls["together"] += 1
+        return together(self, *args)
+
+    monkeypatch.setattr(policy, "select", count_alone)
+    monkeypatch.setattr(policy, "select_batch", count_together)
+    _same(solo[:3], decode_batch(es, prompts[:3], cfg, batch_size=3))
+    assert calls == {"alone": 0, "together": max(r.steps for r in solo[:3])}
+    calls.update(alone=0, together=0)
+    _same(solo, decode_batch(es, prompts, cfg, batch_size=3))
+    # APD: a joining sequence's first step; the schedule: a batch with the longer prompt; threshold: never
+    assert calls["together"] > 0 and (calls["alone"] > 0) == (name != "dual+threshold")

@@ -172,17 +172,22 @@ def test_step_bodies_have_no_host_sync(method, kernels, tiny_models):
 
 
 class NoSyncBodies(Executor):
-    """Runs every step body (what a CUDA graph would hold) with host reads refused."""
+    """Runs every step body (what a CUDA graph would hold) and every commit (greedy here: a graph holds it
+    too where the device allows) with host reads refused."""
 
     def _step_body(self, steps, commit, layer_graphs):
         with no_host_sync():
             return super()._step_body(steps, commit, layer_graphs)
 
+    def _commit_all(self, steps, logits):
+        with no_host_sync():
+            return super()._commit_all(steps, logits)
+
 
 @pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dllm-cache", "dcu@proportional"])
 def test_batched_step_bodies_have_no_host_sync(method, tiny_models):
-    """A batch's step body, the one-launch row choice of every sequence included, reads nothing back to the
-    host, and the batch still decodes what each prompt decodes alone."""
+    """A batch's step body, the one-launch row choice of every sequence and the batch's APD commit included,
+    reads nothing back to the host, and the batch still decodes what each prompt decodes alone."""
     from dllm.runtime.loop import decode_batch
 
     engines = torch_engine_set(tiny_models["llada"], "fp32", kernels="torch")
