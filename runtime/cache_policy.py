@@ -286,10 +286,11 @@ class DcuPolicy(CachePolicy):
         self.win_size = min(2 * r + 1, gen_len)
         if not self.same_dims:
             # persistent buffers: captured layer graphs read them on every replay
-            self.scores = torch.zeros(n_layers, dtype=torch.float32, device=device)   # s_l of the last scored step
+            # s_l of the last scored step: a scored step writes every layer from 1 on (layer 0's is never
+            # read) while it runs, after begin_step has read the previous step's
+            self.scores = torch.zeros(n_layers, dtype=torch.float32, device=device)
             self._win_base = torch.arange(self.win_size, device=device)
             self.window = torch.empty_like(self._win_base)
-            self._new_scores = torch.zeros_like(self.scores)
         self.scores.zero_()
         self._next_budgets: tuple[int, list[int]] | None = None   # (step, budgets) from the executor
         self._win_start = None                # the window buffer's start, once prepare_step has written it
@@ -307,24 +308,16 @@ class DcuPolicy(CachePolicy):
         self.window_at = self.window_start(view.key_pos)
         self._prompt = self._range(0, self.P) if self.refresh_prompt else None
         self._gen = self._range(self.P, self.N) if self.refresh_gen else None
-        # this step's layer scores start empty; the previous step's feed allocate() next step.
-        # Whether any layer gets scored is known now (the executor scores exactly the layers > 0
-        # that want scores, from step 2 on), so rows() has no host-side effects to replay.
-        # layer scores feed only the next step's budgets: uniform allocation never reads them
+        # Whether any layer gets scored is known now (the executor scores exactly the layers > 0 that want
+        # scores, from step 2 on, and then all of them), so rows() has no host-side effects to replay.
+        # Layer scores feed only the next step's budgets: uniform allocation never reads them.
         self._scored_this_step = (self.allocation != Allocation.UNIFORM and t > 1
                                   and any(self.wants_scores(l) for l in range(1, self.L)))
-        if self._scored_this_step:
-            self._new_scores.zero_()
 
     def prepare_step(self) -> None:
         if self.window_at != self._win_start:   # in place: graphs read it; one launch only when it moves
             torch.add(self._win_base, self.window_at, out=self.window)
             self._win_start = self.window_at
-
-    def end_step(self) -> None:
-        """Keep this step's layer scores for the next step's allocation (if any layer was scored)."""
-        if self._scored_this_step:
-            self.scores.copy_(self._new_scores)
 
     def after_step(self) -> None:
         if self._scored_this_step:
@@ -388,16 +381,16 @@ class DcuPolicy(CachePolicy):
 
     def observe(self, layer, scores):
         if self._scored_this_step:
-            torch.mean(scores, dim=(0, 1), out=self._new_scores[layer])      # one kernel, in place
+            torch.mean(scores, dim=(0, 1), out=self.scores[layer])           # one kernel, in place
 
     def bind_layer_means(self, means):
         if self.allocation == Allocation.UNIFORM:        # the budgets never read the scores
             return False
         if means.shape != self.scores.shape or means.dtype != self.scores.dtype:
             raise ValueError(f"layer means must be [{self.L}] float32, got {list(means.shape)} {means.dtype}")
-        # every layer from 1 on is observed in a scored step, and layer 0's mean is never read, so the
-        # buffer needs no zeroing when it changes
-        self._new_scores = means
+        if means is not self.scores:                     # keep what the last scored step left
+            means.copy_(self.scores)
+            self.scores = means
         return True
 
     def rows(self, layer, scores):

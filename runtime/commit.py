@@ -26,6 +26,12 @@ the step's CUDA graph. None: ``select`` runs eagerly after the graph. ``select``
 state it reads (a replayed graph runs none of its Python); ``after_step`` does that bookkeeping.
 With fused kernels (``self.ops``, dllm.kernels) the argmax, the float64 confidence and APD's
 statistics come from one pass over the logits (``vocab_stats``) instead of a float64 softmax.
+
+In a batch, the sequences whose policies give equal ``batch_key`` values decide a step together: one
+``select_batch`` over every sequence's rows (``BatchRows``), with device state such as APD's tau in tables
+the executor owns, one row per slot (``make_batch_tables``, ``bind_batch``). Greedy ``apd``, ``threshold``
+and LLaDA's ``schedule`` (sequences of one canvas length) do; each sequence still gets exactly what its
+own ``select`` gives it.
 """
 
 from __future__ import annotations
