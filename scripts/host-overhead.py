@@ -13,6 +13,11 @@ The tokens are meaningless (no layer runs after capture); the timing is what the
 steps is made of, apart from the readback's own latency and the graph launch. A tiny model (d_model 32)
 with the real layer count keeps the eager steps short; a replayed step does not depend on the width.
 ``--batch B`` runs B prompts at once through ``BatchDecoder`` (host work per batched step).
+
+Methods whose host decisions depend on device values (DCU's proportional and softmax budgets come from the
+layers' change scores) do not follow a GPU run here: a replay that runs nothing leaves the scores as the
+last eager step wrote them, so the budgets, the step keys and the replayed fraction are this script's
+own. Read their rows as the host work of the steps they happen to take, not as a GPU's replay rate.
 """
 
 import argparse

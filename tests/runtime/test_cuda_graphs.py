@@ -117,18 +117,20 @@ def test_graphs_need_torch_cuda():
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("method", ["full", "dual+threshold", "dllm-cache", "dcu", "dcu+apd", "dcu+apd@split-kv"])
+@pytest.mark.parametrize("method", ["full", "dual+threshold", "dllm-cache", "dcu", "dcu+apd", "dcu+apd@split-kv",
+                                    "dcu@proportional"])
 def test_batch_with_graphs_and_triton_equals_solo(arch, method):
     """A batch of prompts of different lengths, captured and replayed, gives every sequence exactly the tokens
-    and rows it gets alone (same kernels, eager, one sequence at a time)."""
+    and rows it gets alone (same kernels, eager, one sequence at a time): batched commits and, with
+    proportional budgets, each sequence's own k included."""
     from dllm.runtime.loop import decode_batch
 
     model = _model(arch)
     eager = torch_engine_set(model, "fp32", "cuda", kernels="triton")
     fused = torch_engine_set(model, "fp32", "cuda", kernels="triton", cuda_graphs=True)
-    method, _, attention = method.partition("@")
-    eager.ops.split_kv = fused.ops.split_kv = attention == "split-kv"
-    cfg = _cfg(method)
+    name, _, variant = method.partition("@")
+    eager.ops.split_kv = fused.ops.split_kv = variant == "split-kv"
+    cfg = _cfg(method if variant == "proportional" else name)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(10, 90, (n,), generator=g).tolist() for n in (5, 13, 9, 2)]
     solo = [decode(eager, p, cfg) for p in prompts]
