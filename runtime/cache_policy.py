@@ -335,21 +335,22 @@ class DcuPolicy(CachePolicy):
     def allocate(self) -> list[int]:
         """k_l per layer (index 0 unused: layer 0 is full). One host sync per step at most, none when the
         executor computed them for the whole batch (``set_next_budgets``)."""
-        L, G, budget = self.L, self.G, self.cfg.budget
-        cap = max(0, G - self.win_size)
-        if self.allocation == Allocation.UNIFORM or not self.has_scores or L < 2:
-            return [min(budget, cap)] * L
+        if not self._budgets_from_scores():
+            return [min(self.cfg.budget, max(0, self.G - self.win_size))] * self.L
         if self._next_budgets is not None and self._next_budgets[0] == self.view.step:
             return self._next_budgets[1]
         return allocate_budgets(self.scores[None], *self._budget_args())[0]
+
+    def _budgets_from_scores(self) -> bool:
+        """Whether this step's budgets come from the layer scores (proportional or softmax allocation, once a
+        step has scored them; with one layer there is nothing to share)."""
+        return self.allocation != Allocation.UNIFORM and self.has_scores and self.L >= 2
 
     def _budget_args(self) -> tuple:
         return self.cfg.budget, self.G, max(0, self.G - self.win_size), self.allocation, self.cfg.softmax_temp
 
     def next_budgets_request(self):
-        if self.allocation == Allocation.UNIFORM or not self.has_scores or self.L < 2:
-            return None
-        return self._budget_args(), self.scores
+        return (self._budget_args(), self.scores) if self._budgets_from_scores() else None
 
     def set_next_budgets(self, step, budgets):
         self._next_budgets = (step, budgets)

@@ -62,14 +62,20 @@ def test_batched_selection_equals_each_sequence_alone(device, G, win, k):
         assert got.dtype == torch.long and torch.equal(got, alone), fn.__name__
 
 
+def _nan_scores(device, seed):
+    """Three sequences' scores [3, 32], one all NaN and one partly (an idle slot's garbage), their window
+    starts (both edges) and their first gen row (10)."""
+    d = rand(3, 32, seed=seed).abs()
+    d[2] = float("nan")
+    d[1, 7:20] = float("nan")
+    win_start = torch.tensor([0, 3, 27], dtype=torch.int32, device=device)
+    return d, win_start, torch.full((3,), 10, dtype=torch.int32, device=device)
+
+
 def test_batched_selection_stays_inside_its_rows_when_scores_are_nan(device):
     """Garbage scores (an idle slot's) may be NaN: each sequence still gets win + k valid rows of its own."""
     B, G, win, k = 3, 32, 5, 4
-    d = rand(B, G, seed=1).abs()
-    d[2] = float("nan")
-    d[1, 7:20] = float("nan")
-    gen_start = torch.tensor([10, 10, 10], dtype=torch.int32, device=device)
-    win_start = torch.tensor([0, 3, 27], dtype=torch.int32, device=device)
+    d, win_start, gen_start = _nan_scores(device, seed=1)
     for fn in (select_rows_batched_torch, select_rows_batched_triton):
         got = fn(d, win_start, win, k, gen_start)
         assert got.shape == (B, win + k)
@@ -106,11 +112,7 @@ def test_batched_selection_with_a_k_per_sequence(device, G, win, k):
 
 def test_a_k_per_sequence_with_nan_scores_stays_inside_its_rows(device):
     B, G, win, k = 3, 32, 5, 6
-    d = rand(B, G, seed=2).abs()
-    d[2] = float("nan")
-    d[1, 7:20] = float("nan")
-    gen_start = torch.tensor([10, 10, 10], dtype=torch.int32, device=device)
-    win_start = torch.tensor([0, 3, 27], dtype=torch.int32, device=device)
+    d, win_start, gen_start = _nan_scores(device, seed=2)
     k_slot = torch.tensor([6, 2, 0], dtype=torch.int32, device=device)
     for fn in (select_rows_batched_torch, select_rows_batched_triton):
         got = fn(d, win_start, win, k, gen_start, k_slot)

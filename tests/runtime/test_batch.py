@@ -33,6 +33,15 @@ def _config(method, **changes):
     return method_config(name, base) if not changes else method_config(name, base).replace(**changes)
 
 
+def _counted(calls: dict, name: str, fn, when=lambda args: True):
+    """``fn``, adding its calls (those whose arguments satisfy ``when``) to ``calls[name]``. Set on a class,
+    it counts a method's calls on every instance."""
+    def wrapped(*args, **kwargs):
+        calls[name] += bool(when(args))
+        return fn(*args, **kwargs)
+    return wrapped
+
+
 def _same(solo, batch):
     assert len(solo) == len(batch)
     for i, (a, b) in enumerate(zip(solo, batch)):
@@ -270,7 +279,7 @@ def test_a_slot_counts_as_free_as_soon_as_its_sequence_committed_its_last_token(
 
 
 @pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dllm-cache", "dcu-reference", "dcu@proportional"])
-def test_a_batch_picks_each_layers_rows_in_one_launch(method, tiny_models):
+def test_a_batch_picks_each_layers_rows_in_one_launch(method, tiny_models, monkeypatch):
     """Where every sequence's rows are a window plus its k most-changed rows, one launch picks a layer's rows
     for the whole batch instead of one per sequence, and each sequence still gets what it gets alone."""
     from dllm.engines.engine_set import torch_engine_set
@@ -279,16 +288,8 @@ def test_a_batch_picks_each_layers_rows_in_one_launch(method, tiny_models):
     prompts, cfg = _prompts(es.spec.vocab_size, (5, 11, 8)), _config(method)
     solo = [decode(es, p, cfg) for p in prompts]
     calls = {"alone": 0, "batched": 0}
-    ops = es.ops
-    one, many = ops.select_rows, ops.select_rows_batched
-
-    def count(name, fn):
-        def wrapped(*args):
-            calls[name] += 1
-            return fn(*args)
-        return wrapped
-
-    ops.select_rows, ops.select_rows_batched = count("alone", one), count("batched", many)
+    monkeypatch.setattr(es.ops, "select_rows", _counted(calls, "alone", es.ops.select_rows))
+    monkeypatch.setattr(es.ops, "select_rows_batched", _counted(calls, "batched", es.ops.select_rows_batched))
     batch = decode_batch(es, prompts, cfg, batch_size=3)
     _same(solo, batch)
     # the sequences start together, so they agree on (window, k) in every layer that picks rows that way:
@@ -320,20 +321,14 @@ def test_proportional_budgets_are_each_sequences_own_in_a_batch(kernels, allocat
     # at some step, two sequences recompute different row counts in one layer: their budgets differ
     assert any(len({tuple(r.rows_per_step[t]) for r in solo}) > 1 for t in range(1, solo[0].steps))
     calls = {"alone": 0, "batched": 0, "per_slot": 0, "own budgets": 0, "batch budgets": 0}
-
-    def counted(name, fn):
-        def wrapped(*args):
-            calls[name] += 1
-            if name == "batched":
-                calls["per_slot"] += args[-1] is not None
-            return fn(*args)
-        return wrapped
-
     if es.ops is not None:
-        monkeypatch.setattr(es.ops, "select_rows", counted("alone", es.ops.select_rows))
-        monkeypatch.setattr(es.ops, "select_rows_batched", counted("batched", es.ops.select_rows_batched))
-    monkeypatch.setattr(cache_policy, "allocate_budgets", counted("own budgets", cache_policy.allocate_budgets))
-    monkeypatch.setattr(executor, "allocate_budgets", counted("batch budgets", executor.allocate_budgets))
+        monkeypatch.setattr(es.ops, "select_rows", _counted(calls, "alone", es.ops.select_rows))
+        many = _counted(calls, "batched", es.ops.select_rows_batched)
+        monkeypatch.setattr(es.ops, "select_rows_batched",
+                            _counted(calls, "per_slot", many, when=lambda args: args[-1] is not None))
+    monkeypatch.setattr(cache_policy, "allocate_budgets",
+                        _counted(calls, "own budgets", cache_policy.allocate_budgets))
+    monkeypatch.setattr(executor, "allocate_budgets", _counted(calls, "batch budgets", executor.allocate_budgets))
     _same(solo, decode_batch(es, prompts, cfg, batch_size=3))
     assert calls["own budgets"] == 0 and calls["batch budgets"] > 0
     if es.ops is not None:
@@ -359,18 +354,8 @@ def test_a_batch_decides_its_commits_together(method, tiny_models, monkeypatch):
     assert any(max(r.tokens_per_step) > 1 for r in solo) or name == "dcu"
     policy = {"dcu+apd": ApdCommit, "dcu": LladaSchedule, "dual+threshold": ThresholdCommit}[name]
     calls = {"alone": 0, "together": 0}
-    alone, together = policy.select, policy.select_batch
-
-    def count_alone(self, *args):
-        calls["alone"] += 1
-        return alone(self, *args)
-
-    def count_together(self, *args):
-        calls["together"] += 1
-        return together(self, *args)
-
-    monkeypatch.setattr(policy, "select", count_alone)
-    monkeypatch.setattr(policy, "select_batch", count_together)
+    monkeypatch.setattr(policy, "select", _counted(calls, "alone", policy.select))
+    monkeypatch.setattr(policy, "select_batch", _counted(calls, "together", policy.select_batch))
     _same(solo[:3], decode_batch(es, prompts[:3], cfg, batch_size=3))
     assert calls == {"alone": 0, "together": max(r.steps for r in solo[:3])}
     calls.update(alone=0, together=0)
