@@ -25,6 +25,9 @@ class EngineSet:
     # torch on CUDA: the executor captures whole steps (and, where a step's shape is new, single layers)
     # as CUDA graphs and replays them (see runtime/executor.py)
     cuda_graphs: bool = False
+    # with cuda_graphs: DCU's layers run bucketed row counts (a budget that moves keeps the graphs' shapes;
+    # see runtime/executor.py); False: exact row counts (dllm-bench --no-row-buckets, for comparison)
+    row_buckets: bool = True
     # CPU threads of one generation (dllm.threads): ONNX Runtime's intra-op threads, or torch's with
     # the torch backend on the CPU; None: the default
     threads: int | None = None

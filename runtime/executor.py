@@ -38,8 +38,12 @@ Two implementations of the work around the engines (``EngineSet.ops``, see dllm.
 CUDA graphs (``EngineSet.cuda_graphs``, torch backend on CUDA): a whole step (embedding, layers, head
 and, when the commit policy is capturable, its decision and the canvas update) is captured the second
 time its key repeats and replayed from then on, so the host launches one graph per step and waits only
-for the committed positions. Steps whose key does not repeat (DCU's proportional budgets) capture
-single layers instead. See runtime/graphs.py.
+for the committed positions. Steps whose key does not repeat capture single layers instead. With graphs,
+a layer whose rows are a window plus each sequence's top-k (DCU) runs a bucketed row count (``row_bucket``
+of its largest k; the padding repeats a sequence's last row, as in a batch), each sequence's own k read
+from a device table, and where it costs few rows every such layer of the step takes the step's largest
+bucket. So DCU's proportional budgets, which move from layer to layer and step to step, change neither
+the layers' keys nor, mostly, the step's (``_bucketed``). See runtime/graphs.py.
 """
 
 from __future__ import annotations
@@ -107,6 +111,9 @@ class Executor:
             raise BackendError("cuda_graphs needs the torch backend on a CUDA device; "
                                f"got {engines.backend.value} on {engines.device}")
         self.step_graphs, self.layer_graphs = GraphCache(), GraphCache()
+        # bucketed top-k row counts (see the module docstring): with graphs only, since on the CPU or
+        # without graphs the padding rows would cost compute and buy nothing
+        self.row_buckets = self.cuda_graphs and getattr(engines, "row_buckets", True)
         self._policies: dict = {}
         self._commits: dict = {}
         self.spec = engines.spec
@@ -263,6 +270,7 @@ class Executor:
         replayed, payload = self.step_graphs.replay(key) if key is not None else (False, None)
         if replayed:
             rows, logits = payload
+            rows = self._fresh_counts(steps, rows)
         else:
             rows, logits = self._step_body(steps, capturable, self.cuda_graphs)
             if key is not None and self.step_graphs.seen(key):
@@ -388,17 +396,18 @@ class Executor:
 
     def _step_key(self, steps, commit_keys) -> tuple | None:
         """What fixes a whole step's kernels; None when a layer cannot be captured."""
+        _, topk, _, layer_keys = self._batch_plan(steps)
         parts = []
-        for st, ck in zip(steps, commit_keys):
+        for b, (st, ck) in enumerate(zip(steps, commit_keys)):
             if st is None:
                 parts.append(None)
                 continue
-            layer_keys = self._plan(st).layer_keys
-            if layer_keys is None:
+            keys = self._plan(st).layer_keys if layer_keys is None else layer_keys[b]
+            if keys is None:
                 return None
-            parts.append((id(st.cache), id(st.commit), layer_keys, ck, st.lo, st.hi))
+            parts.append((id(st.cache), id(st.commit), keys, ck, st.lo, st.hi))
         starts = tuple(self._residual_starts(steps)) if self.ops is not None else None
-        return (tuple(parts), starts, self.lengths)
+        return (tuple(parts), topk, starts, self.lengths)
 
     def _plan(self, st: SlotStep) -> SlotPlan:
         """``st``'s SlotPlan, remembered under the policy's ``plan_key`` (asked afresh when it is None)."""
@@ -429,29 +438,56 @@ class Executor:
         """Per layer, (w, k, per_slot) where every sequence of the batch picks its rows as ``CachePolicy.topk_rows``
         says with the same window length w, else None. There the fused executor picks the whole batch's rows in
         one launch (``select_rows_batched``) instead of asking each sequence's policy: k is the sequences'
-        shared k, or (per_slot) their largest, each one's own k coming from ``k_slot_t``."""
+        shared k, or (per_slot) their largest, or with ``row_buckets`` the step's largest rounded up to a
+        bucket, each one's own k coming from ``k_slot_t``."""
         return self._batch_plan(steps)[1]
 
     def _batch_plan(self, steps) -> tuple:
-        """(plans, per-layer batched choice, per-sequence k table or None), remembered per combination of plans."""
+        """(plans, per-layer batched choice, per-sequence k table or None, per-sequence layer keys for the step
+        key or None), remembered per combination of plans. The layer keys leave out what the k table holds:
+        a per-sequence choice's layer key is ("topk",), whatever the sequence's budget."""
         n_layers = len(self._layers)
-        if self.ops is None or len(steps) == 1:
-            return None, (None,) * n_layers, None
+        if self.ops is None or (len(steps) == 1 and not self.row_buckets):
+            return None, (None,) * n_layers, None, None
         plans = [None if st is None else self._plan(st) for st in steps]
         key = tuple(map(id, plans))
         hit = self._batch_plans.get(key)
         if hit is None:
             live = [p for p in plans if p is not None]
             shared = tuple(_shared_topk([p.topk[l] for p in live]) if live else None for l in range(n_layers))
-            table = None
+            if self.row_buckets:
+                shared = _bucketed(shared, [p.topk for p in live])
+                if len(steps) == 1 and not any(t is not None and t[2] for t in shared):
+                    shared = (None,) * n_layers            # one sequence, nothing bucketed: its policy picks
+            table = layer_keys = None
             if any(t is not None and t[2] for t in shared):
                 table = tuple(tuple(p.topk[l][1] if p is not None and t is not None else 0 for p in plans)
                               for l, t in enumerate(shared))
+                layer_keys = tuple(None if p is None or p.layer_keys is None else
+                                   tuple(("topk",) if t is not None and t[2] else k
+                                         for k, t in zip(p.layer_keys, shared)) for p in plans)
             if len(self._batch_plans) >= 4096:
                 self._batch_plans.clear()
             # the plans themselves stay in the entry, so their ids cannot be reused while it lives
-            hit = self._batch_plans[key] = (plans, shared, table)
+            hit = self._batch_plans[key] = (plans, shared, table, layer_keys)
         return hit
+
+    def _topk_counts(self, steps, l: int, choice: tuple) -> list[int]:
+        """The rows each sequence recomputes of its own canvas in layer l under the batched choice (w, k,
+        per_slot): host values only, so a replayed graph's counts are found afresh (its k table may differ
+        from the capture's)."""
+        w, k, per_slot = choice
+        width = w + max(0, min(k, self.G - w))                  # select_rows_batched's row count
+        return [0 if st is None else w + min(self._plan(st).topk[l][1], width - w) if per_slot else width
+                for st in steps]
+
+    def _fresh_counts(self, steps, rows: list[list[int]]) -> list[list[int]]:
+        """A replayed step's rows per slot and layer, with the per-sequence top-k layers counted afresh."""
+        topk = self._batched_topk(steps)
+        fresh = {l: self._topk_counts(steps, l, t) for l, t in enumerate(topk) if t is not None and t[2]}
+        if not fresh:
+            return rows
+        return [[fresh[l][b] if l in fresh else n for l, n in enumerate(r)] for b, r in enumerate(rows)]
 
     def _prepare_rows(self, steps) -> None:
         """Before the step, outside any graph: each policy's ``prepare_step`` (its own device buffers, which its
@@ -463,7 +499,7 @@ class Executor:
                 if batched:
                     self._means_bound[b] = st.cache.bind_layer_means(self._mean_columns[b])
                 st.cache.prepare_step()
-        _, topk, table = self._batch_plan(steps)
+        _, topk, table, _ = self._batch_plan(steps)
         if any(t is not None for t in topk):
             starts = tuple(0 if st is None else st.cache.window_at for st in steps)
             if starts != self._win_starts:                   # one small copy, only when a window moves
@@ -484,8 +520,9 @@ class Executor:
         t0 = time.perf_counter()
         if canvas is not self.canvas:
             self.canvas.copy_(canvas)
-        policy.prepare_step()
-        logits, rows = self._forward([SlotStep(policy, None, view, lo, hi)], self.cuda_graphs)
+        steps = [SlotStep(policy, None, view, lo, hi)]
+        self._prepare_rows(steps)
+        logits, rows = self._forward(steps, self.cuda_graphs)
         policy.after_step()
         return logits, StepStats(rows[0], time.perf_counter() - t0)
 
@@ -511,6 +548,8 @@ class Executor:
             next_scored = l + 1 < len(self._layers) and any(s[l + 1] for s in scored)
             key = self._layer_key(steps, l, scored_l, next_scored, starts[l], topk[l]) if layer_graphs else None
             replayed, n = self.layer_graphs.replay(key) if key is not None else (False, None)
+            if replayed and topk[l] is not None and topk[l][2]:
+                n = self._topk_counts(steps, l, topk[l])         # the k table may differ from the capture's
             if not replayed:
                 with self._region("layer"):
                     n = self._layer(l, steps, scored_l, next_scored, starts[l], topk[l])
@@ -536,6 +575,8 @@ class Executor:
             k = st.cache.layer_key(l, sc)
             if k is None:
                 return None
+            if topk is not None and topk[2]:
+                k = ("topk",)                       # its k (the budget) is in the device k table
             parts.append((id(st.cache),) + k)       # a graph reads its own policies' buffers
         return (l, start, next_scored, topk, self.lengths, tuple(parts))
 
@@ -601,10 +642,7 @@ class Executor:
                     st.cache.observe(l, scores[b:b + 1])
             rows = self.ops.select_rows_batched(scores, self.win_start_t, w, k, self.gen_start_t,
                                                 self.k_slot_t[l] if per_slot else None)
-            counts = [0] * len(steps)
-            for b, st in live:
-                counts[b] = w + min(self._plan(st).topk[l][1], rows.shape[1] - w) if per_slot else rows.shape[1]
-            return rows, counts
+            return rows, self._topk_counts(steps, l, topk)
         picked, counts = [], []
         for b, st in enumerate(steps):
             if st is None:
@@ -770,6 +808,31 @@ class Executor:
             out = self.logit_flat[:B * R * V].view(B, R, V)
             return self.engines.head.run({"h_rows": h_rows}, {"logits": out})["logits"]
         return self.engines.head.run({"h_rows": h_rows})["logits"]
+
+
+def row_bucket(k: int) -> int:
+    """The smallest of 0, 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^j and 3 * 2^(j-1)) that is at least k: at most
+    a third of a bucket is padding, and a few buckets cover every budget."""
+    if k <= 2:
+        return max(k, 0)
+    up = 1 << (k - 1).bit_length()                          # the power of two at or above k
+    return up * 3 // 4 if up * 3 // 4 >= k else up
+
+
+def _bucketed(shared: tuple, answers: list[tuple]) -> tuple:
+    """``row_buckets``: the per-sequence choice (w, k, True) at every layer where the sequences pick a window
+    plus their own top-k, k their largest budget there rounded up to a bucket, so shapes follow buckets
+    rather than budgets. When one bucket for every such layer (the step's largest) costs at most a quarter
+    more rows than each layer's own, every layer takes it: the whole step's shapes then repeat from step to
+    step and it replays as one graph. Budgets that are one value everywhere (uniform) are left alone."""
+    layers = [l for l, t in enumerate(shared) if t is not None and t[0] > 0]
+    if len({a[l][1] for a in answers for l in layers}) <= 1:
+        return shared
+    own = {l: row_bucket(max(a[l][1] for a in answers)) for l in layers}
+    top = max(own.values())
+    if sum(shared[l][0] + top for l in layers) <= 1.25 * sum(shared[l][0] + own[l] for l in layers):
+        own = dict.fromkeys(layers, top)
+    return tuple((t[0], own[l], True) if l in own else t for l, t in enumerate(shared))
 
 
 def _shared_topk(answers: list) -> tuple[int, int, bool] | None:

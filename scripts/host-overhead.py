@@ -17,7 +17,8 @@ with the real layer count keeps the eager steps short; a replayed step does not 
 Methods whose host decisions depend on device values (DCU's proportional and softmax budgets come from the
 layers' change scores) do not follow a GPU run here: a replay that runs nothing leaves the scores as the
 last eager step wrote them, so the budgets, the step keys and the replayed fraction are this script's
-own. Read their rows as the host work of the steps they happen to take, not as a GPU's replay rate.
+own. Read their rows as the host work of the steps they happen to take, not as a GPU's replay rate
+(scripts/graph-keys.py measures that, with real change scores).
 """
 
 import argparse
@@ -57,6 +58,7 @@ class HostOnlyGraphs(GraphCache):
 def host_executor(engines) -> Executor:
     ex = Executor(engines)
     ex.cuda_graphs = True                # the graph path's host logic; HostOnlyGraphs never touch CUDA
+    ex.row_buckets = True                # and its bucketed row counts, as with graphs on a GPU
     ex.step_graphs, ex.layer_graphs = HostOnlyGraphs(), HostOnlyGraphs()
     return ex
 

@@ -16,6 +16,9 @@
 #              the host work between two graph replays on this machine's CPU, one sequence and a batch of 16
 #              (scripts/host-overhead.py),
 #              and the other prompt lengths unprofiled (about 7 minutes)
+#   buckets    the default `dcu` and `dcu+apd` (proportional budgets) at the first prompt length on three new
+#              prompts without warm-up, with bucketed row counts (the default with graphs) and with exact ones
+#              (--no-row-buckets), one run each (about 3 minutes)
 #   tests      versions and the GPU tests (kernels vs twins, graph replay == eager, Triton path == plain path)
 #   batch      batched decoding at the first prompt length (default 512): `full`, `dcu` and `dcu+apd` at
 #              batch 1, 4 and 16 side by side (dllm-bench --batch 1,4,16, 16 prompts; `dcu` and `dcu+apd`
@@ -32,7 +35,7 @@
 # FIGURES (verify: the roofline's device figures; default h200 on an H200, h100-sxm otherwise)
 # A CPU smoke run: DEVICE=cpu DTYPE=fp32 SHAPE=spec.json GEN=16 BLOCK=16 bash scripts/measure-gpu.sh torch 32
 set -u
-stage=${1:?usage: bash scripts/measure-gpu.sh all|main|verify|kernels|tests|batch|torch|ort [PROMPT_LEN ...]}
+stage=${1:?usage: bash scripts/measure-gpu.sh all|main|verify|buckets|kernels|tests|batch|torch|ort [PROMPT_LEN ...]}
 shift
 prompts=("$@")
 [ $# -eq 0 ] && prompts=(1024 512)
@@ -125,6 +128,18 @@ verify)
         WARMUP=2 bench "bench-torch-p$p" "$p" auto torch 75 --plot "$OUT/bench-torch-p$p.png"
     done
     ;;
+buckets)
+    versions
+    p=${prompts[0]}
+    # the default DCU (proportional budgets) on three different prompts and no warm-up, what a stream of new
+    # prompts sees (mean: graph captures included; p50: once captured), with bucketed and with exact row counts
+    for rows in bucketed exact; do
+        flag=()
+        [ "$rows" = exact ] && flag=(--no-row-buckets)
+        METHODS=dcu,dcu+apd NUM_PROMPTS=3 WARMUP=0 bench "bench-proportional-$rows-p$p" "$p" auto torch 100 \
+            ${flag[@]+"${flag[@]}"}
+    done
+    ;;
 kernels)
     versions
     step kernel-tests 120 python3 -m pytest -q tests/kernels
@@ -157,7 +172,7 @@ torch | ort)
     done
     ;;
 *)
-    echo "unknown stage '$stage': expected all, main, verify, kernels, tests, batch, torch or ort"
+    echo "unknown stage '$stage': expected all, main, verify, buckets, kernels, tests, batch, torch or ort"
     exit 2
     ;;
 esac

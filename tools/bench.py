@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     add_common(p)
     p.add_argument("--no-cuda-graphs", action="store_true", help="torch on CUDA: no CUDA graph capture")
+    p.add_argument("--no-row-buckets", action="store_true",
+                   help="torch on CUDA with graphs: DCU's layers run their exact row counts instead of bucketed "
+                        "ones (bucketed rows keep graph shapes when proportional budgets move; for comparison)")
     add_choice(p, "--kernels", KERNEL_PATHS, default="auto",
                help="the work around the engines (and inside torch layers): auto = Triton kernels on CUDA, "
                     "their torch twins on the CPU; plain = the unfused torch path")
@@ -426,6 +429,7 @@ def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
                                   "--kernels triton (the default --kernels auto picks Triton on CUDA)")
             engines.ops.split_kv = True
         source.description["attention"] = args.attention
+        engines.row_buckets = not args.no_row_buckets
         with torch_threads(engines.torch_threads):
             return _bench(args, argv, cfg, source, log)
     finally:
@@ -482,6 +486,7 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
                      "kernels": engines.kernel_path.value,
                      "cuda_graphs": engines.backend.value == "torch" and engines.device.type == "cuda"
                      and not args.no_cuda_graphs,
+                     "row_buckets": pipe.executor.row_buckets,
                      "methods": list(cfg.methods), "num_prompts": len(prompts.ids), "repeat": cfg.repeat,
                      "warmup": cfg.warmup, "prompts": prompts.note, "prompt_kind": prompts.kind.value,
                      "prompt_lengths": prompts.lengths, "decode": cfg.decode.to_dict(),

@@ -1,0 +1,178 @@
+"""The CUDA-graph path's host logic, on the CPU: graph keys, replayed payloads, bucketed row counts.
+
+A captured graph replays its kernels with every host value baked in at capture, and hands back what the
+unit returned then. ``RerunGraphs`` stands in for that on the CPU: a replay runs the captured unit again,
+with the Python objects it closed over at capture (the capture's step views, plans and row choices), and
+returns the payload of its first replay, never a fresh one. So a key that misses a host value the unit
+depends on, or a payload read as if it were fresh, decodes differently from eager here, as it would on a
+GPU. (It is optimistic where a unit reads mutable state: a real graph bakes that too. The GPU tests in
+test_cuda_graphs.py replay real graphs.)
+"""
+
+import collections
+
+import pytest
+import torch
+
+from dllm.engines.engine_set import torch_engine_set
+from dllm.runtime.executor import Executor, _bucketed, row_bucket
+from dllm.runtime.graphs import GraphCache
+from dllm.runtime.loop import decode, decode_batch
+from tests.runtime.test_batch import _config, _prompts, _same
+
+
+class RerunGraphs(GraphCache):
+    """A GraphCache whose replay reruns the captured unit and returns the payload of its first replay."""
+
+    def __init__(self):
+        super().__init__()
+        self.replays = 0
+
+    def capture(self, key, unit):
+        self._graphs[key] = [unit, None]      # like a CUDA capture, runs nothing now
+
+    def replay(self, key):
+        hit = self._graphs.get(key)
+        if hit is None:
+            return False, None
+        self.replays += 1
+        payload = hit[0]()
+        if hit[1] is None:
+            hit[1] = payload
+        return True, hit[1]
+
+
+def _graphed(es, row_buckets: bool) -> Executor:
+    ex = Executor(es)
+    ex.cuda_graphs, ex.row_buckets = True, row_buckets
+    ex.step_graphs, ex.layer_graphs = RerunGraphs(), RerunGraphs()
+    return ex
+
+
+def _dcu(method):
+    return _config(method).replace(gen_length=24, steps=24, budget=3)
+
+
+def test_row_buckets():
+    assert [row_bucket(k) for k in range(14)] == [0, 1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [row_bucket(k) for k in (17, 24, 25, 33, 48, 49, 65, 96, 97, 200, 223)] == \
+        [24, 24, 32, 48, 48, 64, 96, 96, 128, 256, 256]
+    for k in range(1, 600):
+        assert k <= row_bucket(k) < 1.5 * k     # less than a third of a bucket is padding
+
+
+def test_a_step_takes_one_bucket_where_it_costs_few_rows():
+    w = 5
+    flat = [(None, (w, 7), (w, 9), (w, 10))]                  # own buckets 8, 12, 12; one bucket: 12
+    shared = (None, (w, 7, False), (w, 9, False), (w, 10, False))
+    assert _bucketed(shared, flat) == (None, (w, 12, True), (w, 12, True), (w, 12, True))
+    skewed = [(None, (w, 2), (w, 3), (w, 40)), (None, (w, 3), (w, 2), (w, 30))]
+    shared = (None, (w, 3, True), (w, 3, True), (w, 40, True))
+    assert _bucketed(shared, skewed) == (None, (w, 3, True), (w, 3, True), (w, 48, True))
+    uniform = [(None, (w, 4), (w, 4), (w, 4))] * 2              # nothing to pad
+    shared = (None, (w, 4, False), (w, 4, False), (w, 4, False))
+    assert _bucketed(shared, uniform) is shared
+
+
+@pytest.mark.parametrize("kernels,row_buckets", [("torch", True), ("torch", False), ("plain", False)])
+@pytest.mark.parametrize("method", ["dcu", "dcu@proportional", "dcu@softmax", "dcu+apd@proportional",
+                                    "dual+threshold", "dllm-cache"])
+def test_replayed_graphs_decode_what_eager_decodes(method, kernels, row_buckets, deep_llada):
+    """Decoding the same prompts three times through one executor: the later passes replay what the first
+    captured, and every pass equals eager decoding (ids, rows per layer and step, commit steps)."""
+    es = torch_engine_set(deep_llada, "fp32", kernels=kernels)
+    cfg = _dcu(method)
+    prompts = _prompts(es.spec.vocab_size, (5, 11))
+    want = [decode(es, p, cfg) for p in prompts]
+    ex = _graphed(es, row_buckets)
+    for _ in range(3):
+        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+    assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
+
+
+@pytest.mark.parametrize("row_buckets", [True, False])
+@pytest.mark.parametrize("method", ["dcu@proportional", "dcu+apd@proportional", "dcu@softmax", "dcu"])
+def test_replayed_batches_decode_what_each_prompt_decodes_alone(method, row_buckets, deep_llada):
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu(method)
+    prompts = _prompts(es.spec.vocab_size, (5, 11, 8, 6))
+    want = [decode(es, p, cfg) for p in prompts]
+    ex = _graphed(es, row_buckets)
+    for _ in range(2):
+        _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=3))
+    assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
+
+
+def _select_calls(es, monkeypatch) -> list:
+    """Records (k, [each sequence's k]) of every batched selection with per-sequence k."""
+    calls = []
+    many = es.ops.select_rows_batched
+
+    def counted(d, win_start, w, k, gen_start, k_slot=None):
+        if k_slot is not None:
+            calls.append((k, k_slot.tolist()))
+        return many(d, win_start, w, k, gen_start, k_slot)
+    monkeypatch.setattr(es.ops, "select_rows_batched", counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["dcu@proportional", "dcu@softmax", "dcu+apd@proportional"])
+def test_bucketed_rows_decode_what_exact_rows_decode(method, deep_llada, monkeypatch):
+    """With bucketed row counts (what the executor does with CUDA graphs), one sequence and a batch decode
+    exactly what they decode without: the padding repeats each sequence's last row. And it pads: layers run
+    more rows than some sequence's budget."""
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu(method)
+    prompts = _prompts(es.spec.vocab_size, (5, 11, 8, 6))
+    want = [decode(es, p, cfg) for p in prompts]
+    calls = _select_calls(es, monkeypatch)
+    ex = Executor(es)
+    ex.row_buckets = True
+    _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+    _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=3))
+    assert calls and all(k == row_bucket(k) for k, _ in calls)
+    assert any(k > min(own) for k, own in calls)
+
+
+def _step_keys(es, cfg, prompts, row_buckets: bool, batch: int) -> collections.Counter:
+    ex = _graphed(es, row_buckets)
+    keys = collections.Counter()
+    own = ex._step_key
+
+    def counted(steps, commit_keys):
+        key = own(steps, commit_keys)
+        keys[key] += 1
+        return key
+    ex._step_key = counted
+    if batch == 1:
+        for p in prompts:
+            decode(es, p, cfg, executor=ex)
+    else:
+        decode_batch(es, prompts, cfg, executor=ex, batch_size=batch)
+    return keys
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_proportional_budgets_repeat_their_step_keys_with_bucketed_rows(batch, deep_llada):
+    """DCU's proportional budgets move every step, so with exact row counts almost every step has a key of
+    its own and no whole-step graph replays; with bucketed rows the key follows the bucket and repeats."""
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu("dcu@proportional").replace(gen_length=32, steps=32, block_length=32, budget=4)
+    prompts = _prompts(es.spec.vocab_size, (5, 11, 8, 6))
+    exact = _step_keys(es, cfg, prompts, False, batch)
+    bucketed = _step_keys(es, cfg, prompts, True, batch)
+    steps = sum(exact.values())
+    assert sum(bucketed.values()) == steps
+    assert len(bucketed) * 2 < len(exact)
+    assert len(bucketed) <= steps // 4
+
+
+def test_guided_steps_with_bucketed_rows_decode_what_exact_rows_decode(deep_llada):
+    """Classifier-free guidance runs ``Executor.step``, which must upload the bucketed rows' tables too."""
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu("dcu@proportional").replace(cfg_scale=1.5)
+    prompts = _prompts(es.spec.vocab_size, (5, 11))
+    want = [decode(es, p, cfg) for p in prompts]
+    for ex in (_graphed(es, True), Executor(es)):
+        ex.row_buckets = True
+        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
