@@ -195,6 +195,9 @@ class Executor:
             # (relative to lo) and the gen row of lo, per slot (see _commit_rows)
             self.commit_meta_t = torch.zeros((5, B), dtype=torch.long, device=dev)
             self.commit_meta_host = torch.zeros((5, B), dtype=torch.long, pin_memory=dev.type == "cuda")
+            # each slot's hidden rows for the head, [B, R] flattened from the front (see _prepare_head)
+            self.head_idx_t = torch.zeros((B * N,), dtype=torch.long, device=dev)
+            self.head_idx_host = torch.zeros((B * N,), dtype=torch.long, pin_memory=dev.type == "cuda")
             self._commit_tables: dict = {}          # per commit policy kind and config (CommitPolicy.make_batch_tables)
             self.canvas = torch.empty((B, N), dtype=torch.long, device=dev)
             self.canvas_i32 = torch.empty((B, N), dtype=torch.int32, device=dev)
@@ -208,7 +211,7 @@ class Executor:
         self.lengths = None
         self._plans.clear()
         self._batch_plans.clear()
-        self._win_starts = self._k_table = self._commit_meta = None
+        self._win_starts = self._k_table = self._commit_meta = self._head_ranges = None
         self._commit_group = None
         self._means_bound = [False] * B
         if (B, N, P) != self._graph_shape:
@@ -263,6 +266,7 @@ class Executor:
         t0 = time.perf_counter()
         self._prepare_rows(steps)
         self._prepare_commits(steps)
+        self._prepare_head(steps)
         commit_keys = [None if st is None else st.commit.step_key(st.view) for st in steps] \
             if self.cuda_graphs else [None] * self.B
         capturable = self.cuda_graphs and all(st is None or k is not None for st, k in zip(steps, commit_keys))
@@ -522,6 +526,7 @@ class Executor:
             self.canvas.copy_(canvas)
         steps = [SlotStep(policy, None, view, lo, hi)]
         self._prepare_rows(steps)
+        self._prepare_head(steps)
         logits, rows = self._forward(steps, self.cuda_graphs)
         policy.after_step()
         return logits, StepStats(rows[0], time.perf_counter() - t0)
@@ -586,15 +591,27 @@ class Executor:
         if len(steps) == 1:                     # one sequence: a slice (lo >= P >= 1 keeps it inside)
             st = steps[0]
             return self.h[:, st.lo - shift:st.hi - shift]
+        B, R = len(steps), max(st.hi - st.lo for st in steps if st is not None)
+        idx = self.head_idx_t[:B * R].view(B, R)             # what _prepare_head uploaded for these ranges
+        return torch.gather(self.h, 1, idx[..., None].expand(-1, -1, self.h.shape[-1]))
+
+    def _prepare_head(self, steps) -> None:
+        """Before the step, outside any graph (a graph cannot hold a host-to-device copy): each slot's hidden
+        rows for the head into ``head_idx_t``, one small copy when the slots' ranges change. A shorter range
+        repeats its last row; an empty slot reads one row of the first live sequence's."""
         live = [st for st in steps if st is not None]
-        R = max(st.hi - st.lo for st in live)
-        idx = []
-        for st in steps:
-            lo, hi = (st.lo, st.hi) if st is not None else (live[0].lo, live[0].lo + 1)
-            r = list(range(lo - shift, hi - shift))
-            idx.append(r + [r[-1]] * (R - len(r)))       # shorter ranges repeat their last row
-        idx_t = torch.tensor(idx, device=self.device)
-        return torch.gather(self.h, 1, idx_t[..., None].expand(-1, -1, self.h.shape[-1]))
+        if len(steps) == 1 or not live:
+            return
+        ranges = tuple((st.lo, st.hi) if st is not None else (live[0].lo, live[0].lo + 1) for st in steps)
+        if ranges == self._head_ranges:
+            return
+        shift = 1 if self.spec.logit_shift else 0
+        R = max(hi - lo for lo, hi in ranges)
+        idx = self.head_idx_host.numpy()[:len(steps) * R].reshape(len(steps), R)
+        for b, (lo, hi) in enumerate(ranges):
+            idx[b] = np.minimum(np.arange(lo, lo + R), hi - 1) - shift
+        self.head_idx_t[:idx.size].copy_(self.head_idx_host[:idx.size], non_blocking=True)
+        self._head_ranges = ranges
 
     def _residual_starts(self, steps) -> list[int]:
         """Per layer, the first row its residual update must cover, over every slot: each layer's own

@@ -22,11 +22,14 @@ from tests.runtime.test_batch import _config, _prompts, _same
 
 
 class RerunGraphs(GraphCache):
-    """A GraphCache whose replay reruns the captured unit and returns the payload of its first replay."""
+    """A GraphCache whose replay reruns the captured unit and returns the payload of its first replay. The
+    unit may not make a device tensor from host data (``torch.tensor(..., device=...)``): under a CUDA
+    capture that copy either fails or is replayed from a host buffer that is gone."""
 
-    def __init__(self):
+    def __init__(self, monkeypatch):
         super().__init__()
         self.replays = 0
+        self.monkeypatch = monkeypatch
 
     def capture(self, key, unit):
         self._graphs[key] = [unit, None]      # like a CUDA capture, runs nothing now
@@ -36,16 +39,28 @@ class RerunGraphs(GraphCache):
         if hit is None:
             return False, None
         self.replays += 1
-        payload = hit[0]()
+        with self.monkeypatch.context() as m:
+            for name in ("tensor", "as_tensor"):
+                m.setattr(torch, name, _no_device(getattr(torch, name)))
+            payload = hit[0]()
         if hit[1] is None:
             hit[1] = payload
         return True, hit[1]
 
 
-def _graphed(es, row_buckets: bool) -> Executor:
+def _no_device(make):
+    def checked(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            raise AssertionError(f"torch.{make.__name__}(..., device=...) inside a captured unit: upload it "
+                                 "before the step into a persistent buffer")
+        return make(*args, **kwargs)
+    return checked
+
+
+def _graphed(es, row_buckets: bool, monkeypatch) -> Executor:
     ex = Executor(es)
     ex.cuda_graphs, ex.row_buckets = True, row_buckets
-    ex.step_graphs, ex.layer_graphs = RerunGraphs(), RerunGraphs()
+    ex.step_graphs, ex.layer_graphs = RerunGraphs(monkeypatch), RerunGraphs(monkeypatch)
     return ex
 
 
@@ -77,14 +92,14 @@ def test_a_step_takes_one_bucket_where_it_costs_few_rows():
 @pytest.mark.parametrize("kernels,row_buckets", [("torch", True), ("torch", False), ("plain", False)])
 @pytest.mark.parametrize("method", ["dcu", "dcu@proportional", "dcu@softmax", "dcu+apd@proportional",
                                     "dual+threshold", "dllm-cache"])
-def test_replayed_graphs_decode_what_eager_decodes(method, kernels, row_buckets, deep_llada):
+def test_replayed_graphs_decode_what_eager_decodes(method, kernels, row_buckets, deep_llada, monkeypatch):
     """Decoding the same prompts three times through one executor: the later passes replay what the first
     captured, and every pass equals eager decoding (ids, rows per layer and step, commit steps)."""
     es = torch_engine_set(deep_llada, "fp32", kernels=kernels)
     cfg = _dcu(method)
     prompts = _prompts(es.spec.vocab_size, (5, 11))
     want = [decode(es, p, cfg) for p in prompts]
-    ex = _graphed(es, row_buckets)
+    ex = _graphed(es, row_buckets, monkeypatch)
     for _ in range(3):
         _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
     assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
@@ -92,12 +107,12 @@ def test_replayed_graphs_decode_what_eager_decodes(method, kernels, row_buckets,
 
 @pytest.mark.parametrize("row_buckets", [True, False])
 @pytest.mark.parametrize("method", ["dcu@proportional", "dcu+apd@proportional", "dcu@softmax", "dcu"])
-def test_replayed_batches_decode_what_each_prompt_decodes_alone(method, row_buckets, deep_llada):
+def test_replayed_batches_decode_what_each_prompt_decodes_alone(method, row_buckets, deep_llada, monkeypatch):
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
     cfg = _dcu(method)
     prompts = _prompts(es.spec.vocab_size, (5, 11, 8, 6))
     want = [decode(es, p, cfg) for p in prompts]
-    ex = _graphed(es, row_buckets)
+    ex = _graphed(es, row_buckets, monkeypatch)
     for _ in range(2):
         _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=3))
     assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
@@ -134,8 +149,8 @@ def test_bucketed_rows_decode_what_exact_rows_decode(method, deep_llada, monkeyp
     assert any(k > min(own) for k, own in calls)
 
 
-def _step_keys(es, cfg, prompts, row_buckets: bool, batch: int) -> collections.Counter:
-    ex = _graphed(es, row_buckets)
+def _step_keys(es, cfg, prompts, row_buckets: bool, batch: int, monkeypatch) -> collections.Counter:
+    ex = _graphed(es, row_buckets, monkeypatch)
     keys = collections.Counter()
     own = ex._step_key
 
@@ -153,26 +168,26 @@ def _step_keys(es, cfg, prompts, row_buckets: bool, batch: int) -> collections.C
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_proportional_budgets_repeat_their_step_keys_with_bucketed_rows(batch, deep_llada):
+def test_proportional_budgets_repeat_their_step_keys_with_bucketed_rows(batch, deep_llada, monkeypatch):
     """DCU's proportional budgets move every step, so with exact row counts almost every step has a key of
     its own and no whole-step graph replays; with bucketed rows the key follows the bucket and repeats."""
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
     cfg = _dcu("dcu@proportional").replace(gen_length=32, steps=32, block_length=32, budget=4)
     prompts = _prompts(es.spec.vocab_size, (5, 11, 8, 6))
-    exact = _step_keys(es, cfg, prompts, False, batch)
-    bucketed = _step_keys(es, cfg, prompts, True, batch)
+    exact = _step_keys(es, cfg, prompts, False, batch, monkeypatch)
+    bucketed = _step_keys(es, cfg, prompts, True, batch, monkeypatch)
     steps = sum(exact.values())
     assert sum(bucketed.values()) == steps
     assert len(bucketed) * 2 < len(exact)
     assert len(bucketed) <= steps // 4
 
 
-def test_guided_steps_with_bucketed_rows_decode_what_exact_rows_decode(deep_llada):
+def test_guided_steps_with_bucketed_rows_decode_what_exact_rows_decode(deep_llada, monkeypatch):
     """Classifier-free guidance runs ``Executor.step``, which must upload the bucketed rows' tables too."""
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
     cfg = _dcu("dcu@proportional").replace(cfg_scale=1.5)
     prompts = _prompts(es.spec.vocab_size, (5, 11))
     want = [decode(es, p, cfg) for p in prompts]
-    for ex in (_graphed(es, True), Executor(es)):
+    for ex in (_graphed(es, True, monkeypatch), Executor(es)):
         ex.row_buckets = True
         _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
