@@ -45,7 +45,7 @@ def select_rows_batched_torch(d: torch.Tensor, win_start: torch.Tensor, win: int
     -> rows [B, win + k] int64: row b is ``select_rows_torch(d[b], window_b, k_b, gen_start[b])``, padded
     with its last row. No host sync (graphs can hold it)."""
     B, G = d.shape
-    k = _batched_k(G, win, k, k_slot)
+    k = batched_k(G, win, k, k_slot)
     i = torch.arange(G, device=d.device)
     ws = win_start.to(torch.long)[:, None]
     sel = (i >= ws) & (i < ws + win)                                  # [B, G] the forced windows
@@ -62,8 +62,9 @@ def select_rows_batched_torch(d: torch.Tensor, win_start: torch.Tensor, win: int
     return rows + gen_start.to(torch.long)[:, None]
 
 
-def _batched_k(G: int, win: int, k: int, k_slot: torch.Tensor | None) -> int:
-    """The batch's k, held to the rows outside the window; a k per sequence needs a window."""
+def batched_k(G: int, win: int, k: int, k_slot: torch.Tensor | None) -> int:
+    """The batch's k, held to the rows outside the window; a k per sequence needs a window. (The executor
+    counts a batched choice's rows with it too.)"""
     if k_slot is not None and win == 0:
         raise ValueError("per-sequence k needs a window: a sequence without rows has no row to repeat")
     return max(0, min(k, G - win))
@@ -128,7 +129,7 @@ def select_rows_triton(d: torch.Tensor, window: torch.Tensor | None, k: int, pro
 def select_rows_batched_triton(d: torch.Tensor, win_start: torch.Tensor, win: int, k: int,
                                gen_start: torch.Tensor, k_slot: torch.Tensor | None = None) -> torch.Tensor:
     B, G = d.shape
-    k = _batched_k(G, win, k, k_slot)
+    k = batched_k(G, win, k, k_slot)
     rows = torch.empty((B, win + k), dtype=torch.long, device=d.device)
     if B * (win + k):
         _launch_select(d.contiguous(), win_start if win else rows, win_start.stride(0) if win else 0, win, k,

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from dllm.engines.engine_set import EngineSet
 from dllm.errors import BackendError
 from dllm.kernels.residual import scatter_rows
-from dllm.kernels.select import gather_rows_torch
+from dllm.kernels.select import batched_k, gather_rows_torch
 from dllm.runtime.cache_policy import CachePolicy, allocate_budgets, make_cache_policy
 from dllm.runtime.commit import BatchRows, CommitPolicy, make_commit_policy
 from dllm.runtime.config import Proxy
@@ -83,7 +83,7 @@ class StepOutcome:
 class SlotPlan:
     """What one sequence's cache policy fixes for a whole step before any layer runs (host values only)."""
     scored: tuple[bool, ...]          # per layer: the executor computes change scores for it
-    layer_keys: tuple | None          # per layer CachePolicy.layer_key; None when some layer cannot be captured
+    layer_keys: tuple                 # per layer CachePolicy.layer_key (None: that layer is never captured)
     starts: tuple[int, ...]           # per layer: the first row its residual update covers (fused path)
     topk: tuple[tuple[int, int] | None, ...]   # per layer: CachePolicy.topk_rows where scored, else None
 
@@ -332,10 +332,7 @@ class Executor:
         meta = tuple(zip(*[(0, 1, 0, 0, 0) if st is None else
                            (st.lo, st.hi - st.lo, st.view.start - st.lo, st.view.end - st.lo,
                             st.lo - st.view.prompt_len) for st in steps]))
-        if meta != self._commit_meta:
-            self.commit_meta_host.numpy()[:] = meta
-            self.commit_meta_t.copy_(self.commit_meta_host, non_blocking=True)
-            self._commit_meta = meta
+        self._commit_meta = _upload(self.commit_meta_t, self.commit_meta_host, meta, self._commit_meta)
         self._commit_group = (first, live[0].view, tables)
 
     def _commit_rows(self, R: int):
@@ -400,14 +397,13 @@ class Executor:
 
     def _step_key(self, steps, commit_keys) -> tuple | None:
         """What fixes a whole step's kernels; None when a layer cannot be captured."""
-        _, topk, _, layer_keys = self._batch_plan(steps)
+        topk, layer_keys = self._batched_topk(steps), self._layer_keys(steps)
         parts = []
-        for b, (st, ck) in enumerate(zip(steps, commit_keys)):
+        for st, ck, keys in zip(steps, commit_keys, layer_keys):
             if st is None:
                 parts.append(None)
                 continue
-            keys = self._plan(st).layer_keys if layer_keys is None else layer_keys[b]
-            if keys is None:
+            if None in keys:
                 return None
             parts.append((id(st.cache), id(st.commit), keys, ck, st.lo, st.hi))
         starts = tuple(self._residual_starts(steps)) if self.ops is not None else None
@@ -435,7 +431,7 @@ class Executor:
         scored = self._scored(st.cache, st.view)
         layer_keys = tuple(st.cache.layer_key(l, scored[l]) for l in range(len(self._layers)))
         topk = tuple(st.cache.topk_rows(l) if scored[l] else None for l in range(len(self._layers)))
-        return SlotPlan(tuple(scored), None if any(k is None for k in layer_keys) else layer_keys,
+        return SlotPlan(tuple(scored), layer_keys,
                         tuple(self._residual_starts_one(st.cache, st.lo)), topk)
 
     def _batched_topk(self, steps) -> tuple:
@@ -467,8 +463,8 @@ class Executor:
             if any(t is not None and t[2] for t in shared):
                 table = tuple(tuple(p.topk[l][1] if p is not None and t is not None else 0 for p in plans)
                               for l, t in enumerate(shared))
-                layer_keys = tuple(None if p is None or p.layer_keys is None else
-                                   tuple(("topk",) if t is not None and t[2] else k
+                layer_keys = tuple(None if p is None else
+                                   tuple(("topk",) if t is not None and t[2] and k is not None else k
                                          for k, t in zip(p.layer_keys, shared)) for p in plans)
             if len(self._batch_plans) >= 4096:
                 self._batch_plans.clear()
@@ -476,12 +472,20 @@ class Executor:
             hit = self._batch_plans[key] = (plans, shared, table, layer_keys)
         return hit
 
+    def _layer_keys(self, steps) -> list[tuple | None]:
+        """Each slot's per-layer keys (None for an empty slot): its plan's, where a layer picks each sequence's
+        own k from the device k table ("topk",) instead (the batch plan's)."""
+        masked = self._batch_plan(steps)[3]
+        if masked is not None:
+            return list(masked)
+        return [None if st is None else self._plan(st).layer_keys for st in steps]
+
     def _topk_counts(self, steps, l: int, choice: tuple) -> list[int]:
         """The rows each sequence recomputes of its own canvas in layer l under the batched choice (w, k,
         per_slot): host values only, so a replayed graph's counts are found afresh (its k table may differ
         from the capture's)."""
         w, k, per_slot = choice
-        width = w + max(0, min(k, self.G - w))                  # select_rows_batched's row count
+        width = w + batched_k(self.G, w, k, None)              # select_rows_batched's row count
         return [0 if st is None else w + min(self._plan(st).topk[l][1], width - w) if per_slot else width
                 for st in steps]
 
@@ -506,14 +510,9 @@ class Executor:
         _, topk, table, _ = self._batch_plan(steps)
         if any(t is not None for t in topk):
             starts = tuple(0 if st is None else st.cache.window_at for st in steps)
-            if starts != self._win_starts:                   # one small copy, only when a window moves
-                self.win_start_host.numpy()[:] = starts
-                self.win_start_t.copy_(self.win_start_host, non_blocking=True)
-                self._win_starts = starts
-        if table is not None and table != self._k_table:     # one small copy, when the budgets change
-            self.k_slot_host.numpy()[:] = table
-            self.k_slot_t.copy_(self.k_slot_host, non_blocking=True)
-            self._k_table = table
+            self._win_starts = _upload(self.win_start_t, self.win_start_host, starts, self._win_starts)
+        if table is not None:
+            self._k_table = _upload(self.k_slot_t, self.k_slot_host, table, self._k_table)
 
     # -- layers and head ------------------------------------------------------
     @torch.inference_mode()
@@ -546,12 +545,13 @@ class Executor:
         scored = [idle if st is None else self._plan(st).scored for st in steps]
         starts = self._residual_starts(steps) if self.ops is not None else [0] * len(self._layers)
         topk = self._batched_topk(steps)
+        keys = self._layer_keys(steps) if layer_graphs else None
         rows_per_layer = []                                                    # [L][B]
         for l in range(len(self._layers)):
             scored_l = [s[l] for s in scored]
             # whether the next layer is scored (the fused path takes its scores in this layer's last pass)
             next_scored = l + 1 < len(self._layers) and any(s[l + 1] for s in scored)
-            key = self._layer_key(steps, l, scored_l, next_scored, starts[l], topk[l]) if layer_graphs else None
+            key = self._layer_key(steps, keys, l, next_scored, starts[l], topk[l]) if layer_graphs else None
             replayed, n = self.layer_graphs.replay(key) if key is not None else (False, None)
             if replayed and topk[l] is not None and topk[l][2]:
                 n = self._topk_counts(steps, l, topk[l])         # the k table may differ from the capture's
@@ -570,19 +570,17 @@ class Executor:
         per_slot = [[rows_per_layer[l][b] for l in range(len(self._layers))] for b in range(len(steps))]
         return logits, per_slot
 
-    def _layer_key(self, steps, l: int, scored_l: list[bool], next_scored: bool, start: int,
-                   topk: tuple | None) -> tuple | None:
+    def _layer_key(self, steps, keys: list, l: int, next_scored: bool, start: int, topk: tuple | None
+                   ) -> tuple | None:
+        """Layer l's graph key from each slot's per-layer keys (``_layer_keys``); None: not captured."""
         parts = []
-        for st, sc in zip(steps, scored_l):
+        for st, k in zip(steps, keys):
             if st is None:
                 parts.append(None)
                 continue
-            k = st.cache.layer_key(l, sc)
-            if k is None:
+            if k[l] is None:
                 return None
-            if topk is not None and topk[2]:
-                k = ("topk",)                       # its k (the budget) is in the device k table
-            parts.append((id(st.cache),) + k)       # a graph reads its own policies' buffers
+            parts.append((id(st.cache),) + k[l])      # a graph reads its own policies' buffers
         return (l, start, next_scored, topk, self.lengths, tuple(parts))
 
     def _head_rows(self, steps) -> torch.Tensor:
@@ -825,6 +823,16 @@ class Executor:
             out = self.logit_flat[:B * R * V].view(B, R, V)
             return self.engines.head.run({"h_rows": h_rows}, {"logits": out})["logits"]
         return self.engines.head.run({"h_rows": h_rows})["logits"]
+
+
+def _upload(dev: torch.Tensor, host: torch.Tensor, values: tuple, last: tuple | None) -> tuple:
+    """Write a small per-step table (nested tuples of ints) to its device buffer through its pinned host
+    buffer, before the step and outside any graph: one asynchronous copy, only when it differs from ``last``
+    (the previous copy is done by then: every step ends with the readback's sync). Returns the values."""
+    if values != last:
+        host.numpy()[:] = values
+        dev.copy_(host, non_blocking=True)
+    return values
 
 
 def row_bucket(k: int) -> int:
