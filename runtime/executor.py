@@ -398,6 +398,11 @@ class Executor:
     def _step_key(self, steps, commit_keys) -> tuple | None:
         """What fixes a whole step's kernels; None when a layer cannot be captured."""
         topk, layer_keys = self._batched_topk(steps), self._layer_keys(steps)
+        # A batch's head reads its rows from head_idx_t, and a batched commit (or an eager one after the step)
+        # finds each sequence's rows in commit_meta_t: there the step depends on where the sequences are only
+        # through the row count R, so steps at different block positions share a graph.
+        eager_commits = any(st is not None and k is None for st, k in zip(steps, commit_keys))
+        tables_only = len(steps) > 1 and (self._commit_group is not None or eager_commits)
         parts = []
         for st, ck, keys in zip(steps, commit_keys, layer_keys):
             if st is None:
@@ -405,9 +410,12 @@ class Executor:
                 continue
             if None in keys:
                 return None
-            parts.append((id(st.cache), id(st.commit), keys, ck, st.lo, st.hi))
+            where = () if tables_only else (ck, st.lo, st.hi)
+            parts.append((id(st.cache), id(st.commit), keys) + where)
         starts = tuple(self._residual_starts(steps)) if self.ops is not None else None
-        return (tuple(parts), topk, starts, self.lengths)
+        group = None if self._commit_group is None else self._commit_group[0].batch_key(self._commit_group[1])
+        R = max(st.hi - st.lo for st in steps if st is not None) if tables_only else None
+        return (tuple(parts), topk, starts, self.lengths, group, R)
 
     def _plan(self, st: SlotStep) -> SlotPlan:
         """``st``'s SlotPlan, remembered under the policy's ``plan_key`` (asked afresh when it is None)."""

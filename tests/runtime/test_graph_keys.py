@@ -182,6 +182,30 @@ def test_proportional_budgets_repeat_their_step_keys_with_bucketed_rows(batch, d
     assert len(bucketed) <= steps // 4
 
 
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd"])
+def test_batched_steps_replay_across_block_positions(method, deep_llada, monkeypatch):
+    """A batch's head and batched commit find each sequence's rows in device tables, so one whole-step graph
+    serves steps whose sequences sit in other blocks than at its capture, and decodes what each prompt
+    decodes alone."""
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu(method)
+    prompts = _prompts(es.spec.vocab_size, (7, 7, 7))          # one canvas length: the commits go together
+    want = [decode(es, p, cfg) for p in prompts]
+    ex = _graphed(es, False, monkeypatch)
+    ranges = collections.defaultdict(set)
+    own = ex._step_key
+
+    def counted(steps, commit_keys):
+        key = own(steps, commit_keys)
+        ranges[key].add(tuple(None if st is None else (st.lo, st.hi) for st in steps))
+        return key
+    ex._step_key = counted
+    _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=2))
+    assert ex._commit_tables, "the batch's commits never went together"
+    assert ex.step_graphs.replays > 0
+    assert any(key is not None and len(where) > 1 for key, where in ranges.items())
+
+
 def test_guided_steps_with_bucketed_rows_decode_what_exact_rows_decode(deep_llada, monkeypatch):
     """Classifier-free guidance runs ``Executor.step``, which must upload the bucketed rows' tables too."""
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
