@@ -1,7 +1,7 @@
 """How often CUDA graphs would replay, measured on the CPU: graph keys over several different prompts.
 
     python3 scripts/graph-keys.py [--layers 32] [--methods dcu,dcu@allocation=softmax,dcu+apd]
-                                  [--prompts 4] [--batch 1] [--json F]
+                                  [--prompts 4] [--batch 1] [--arrive-every S] [--prompt-len-max M] [--json F]
 
 (methods as dllm-bench names them, overrides included.) With CUDA graphs the executor replays a whole step
 when its key has been seen twice, else single layers (runtime/executor.py). DCU's proportional and
@@ -12,6 +12,11 @@ before: the fraction a GPU would replay once the graphs of earlier prompts exist
 with exact row counts and with the bucketed row counts the executor uses with graphs (``row_buckets``),
 and reports the rows the buckets add (the padding repeats a sequence's last row: more rows, same tokens).
 A random-weight model of the real layer count and a narrow width keeps it quick.
+
+With ``--batch B`` the prompts share B slots. By default they are all submitted at once; ``--arrive-every S``
+submits one every S steps instead, as requests reach a server, and ``--prompt-len-max M`` draws each
+prompt's length from [--prompt-len, M]. A slot's canvas length is part of a step's and a layer's key, so
+each new mix of lengths starts new keys.
 """
 
 import argparse
@@ -23,7 +28,7 @@ import torch
 from dllm.engines.engine_set import torch_engine_set
 from dllm.exporter.models.writer import tiny_spec
 from dllm.runtime import DecodeConfig, decode
-from dllm.runtime.loop import decode_batch
+from dllm.runtime.loop import BatchDecoder, batch_canvas_length, decode_batch
 from dllm.runtime.executor import Executor
 from dllm.runtime.graphs import GraphCache
 from dllm.tools.bench import parse_method, split_methods
@@ -64,7 +69,21 @@ class RowCounter:
         return rows
 
 
-def measure(engines, cfg, prompts, batch: int, row_buckets: bool) -> dict:
+def staggered(engines, cfg, prompts, batch: int, every: int, ex: Executor) -> None:
+    """The prompts through ``batch`` slots, one submitted every ``every`` steps (a server's arrivals)."""
+    lens = [len(p) for p in prompts]
+    N = batch_canvas_length(ex, lens, cfg.gen_length, engines.spec.max_seq_len)
+    run = BatchDecoder(engines, cfg, batch, N, executor=ex)
+    waiting, step = list(prompts), 0
+    while True:
+        if waiting and step % every == 0:
+            run.submit(torch.tensor(waiting.pop(0))[None])
+        if not run.step() and not waiting:
+            return
+        step += 1
+
+
+def measure(engines, cfg, prompts, batch: int, row_buckets: bool, arrive_every: int | None = None) -> dict:
     ex = Executor(engines)
     ex.cuda_graphs, ex.row_buckets = True, row_buckets      # the graph path's keys; nothing is captured
     ex.step_graphs, ex.layer_graphs = KeyCounter(), KeyCounter()
@@ -74,6 +93,8 @@ def measure(engines, cfg, prompts, batch: int, row_buckets: bool) -> dict:
         if batch == 1:
             for p in prompts:
                 decode(engines, p, cfg, executor=ex)
+        elif arrive_every:
+            staggered(engines, cfg, prompts, batch, arrive_every, ex)
         else:
             decode_batch(engines, prompts, cfg, executor=ex, batch_size=batch)
     finally:
@@ -91,26 +112,34 @@ def main():
     p.add_argument("--methods", default="dcu,dcu@allocation=softmax,dcu+apd")
     p.add_argument("--prompts", type=int, default=4, help="different prompts, decoded one after the other")
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--prompt-len-max", type=int, help="draw each prompt's length from [--prompt-len, this]")
     p.add_argument("--gen-length", type=int, default=256)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--budget", type=int, default=32)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--batch", type=int, default=1, help="prompts decoded at once (decode_batch when > 1)")
+    p.add_argument("--arrive-every", type=int, help="with --batch: submit one prompt every this many steps")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
+    if a.prompt_len_max is not None and a.prompt_len_max < a.prompt_len:
+        p.error(f"--prompt-len-max {a.prompt_len_max} is below --prompt-len {a.prompt_len}; give a maximum >= it")
+    if a.arrive_every is not None and (a.arrive_every < 1 or a.batch < 2):
+        p.error("--arrive-every needs a positive step count and --batch 2 or more")
     torch.set_num_threads(2)
     spec = tiny_spec("llada", n_layers=a.layers, d_model=64, n_heads=2)
     engines = torch_engine_set(random_model(spec, torch.float32, "cpu"), "fp32", kernels="torch")
     base = DecodeConfig(gen_length=a.gen_length, block_length=a.block_length, steps=a.gen_length,
                         budget=a.budget, window=a.window)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(6, 90, (a.prompt_len,), generator=g).tolist() for _ in range(a.prompts)]
+    lens = [a.prompt_len] * a.prompts if a.prompt_len_max is None else \
+        torch.randint(a.prompt_len, a.prompt_len_max + 1, (a.prompts,), generator=g).tolist()
+    prompts = [torch.randint(6, 90, (n,), generator=g).tolist() for n in lens]
     results = {}
     print(f"{'method':>24} {'rows':>8} | steps | step replay (keys) | layer replay (keys) | rows run / asked")
     for method in split_methods(a.methods):
         cfg = parse_method(method, base)
         for buckets in (False, True):
-            r = measure(engines, cfg, prompts, a.batch, buckets)
+            r = measure(engines, cfg, prompts, a.batch, buckets, a.arrive_every)
             results.setdefault(method, {})["bucketed" if buckets else "exact"] = r
             pad = "-" if r["padding"] is None else f"{r['padding']:.3f}"
             print(f"{method:>24} {'bucketed' if buckets else 'exact':>8} | {r['steps']:5d} | "
@@ -118,7 +147,8 @@ def main():
                   f"      | {pad}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"layers": a.layers, "prompts": a.prompts, "prompt_len": a.prompt_len, "batch": a.batch,
+            json.dump({"layers": a.layers, "prompts": a.prompts, "prompt_len": a.prompt_len,
+                       "prompt_len_max": a.prompt_len_max, "arrive_every": a.arrive_every, "batch": a.batch,
                        "gen_length": a.gen_length, "block_length": a.block_length, "budget": a.budget,
                        "window": a.window, "methods": results}, f, indent=1)
 

@@ -141,3 +141,24 @@ def test_batch_with_graphs_and_triton_equals_solo(arch, method):
             assert b.ids == a.ids, f"prompt {i}"
             assert b.rows_per_step == a.rows_per_step, f"prompt {i}"
     assert ex.graphs_captured > 0
+
+
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd"])
+def test_batched_whole_steps_replay_across_block_positions(method):
+    """Prompts of one length commit together, so a whole-step graph serves the batch wherever its sequences
+    are (the head's and the commit's rows come from device tables): replayed across blocks, every sequence
+    still gets exactly its tokens alone."""
+    from dllm.runtime.loop import decode_batch
+
+    model = _model("llada")
+    eager = torch_engine_set(model, "fp32", "cuda", kernels="triton")
+    fused = torch_engine_set(model, "fp32", "cuda", kernels="triton", cuda_graphs=True)
+    cfg = _cfg(method)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(10, 90, (7,), generator=g).tolist() for _ in range(3)]
+    solo = [decode(eager, p, cfg) for p in prompts]
+    ex = Executor(fused)
+    got = decode_batch(fused, prompts, cfg, executor=ex, batch_size=2)
+    for i, (a, b) in enumerate(zip(solo, got)):
+        assert b.ids == a.ids and b.rows_per_step == a.rows_per_step, f"prompt {i}"
+    assert len(ex.step_graphs) > 0

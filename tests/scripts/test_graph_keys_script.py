@@ -25,3 +25,31 @@ def test_bucketed_rows_repeat_proportional_step_keys_and_the_report_is_written(t
     # uniform budgets: nothing to pad, the same keys either way
     assert uniform["exact"] == uniform["bucketed"] and uniform["bucketed"]["padding"] is None
     assert "bucketed" in run.stdout
+
+
+def _keys(tmp_path, name, *args):
+    out = tmp_path / f"{name}.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--layers", "4", "--gen-length", "16", "--block-length", "8",
+                          "--budget", "2", "--window", "2", "--prompts", "5", "--batch", "2", "--arrive-every", "3",
+                          "--methods", "dcu@allocation=uniform", "--json", str(out), *args],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(out.read_text())
+
+
+def test_staggered_arrivals_of_mixed_lengths_start_new_keys(tmp_path):
+    one = _keys(tmp_path, "one", "--prompt-len", "8")
+    mixed = _keys(tmp_path, "mixed", "--prompt-len", "4", "--prompt-len-max", "12")
+    assert one["arrive_every"] == mixed["arrive_every"] == 3 and mixed["prompt_len_max"] == 12
+    a, b = one["methods"]["dcu@allocation=uniform"]["exact"], mixed["methods"]["dcu@allocation=uniform"]["exact"]
+    assert a["steps"] > 0 and b["steps"] > 0
+    # each new mix of canvas lengths is a new key: prompts of one length share theirs
+    assert b["step_keys"] > a["step_keys"]
+
+
+def test_bad_arguments_are_named():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--arrive-every", "3"], capture_output=True, text=True)
+    assert run.returncode != 0 and "--batch 2 or more" in run.stderr
+    run = subprocess.run([sys.executable, str(SCRIPT), "--prompt-len", "9", "--prompt-len-max", "4"],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "below --prompt-len 9" in run.stderr
