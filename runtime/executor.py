@@ -110,7 +110,8 @@ class Executor:
         if self.cuda_graphs and (engines.backend.value != "torch" or torch.device(engines.device).type != "cuda"):
             raise BackendError("cuda_graphs needs the torch backend on a CUDA device; "
                                f"got {engines.backend.value} on {engines.device}")
-        self.step_graphs, self.layer_graphs = GraphCache(), GraphCache()
+        dev = torch.device(engines.device)
+        self.step_graphs, self.layer_graphs = GraphCache(device=dev), GraphCache(device=dev)
         # bucketed top-k row counts (see the module docstring): with graphs only, since on the CPU or
         # without graphs the padding rows would cost compute and buy nothing
         self.row_buckets = self.cuda_graphs and getattr(engines, "row_buckets", True)

@@ -114,13 +114,16 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, dtype: str = "fp32", device: str = "cpu",
-                        with_vproj: bool = True, threads: int | None = None) -> "Pipeline":
-        """Torch engines straight from a Hugging Face checkpoint directory (no export needed)."""
+                        with_vproj: bool = True, threads: int | None = None, cuda_graphs: bool = False
+                        ) -> "Pipeline":
+        """Torch engines straight from a Hugging Face checkpoint directory (no export needed); ``cuda_graphs``
+        (CUDA only) replays captured graphs of steps and layers (``EngineSet.cuda_graphs``)."""
         from dllm.engines.engine_set import torch_engine_set
         from dllm.exporter.models.checkpoint import Checkpoint
 
         ckpt = Checkpoint(checkpoint_dir)
-        return cls(torch_engine_set(ckpt, dtype, device, with_vproj=with_vproj, threads=threads),
+        return cls(torch_engine_set(ckpt, dtype, device, with_vproj=with_vproj, threads=threads,
+                                    cuda_graphs=cuda_graphs),
                    generation=generation_defaults_from_checkpoint(checkpoint_dir))
 
     def default_config(self, **changes) -> DecodeConfig:

@@ -89,9 +89,12 @@ def load_state(config: ServeConfig, replica: str | None = None, warmup: bool = T
                     if (path / "config.json").is_file() else "pass a directory written by dllm-export")
             raise ConfigError(f"{path} has no manifest.json, so it is not an engine directory; {hint}")
         options = {"intra_op_threads": config.threads} if on_ort else {}
+        if config.cuda_graphs:
+            options["cuda_graphs"] = True
         pipe = Pipeline.from_dir(path, backend=config.backend.value, device=config.device, **options)
     else:
-        pipe = Pipeline.from_checkpoint(path, dtype=config.dtype.value, device=config.device)
+        pipe = Pipeline.from_checkpoint(path, dtype=config.dtype.value, device=config.device,
+                                        cuda_graphs=config.cuda_graphs)
     pipe.tokenizer                      # a server needs text in and out: fail now, not at the first request
     default = config.default_decode_config()
     model = ModelInfo(config.model_name, pipe.max_seq_len, pipe.spec.vocab_size, pipe.spec.mask_id, default,

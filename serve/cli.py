@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="requests decoded together in one step, each with exactly its own "
                    "tokens (default: the engines' --max-batch on CUDA, 1 on the CPU, where a batch costs about as "
                    "much as its requests one after another)")
+    p.add_argument("--cuda-graphs", action="store_true", help="torch backend on CUDA: capture each step (or layer) "
+                   "as a CUDA graph once its shape repeats and replay it, instead of launching every kernel")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -67,7 +69,7 @@ def configs_from_args(args: argparse.Namespace):
     config = ServeConfig(path=args.checkpoint or args.engine_dir, source=source, backend=backend, device=args.device,
                          threads=args.threads, dtype=args.dtype, model_name=args.model_name, method=args.method,
                          block_length=args.block_length, max_tokens=args.max_tokens, max_queue=args.max_queue,
-                         max_batch=args.max_batch,
+                         max_batch=args.max_batch, cuda_graphs=args.cuda_graphs,
                          host=args.host, port=args.port)
     ray_flags = [f for f in ("replicas", "autoscaling", "gpus_per_replica", "max_ongoing_requests", "ray_address")
                  if getattr(args, f) is not None]

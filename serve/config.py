@@ -36,6 +36,7 @@ class ServeConfig:
     max_tokens: int = 256            # default max_tokens of a request that sends none
     max_queue: int = 256             # requests waiting beyond this get 503
     max_batch: int | None = None     # requests decoded together; None: the engines' limit on CUDA, 1 on the CPU
+    cuda_graphs: bool = False        # torch backend on CUDA: replay captured CUDA graphs of whole steps and layers
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -60,6 +61,10 @@ class ServeConfig:
         if self.max_batch is not None and (isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int)
                                            or self.max_batch < 1):
             raise ConfigError(f"--max-batch must be an integer >= 1, got {self.max_batch!r}")
+        if self.cuda_graphs and (self.backend != Backend.TORCH or not self.device.startswith("cuda")):
+            raise ConfigError(f"--cuda-graphs captures the torch backend's steps on a GPU, not --backend "
+                              f"{self.backend.value} on --device {self.device}; use --backend torch (or --checkpoint) "
+                              "with --device cuda, or drop --cuda-graphs")
         if self.port > 65535:
             raise ConfigError(f"--port must be at most 65535, got {self.port}")
         self.default_decode_config()      # the method name and block length must make a config

@@ -162,3 +162,36 @@ def test_batched_whole_steps_replay_across_block_positions(method):
     for i, (a, b) in enumerate(zip(solo, got)):
         assert b.ids == a.ids and b.rows_per_step == a.rows_per_step, f"prompt {i}"
     assert len(ex.step_graphs) > 0
+
+
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd"])
+def test_arrivals_of_mixed_lengths_with_a_small_graph_cache_equal_solo(method):
+    """What a server with --cuda-graphs does: prompts of different lengths join a running batch one at a time
+    (each arrival a new mix of canvas lengths, hence new keys), and a cache of 4 graphs drops and captures
+    again all the time; every sequence still gets exactly its tokens alone, eagerly. (Not with proportional
+    budgets: there, on the CPU, these prompts already differ eagerly, because a matrix product's row can
+    round differently with the number of rows in the product; see docs/benchmarks.md.)"""
+    from dllm.runtime.loop import BatchDecoder
+
+    model = _model("llada")
+    eager = torch_engine_set(model, "fp32", "cuda", kernels="triton")
+    fused = torch_engine_set(model, "fp32", "cuda", kernels="triton", cuda_graphs=True)
+    cfg = _cfg(method)
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(10, 90, (1, n), generator=g) for n in (5, 12, 3, 9, 7, 5)]
+    solo = [decode(eager, p, cfg) for p in prompts]
+    ex = Executor(fused)
+    ex.step_graphs.max_graphs = ex.layer_graphs.max_graphs = 4
+    for _ in range(2):
+        run = BatchDecoder(fused, cfg, 3, 12 + cfg.gen_length, executor=ex)
+        waiting, n = list(prompts), 0
+        while True:
+            if waiting and n % 5 == 0:
+                run.submit(waiting.pop(0))
+            if not run.step() and not waiting:
+                break
+            n += 1
+        for i, want in enumerate(solo):
+            got = run.results[i]
+            assert got.ids == want.ids and got.rows_per_step == want.rows_per_step, f"prompt {i}"
+    assert ex.layer_graphs.dropped > 0

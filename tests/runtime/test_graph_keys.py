@@ -26,26 +26,33 @@ class RerunGraphs(GraphCache):
     unit may not make a device tensor from host data (``torch.tensor(..., device=...)``): under a CUDA
     capture that copy either fails or is replayed from a host buffer that is gone."""
 
-    def __init__(self, monkeypatch):
-        super().__init__()
+    def __init__(self, monkeypatch, max_graphs: int = 2048):
+        super().__init__(max_graphs=max_graphs)
         self.replays = 0
         self.monkeypatch = monkeypatch
 
-    def capture(self, key, unit):
-        self._graphs[key] = [unit, None]      # like a CUDA capture, runs nothing now
+    def _record(self, unit):
+        return _Rerun(unit, self.monkeypatch), None          # like a CUDA capture, runs nothing now
 
     def replay(self, key):
-        hit = self._graphs.get(key)
-        if hit is None:
+        hit, _ = super().replay(key)
+        if not hit:
             return False, None
         self.replays += 1
+        return True, self._graphs[key][0].payload
+
+
+class _Rerun:
+    def __init__(self, unit, monkeypatch):
+        self.unit, self.monkeypatch, self.payload = unit, monkeypatch, None
+
+    def replay(self):
         with self.monkeypatch.context() as m:
             for name in ("tensor", "as_tensor"):
                 m.setattr(torch, name, _no_device(getattr(torch, name)))
-            payload = hit[0]()
-        if hit[1] is None:
-            hit[1] = payload
-        return True, hit[1]
+            payload = self.unit()
+        if self.payload is None:
+            self.payload = payload
 
 
 def _no_device(make):
@@ -57,10 +64,10 @@ def _no_device(make):
     return checked
 
 
-def _graphed(es, row_buckets: bool, monkeypatch) -> Executor:
+def _graphed(es, row_buckets: bool, monkeypatch, max_graphs: int = 2048) -> Executor:
     ex = Executor(es)
     ex.cuda_graphs, ex.row_buckets = True, row_buckets
-    ex.step_graphs, ex.layer_graphs = RerunGraphs(monkeypatch), RerunGraphs(monkeypatch)
+    ex.step_graphs, ex.layer_graphs = RerunGraphs(monkeypatch, max_graphs), RerunGraphs(monkeypatch, max_graphs)
     return ex
 
 
@@ -102,6 +109,19 @@ def test_replayed_graphs_decode_what_eager_decodes(method, kernels, row_buckets,
     ex = _graphed(es, row_buckets, monkeypatch)
     for _ in range(3):
         _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+    assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
+
+
+def test_graphs_dropped_from_a_full_cache_are_captured_again(deep_llada, monkeypatch):
+    """A small cache drops graphs all the time; the decode still equals eager decoding."""
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu("dcu+apd@proportional")
+    prompts = _prompts(es.spec.vocab_size, (5, 11))
+    want = [decode(es, p, cfg) for p in prompts]
+    ex = _graphed(es, True, monkeypatch, max_graphs=3)
+    for _ in range(3):
+        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+    assert ex.layer_graphs.dropped > 0 and len(ex.layer_graphs) == 3
     assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
 
 
@@ -215,3 +235,28 @@ def test_guided_steps_with_bucketed_rows_decode_what_exact_rows_decode(deep_llad
     for ex in (_graphed(es, True, monkeypatch), Executor(es)):
         ex.row_buckets = True
         _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+
+
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd"])
+def test_arrivals_one_at_a_time_with_a_small_cache_decode_what_each_prompt_decodes_alone(method, deep_llada,
+                                                                                     monkeypatch):
+    """Prompts of different lengths join a running batch one at a time (each arrival a new mix of canvas
+    lengths, so new keys), replayed through a cache of 4 graphs that keeps dropping and capturing."""
+    from dllm.runtime.loop import BatchDecoder
+
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu(method)
+    prompts = _prompts(es.spec.vocab_size, (5, 11, 3, 8, 6))
+    want = [decode(es, p, cfg) for p in prompts]
+    ex = _graphed(es, True, monkeypatch, max_graphs=4)
+    for _ in range(2):
+        run = BatchDecoder(es, cfg, 3, 11 + cfg.gen_length, executor=ex)
+        waiting, n = list(prompts), 0
+        while True:
+            if waiting and n % 4 == 0:
+                run.submit(waiting.pop(0))
+            if not run.step() and not waiting:
+                break
+            n += 1
+        _same(want, [run.results[i] for i in range(len(prompts))])
+    assert ex.layer_graphs.dropped > 0 and ex.step_graphs.replays + ex.layer_graphs.replays > 0

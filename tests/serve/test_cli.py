@@ -34,6 +34,8 @@ def test_flags_make_the_configs(tmp_path):
     assert config.model_name == tmp_path.name and config.port == 9001 and config.threads == 2
     assert config.max_batch is None                                              # auto: see serving_batch
     assert parse(str(tmp_path), "--max-batch", "4")[0].max_batch == 4
+    assert not config.cuda_graphs
+    assert parse("--checkpoint", str(tmp_path), "--device", "cuda:0", "--cuda-graphs")[0].cuda_graphs
     assert config.default_decode_config() == method_config("full", DecodeConfig(gen_length=48, block_length=16,
                                                                                 steps=48))
     config, ray_cfg = parse("--checkpoint", str(tmp_path), "--ray", "--replicas", "3", "--device", "cuda",
@@ -58,6 +60,8 @@ def test_flags_make_the_configs(tmp_path):
     (["ENGINE", "--method", "fast"], "unknown cache policy"),
     (["ENGINE", "--max-tokens", "0"], "--max-tokens"),
     (["ENGINE", "--max-batch", "0"], "--max-batch must be an integer >= 1"),
+    (["ENGINE", "--cuda-graphs", "--device", "cuda"], "use --backend torch"),
+    (["--checkpoint", "CKPT", "--cuda-graphs"], "with --device cuda"),
     (["/no/such/dir"], "not a directory"),
 ])
 def test_bad_flags_get_one_line_errors(argv, word, capsys):
@@ -125,3 +129,31 @@ def test_a_checkpoint_on_the_torch_backend():
         assert [m.id for m in client.models.list()] == ["tiny-llada"]
         out = client.chat.completions.create(model="tiny-llada", messages=MSG)
     assert out.choices[0].message.content == want.text == "85"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_checkpoint_with_cuda_graphs_answers_concurrent_requests_as_alone():
+    """--cuda-graphs on the GPU: requests decoded together (captured and replayed steps, arrivals of
+    different lengths) each get the answer the pipeline gives alone, eagerly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dllm.runtime import Pipeline
+    from dllm.serve.config import ServeConfig
+    from dllm.serve.server import BackgroundServer
+    from dllm.tools.assets import shipped_model_dir
+
+    config = ServeConfig(shipped_model_dir(), source="checkpoint", backend="torch", device="cuda", port=0,
+                         method="dcu+apd", max_tokens=32, max_batch=4, cuda_graphs=True)
+    questions = [f"What is {a}+{b}?" for a, b in ((47, 38), (5, 7), (120, 33), (9, 90), (61, 2), (18, 18))]
+    eager = Pipeline.from_checkpoint(shipped_model_dir(), device="cuda")
+    want = [eager.generate([{"role": "user", "content": q}], config.default_decode_config()).text for q in questions]
+    with BackgroundServer(config) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+        def ask(q):
+            out = client.chat.completions.create(model="tiny-llada", messages=[{"role": "user", "content": q}])
+            return out.choices[0].message.content
+        for _ in range(2):                          # the second round replays what the first captured
+            with ThreadPoolExecutor(len(questions)) as pool:
+                assert list(pool.map(ask, questions)) == want
