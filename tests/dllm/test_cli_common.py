@@ -126,6 +126,13 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "DLLM_DEBUG"}
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT at its default, as under an interactive shell. A suite started in the
+    background by a non-interactive shell (``cmd &``) hands its children SIGINT ignored, and Python then
+    never raises KeyboardInterrupt, which is right for them and not what these tests are about."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when(proc: subprocess.Popen, stream, marker: str, timeout: float = 180) -> tuple[int, str]:
     """Send SIGINT once ``marker`` appears on ``stream`` (stdout or stderr); return (exit code, stderr)."""
     deadline = time.time() + timeout
@@ -145,7 +152,8 @@ def test_ctrl_c_in_training_is_one_line_and_writes_nothing(tmp_path):
     proc = subprocess.Popen(command("dllm-train-tiny", "dllm.tools.train_tiny") +
                             ["--out", str(out), "--steps", "100000", "--eval-every", "0", "--threads", "1",
                              "--batch", "8", "--d-model", "32", "--layers", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_as_from_a_terminal)
     code, err = interrupt_when(proc, proc.stdout, "[train] step")
     assert code == EXIT_INTERRUPTED, err
     assert err.strip() == "dllm-train-tiny: interrupted: stopped by Ctrl-C"
@@ -161,7 +169,8 @@ def test_ctrl_c_in_bench_is_one_line(tmp_path):
                             ["--random-weights", str(spec), "--backend", "torch", "--methods", "full",
                              "--repeat", "100000", "--num-prompts", "1", "--gen-length", "32", "--json",
                              str(tmp_path / "r.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_as_from_a_terminal)
     code, err = interrupt_when(proc, proc.stderr, "[bench] 1 methods")     # logged just before decoding starts
     assert code == EXIT_INTERRUPTED, err
     last = err.strip().splitlines()[-1]
