@@ -334,7 +334,7 @@ class Executor:
                            (st.lo, st.hi - st.lo, st.view.start - st.lo, st.view.end - st.lo,
                             st.lo - st.view.prompt_len) for st in steps]))
         self._commit_meta = _upload(self.commit_meta_t, self.commit_meta_host, meta, self._commit_meta)
-        self._commit_group = (first, live[0].view, tables)
+        self._commit_group = (first, live[0].view, tables, keys.pop())
 
     def _commit_rows(self, R: int):
         """Each sequence's rows of a batched commit over R rows, from ``commit_meta_t`` (device work only)."""
@@ -346,7 +346,7 @@ class Executor:
     def _commit_together(self, steps, logits: torch.Tensor, group) -> None:
         """One ``select_batch`` for every sequence; rows past a sequence's range repeat its last row and write
         the same value to the same canvas position."""
-        first, view, tables = group
+        first, view, tables, _ = group
         R = logits.shape[1]
         with self._region("commit"):
             rows = self._commit_rows(R)
@@ -414,7 +414,7 @@ class Executor:
             where = () if tables_only else (ck, st.lo, st.hi)
             parts.append((id(st.cache), id(st.commit), keys) + where)
         starts = tuple(self._residual_starts(steps)) if self.ops is not None else None
-        group = None if self._commit_group is None else self._commit_group[0].batch_key(self._commit_group[1])
+        group = None if self._commit_group is None else self._commit_group[3]     # the batch_key they share
         R = max(st.hi - st.lo for st in steps if st is not None) if tables_only else None
         return (tuple(parts), topk, starts, self.lengths, group, R)
 
