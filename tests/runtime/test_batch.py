@@ -42,6 +42,19 @@ def _counted(calls: dict, name: str, fn, when=lambda args: True):
     return wrapped
 
 
+def _arriving(engines, cfg, prompts, batch: int, canvas_len: int, every: int, executor=None) -> list:
+    """Each prompt's result when they join a running batch one at a time, one every ``every`` steps (as
+    requests reach a server), instead of all at once."""
+    run = BatchDecoder(engines, cfg, batch, canvas_len, executor=executor)
+    waiting, n = list(prompts), 0
+    while True:
+        if waiting and n % every == 0:
+            run.submit(waiting.pop(0))
+        if not run.step() and not waiting:
+            return [run.results[i] for i in range(len(prompts))]
+        n += 1
+
+
 def _same(solo, batch):
     assert len(solo) == len(batch)
     for i, (a, b) in enumerate(zip(solo, batch)):

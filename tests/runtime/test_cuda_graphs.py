@@ -175,7 +175,7 @@ def test_arrivals_of_mixed_lengths_with_a_small_graph_cache_equal_solo(method):
     again all the time; every sequence still gets exactly its tokens alone, eagerly. (Not with proportional
     budgets: there, on the CPU, these prompts already differ eagerly, because a matrix product's row can
     round differently with the number of rows in the product; see docs/benchmarks.md.)"""
-    from dllm.runtime.loop import BatchDecoder
+    from tests.runtime.test_batch import _arriving
 
     model = _model("llada")
     eager = torch_engine_set(model, "fp32", "cuda", kernels="triton")
@@ -187,15 +187,7 @@ def test_arrivals_of_mixed_lengths_with_a_small_graph_cache_equal_solo(method):
     ex = Executor(fused)
     ex.step_graphs.max_graphs = ex.layer_graphs.max_graphs = 4
     for _ in range(2):
-        run = BatchDecoder(fused, cfg, 3, 12 + cfg.gen_length, executor=ex)
-        waiting, n = list(prompts), 0
-        while True:
-            if waiting and n % 5 == 0:
-                run.submit(waiting.pop(0))
-            if not run.step() and not waiting:
-                break
-            n += 1
-        for i, want in enumerate(solo):
-            got = run.results[i]
-            assert got.ids == want.ids and got.rows_per_step == want.rows_per_step, f"prompt {i}"
+        got = _arriving(fused, cfg, prompts, 3, 12 + cfg.gen_length, 5, ex)
+        for i, (want, b) in enumerate(zip(solo, got)):
+            assert b.ids == want.ids and b.rows_per_step == want.rows_per_step, f"prompt {i}"
     assert ex.layer_graphs.dropped > 0

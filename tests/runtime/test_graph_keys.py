@@ -18,7 +18,7 @@ from dllm.engines.engine_set import torch_engine_set
 from dllm.runtime.executor import Executor, _bucketed, row_bucket
 from dllm.runtime.graphs import GraphCache
 from dllm.runtime.loop import decode, decode_batch
-from tests.runtime.test_batch import _config, _prompts, _same
+from tests.runtime.test_batch import _arriving, _config, _prompts, _same
 
 
 class RerunGraphs(GraphCache):
@@ -242,21 +242,11 @@ def test_arrivals_one_at_a_time_with_a_small_cache_decode_what_each_prompt_decod
                                                                                      monkeypatch):
     """Prompts of different lengths join a running batch one at a time (each arrival a new mix of canvas
     lengths, so new keys), replayed through a cache of 4 graphs that keeps dropping and capturing."""
-    from dllm.runtime.loop import BatchDecoder
-
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
     cfg = _dcu(method)
     prompts = _prompts(es.spec.vocab_size, (5, 11, 3, 8, 6))
     want = [decode(es, p, cfg) for p in prompts]
     ex = _graphed(es, True, monkeypatch, max_graphs=4)
     for _ in range(2):
-        run = BatchDecoder(es, cfg, 3, 11 + cfg.gen_length, executor=ex)
-        waiting, n = list(prompts), 0
-        while True:
-            if waiting and n % 4 == 0:
-                run.submit(waiting.pop(0))
-            if not run.step() and not waiting:
-                break
-            n += 1
-        _same(want, [run.results[i] for i in range(len(prompts))])
+        _same(want, _arriving(es, cfg, prompts, 3, 11 + cfg.gen_length, 4, ex))
     assert ex.layer_graphs.dropped > 0 and ex.step_graphs.replays + ex.layer_graphs.replays > 0
