@@ -28,6 +28,10 @@ class EngineSet:
     # with cuda_graphs: DCU's layers run bucketed row counts (a budget that moves keeps the graphs' shapes;
     # see runtime/executor.py); False: exact row counts (dllm-bench --no-row-buckets, for comparison)
     row_buckets: bool = True
+    # with row_buckets: a step runs one bucket (its largest) in every DCU layer when that costs at most this
+    # many times the rows of each layer's own bucket, so the whole step replays as one graph; inf: always
+    # (on a GPU a memory-bound layer's padding rows cost little), 1: only when it costs nothing
+    step_bucket_slack: float = 1.25
     # CPU threads of one generation (dllm.threads): ONNX Runtime's intra-op threads, or torch's with
     # the torch backend on the CPU; None: the default
     threads: int | None = None

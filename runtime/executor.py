@@ -115,6 +115,7 @@ class Executor:
         # bucketed top-k row counts (see the module docstring): with graphs only, since on the CPU or
         # without graphs the padding rows would cost compute and buy nothing
         self.row_buckets = self.cuda_graphs and getattr(engines, "row_buckets", True)
+        self.step_bucket_slack = float(getattr(engines, "step_bucket_slack", 1.25))
         self._policies: dict = {}
         self._commits: dict = {}
         self.spec = engines.spec
@@ -465,7 +466,7 @@ class Executor:
             live = [p for p in plans if p is not None]
             shared = tuple(_shared_topk([p.topk[l] for p in live]) if live else None for l in range(n_layers))
             if self.row_buckets:
-                shared = _bucketed(shared, [p.topk for p in live])
+                shared = _bucketed(shared, [p.topk for p in live], self.step_bucket_slack)
                 if len(steps) == 1 and not any(t is not None and t[2] for t in shared):
                     shared = (None,) * n_layers            # one sequence, nothing bucketed: its policy picks
             table = layer_keys = None
@@ -853,18 +854,19 @@ def row_bucket(k: int) -> int:
     return up * 3 // 4 if up * 3 // 4 >= k else up
 
 
-def _bucketed(shared: tuple, answers: list[tuple]) -> tuple:
+def _bucketed(shared: tuple, answers: list[tuple], slack: float = 1.25) -> tuple:
     """``row_buckets``: the per-sequence choice (w, k, True) at every layer where the sequences pick a window
     plus their own top-k, k their largest budget there rounded up to a bucket, so shapes follow buckets
-    rather than budgets. When one bucket for every such layer (the step's largest) costs at most a quarter
-    more rows than each layer's own, every layer takes it: the whole step's shapes then repeat from step to
-    step and it replays as one graph. Budgets that are one value everywhere (uniform) are left alone."""
+    rather than budgets. When one bucket for every such layer (the step's largest) costs at most ``slack``
+    times the rows of each layer's own (``EngineSet.step_bucket_slack``), every layer takes it: the whole
+    step's shapes then repeat from step to step and it replays as one graph. Budgets that are one value
+    everywhere (uniform) are left alone."""
     layers = [l for l, t in enumerate(shared) if t is not None and t[0] > 0]
     if len({a[l][1] for a in answers for l in layers}) <= 1:
         return shared
     own = {l: row_bucket(max(a[l][1] for a in answers)) for l in layers}
     top = max(own.values())
-    if sum(shared[l][0] + top for l in layers) <= 1.25 * sum(shared[l][0] + own[l] for l in layers):
+    if sum(shared[l][0] + top for l in layers) <= slack * sum(shared[l][0] + own[l] for l in layers):
         own = dict.fromkeys(layers, top)
     return tuple((t[0], own[l], True) if l in own else t for l, t in enumerate(shared))
 

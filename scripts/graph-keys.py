@@ -8,9 +8,11 @@ when its key has been seen twice, else single layers (runtime/executor.py). DCU'
 softmax budgets come from the layers' change scores, so they move from step to step, and a key that holds
 them rarely repeats. This script decodes every prompt eagerly through one executor (real change scores,
 so real budgets) and counts, for each step and each layer unit, whether its key had been seen twice
-before: the fraction a GPU would replay once the graphs of earlier prompts exist. Each method runs twice,
-with exact row counts and with the bucketed row counts the executor uses with graphs (``row_buckets``),
-and reports the rows the buckets add (the padding repeats a sequence's last row: more rows, same tokens).
+before: the fraction a GPU would replay once the graphs of earlier prompts exist. Each method runs three
+times: with exact row counts, with the bucketed row counts the executor uses with graphs (``row_buckets``),
+and with one bucket for every layer of a step (``step_bucket_slack`` inf, ``dllm-bench --step-bucket-slack
+inf``); it reports the rows the buckets add (the padding repeats a sequence's last row: more rows, same
+tokens).
 A random-weight model of the real layer count and a narrow width keeps it quick.
 
 With ``--batch B`` the prompts share B slots. By default they are all submitted at once; ``--arrive-every S``
@@ -83,9 +85,14 @@ def staggered(engines, cfg, prompts, batch: int, every: int, ex: Executor) -> No
         step += 1
 
 
-def measure(engines, cfg, prompts, batch: int, row_buckets: bool, arrive_every: int | None = None) -> dict:
+# how each method's rows are counted: (row_buckets, step_bucket_slack)
+ROWS = {"exact": (False, 1.25), "bucketed": (True, 1.25), "one-bucket": (True, float("inf"))}
+
+
+def measure(engines, cfg, prompts, batch: int, rows_kind: str, arrive_every: int | None = None) -> dict:
     ex = Executor(engines)
-    ex.cuda_graphs, ex.row_buckets = True, row_buckets      # the graph path's keys; nothing is captured
+    ex.cuda_graphs = True                                     # the graph path's keys; nothing is captured
+    ex.row_buckets, ex.step_bucket_slack = ROWS[rows_kind]
     ex.step_graphs, ex.layer_graphs = KeyCounter(), KeyCounter()
     rows = RowCounter(engines.ops)
     engines.ops.select_rows_batched = rows
@@ -135,14 +142,14 @@ def main():
         torch.randint(a.prompt_len, a.prompt_len_max + 1, (a.prompts,), generator=g).tolist()
     prompts = [torch.randint(6, 90, (n,), generator=g).tolist() for n in lens]
     results = {}
-    print(f"{'method':>24} {'rows':>8} | steps | step replay (keys) | layer replay (keys) | rows run / asked")
+    print(f"{'method':>24} {'rows':>10} | steps | step replay (keys) | layer replay (keys) | rows run / asked")
     for method in split_methods(a.methods):
         cfg = parse_method(method, base)
-        for buckets in (False, True):
-            r = measure(engines, cfg, prompts, a.batch, buckets, a.arrive_every)
-            results.setdefault(method, {})["bucketed" if buckets else "exact"] = r
+        for kind in ROWS:
+            r = measure(engines, cfg, prompts, a.batch, kind, a.arrive_every)
+            results.setdefault(method, {})[kind] = r
             pad = "-" if r["padding"] is None else f"{r['padding']:.3f}"
-            print(f"{method:>24} {'bucketed' if buckets else 'exact':>8} | {r['steps']:5d} | "
+            print(f"{method:>24} {kind:>10} | {r['steps']:5d} | "
                   f"{r['step_replay']:6.1%} ({r['step_keys']:4d})     | {r['layer_replay']:6.1%} ({r['layer_keys']:5d})"
                   f"      | {pad}", flush=True)
     if a.json:

@@ -17,8 +17,9 @@
 #              (scripts/host-overhead.py),
 #              and the other prompt lengths unprofiled (about 7 minutes)
 #   buckets    the default `dcu` and `dcu+apd` (proportional budgets) at the first prompt length on three new
-#              prompts without warm-up, with bucketed row counts (the default with graphs) and with exact ones
-#              (--no-row-buckets), one run each (about 3 minutes)
+#              prompts without warm-up, with bucketed row counts (the default with graphs), with one bucket
+#              for every layer of a step (--step-bucket-slack inf) and with exact ones (--no-row-buckets),
+#              one run each (about 4 minutes)
 #   tests      versions and the GPU tests (kernels vs twins, graph replay == eager, Triton path == plain path)
 #   batch      batched decoding at the first prompt length (default 512): `full`, `dcu` and `dcu+apd` at
 #              batch 1, 4 and 16 side by side (dllm-bench --batch 1,4,16, 16 prompts; `dcu` and `dcu+apd`
@@ -132,9 +133,11 @@ buckets)
     versions
     p=${prompts[0]}
     # the default DCU (proportional budgets) on three different prompts and no warm-up, what a stream of new
-    # prompts sees (mean: graph captures included; p50: once captured), with bucketed and with exact row counts
-    for rows in bucketed exact; do
+    # prompts sees (mean: graph captures included; p50: once captured), with bucketed row counts, one bucket
+    # per step, and exact row counts
+    for rows in bucketed one-bucket exact; do
         flag=()
+        [ "$rows" = one-bucket ] && flag=(--step-bucket-slack inf)
         [ "$rows" = exact ] && flag=(--no-row-buckets)
         METHODS=dcu,dcu+apd NUM_PROMPTS=3 WARMUP=0 bench "bench-proportional-$rows-p$p" "$p" auto torch 100 \
             ${flag[@]+"${flag[@]}"}

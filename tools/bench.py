@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -322,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-row-buckets", action="store_true",
                    help="torch on CUDA with graphs: DCU's layers run their exact row counts instead of bucketed "
                         "ones (bucketed rows keep graph shapes when proportional budgets move; for comparison)")
+    p.add_argument("--step-bucket-slack", type=float, default=1.25, metavar="X",
+                   help="torch on CUDA with row buckets: every DCU layer of a step runs the step's largest bucket "
+                        "(so the whole step replays as one graph) when that costs at most X times the rows of each "
+                        "layer's own bucket; inf: always, 1: only when free (default 1.25)")
     add_choice(p, "--kernels", KERNEL_PATHS, default="auto",
                help="the work around the engines (and inside torch layers): auto = Triton kernels on CUDA, "
                     "their torch twins on the CPU; plain = the unfused torch path")
@@ -371,6 +376,12 @@ def check_args(args: argparse.Namespace) -> None:
     parse_device(args.device, "--device", check_available=args.backend != "tensorrt")
     if args.json:
         check_output_file(args.json, "--json")
+    slack = args.step_bucket_slack
+    if not slack >= 1:                                      # also refuses nan
+        raise ConfigError(f"--step-bucket-slack must be at least 1 (a ratio of rows; inf for always), got {slack}")
+    if args.no_row_buckets and slack != 1.25:
+        raise ConfigError("--step-bucket-slack sets how row buckets are shared across a step; drop it with "
+                          "--no-row-buckets (exact row counts have no buckets)")
     if args.batch is not None and args.plot:
         raise ConfigError("--plot draws the method comparison; drop it with --batch (its JSON holds every number)")
     if args.plot:
@@ -430,6 +441,7 @@ def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
             engines.ops.split_kv = True
         source.description["attention"] = args.attention
         engines.row_buckets = not args.no_row_buckets
+        engines.step_bucket_slack = args.step_bucket_slack
         with torch_threads(engines.torch_threads):
             return _bench(args, argv, cfg, source, log)
     finally:
@@ -487,6 +499,7 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
                      "cuda_graphs": engines.backend.value == "torch" and engines.device.type == "cuda"
                      and not args.no_cuda_graphs,
                      "row_buckets": pipe.executor.row_buckets,
+                     "step_bucket_slack": _json_number(pipe.executor.step_bucket_slack),
                      "methods": list(cfg.methods), "num_prompts": len(prompts.ids), "repeat": cfg.repeat,
                      "warmup": cfg.warmup, "prompts": prompts.note, "prompt_kind": prompts.kind.value,
                      "prompt_lengths": prompts.lengths, "decode": cfg.decode.to_dict(),
@@ -501,6 +514,11 @@ def _bench(args, argv, cfg: BenchConfig, source: EngineSource, log) -> dict:
     if floor is not None:
         report["weight_read_floor"] = floor
     return report
+
+
+def _json_number(x: float):
+    """x, or "inf" where it is infinite: JSON has no infinity."""
+    return x if math.isfinite(x) else str(x)
 
 
 def write_outputs(report: dict, args: argparse.Namespace, log=print) -> None:

@@ -52,6 +52,26 @@ def test_graph_replay_equals_eager(arch, method, kernels):
         assert len(ex.step_graphs) > 0      # whole steps, not only layers
 
 
+@pytest.mark.parametrize("method", ["dcu@proportional", "dcu+apd@proportional"])
+def test_one_bucket_per_step_replays_what_eager_decodes(method):
+    """step_bucket_slack inf: every DCU layer of a step runs the step's largest bucket, so proportional steps
+    replay as whole-step graphs, and give the tokens and rows of eager decoding at the same row counts."""
+    model = _model("llada")
+    eager = torch_engine_set(model, "fp32", "cuda", kernels="triton")
+    graphed = torch_engine_set(model, "fp32", "cuda", cuda_graphs=True, kernels="triton")
+    graphed.step_bucket_slack = float("inf")
+    cfg = _cfg(method)
+    prompt = torch.randint(10, 90, (1, 11), generator=torch.Generator().manual_seed(4))
+    eager_ex = Executor(eager)
+    eager_ex.row_buckets, eager_ex.step_bucket_slack = True, float("inf")
+    want = decode(eager, prompt, cfg, executor=eager_ex)
+    ex = Executor(graphed)
+    for _ in range(3):
+        got = decode(graphed, prompt, cfg, executor=ex)
+        assert got.ids == want.ids and got.rows_per_step == want.rows_per_step
+    assert len(ex.step_graphs) > 0
+
+
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 @pytest.mark.parametrize("method", ["full", "dual+threshold", "full+apd", "prefix"])
 def test_triton_path_decodes_what_the_plain_path_decodes(arch, method):

@@ -2,15 +2,19 @@
 
 A captured graph replays its kernels with every host value baked in at capture, and hands back what the
 unit returned then. ``RerunGraphs`` stands in for that on the CPU: a replay runs the captured unit again,
-with the Python objects it closed over at capture (the capture's step views, plans and row choices), and
-returns the payload of its first replay, never a fresh one. So a key that misses a host value the unit
-depends on, or a payload read as if it were fresh, decodes differently from eager here, as it would on a
-GPU. (It is optimistic where a unit reads mutable state: a real graph bakes that too. The GPU tests in
-test_cuda_graphs.py replay real graphs.)
+with the Python objects it closed over at capture (the capture's step views, plans and row choices) and
+with the host state of the executor and its policies as it was at capture (``_HostState``), and returns
+the payload of its first replay, never a fresh one. So a key that misses a host value the unit depends
+on, or a payload read as if it were fresh, decodes differently from eager here, as it would on a GPU.
+(Device tensors are shared, as a graph reads live memory. It differs from a real capture in one way: a
+capture runs the unit's host code once more, after the step's eager run, and this does not. The GPU tests
+in test_cuda_graphs.py replay real graphs.)
 """
 
 import collections
+import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,17 +26,19 @@ from tests.runtime.test_batch import _arriving, _config, _prompts, _same
 
 
 class RerunGraphs(GraphCache):
-    """A GraphCache whose replay reruns the captured unit and returns the payload of its first replay. The
-    unit may not make a device tensor from host data (``torch.tensor(..., device=...)``): under a CUDA
-    capture that copy either fails or is replayed from a host buffer that is gone."""
+    """A GraphCache whose replay reruns the captured unit, with the host state ``frozen()`` names as it was at
+    capture, and returns the payload of its first replay. The unit may not make a device tensor from host
+    data (``torch.tensor(..., device=...)``): under a CUDA capture that copy either fails or is replayed
+    from a host buffer that is gone."""
 
-    def __init__(self, monkeypatch, max_graphs: int = 2048):
+    def __init__(self, monkeypatch, max_graphs: int = 2048, frozen=lambda: ()):
         super().__init__(max_graphs=max_graphs)
         self.replays = 0
-        self.monkeypatch = monkeypatch
+        self.monkeypatch, self.frozen = monkeypatch, frozen
 
     def _record(self, unit):
-        return _Rerun(unit, self.monkeypatch), None          # like a CUDA capture, runs nothing now
+        # like a CUDA capture, runs nothing now; what the unit reads from the host is what it holds now
+        return _Rerun(unit, self.monkeypatch, _HostState(self.frozen())), None
 
     def replay(self, key):
         hit, _ = super().replay(key)
@@ -42,12 +48,37 @@ class RerunGraphs(GraphCache):
         return True, self._graphs[key][0].payload
 
 
+class _HostState:
+    """The attributes of some objects (the executor, its policies), to put back while a replay reruns its
+    unit: host values (counts, flags, lists) as they were, device tensors the same objects (a graph reads
+    their memory as it is now). Whatever the rerun writes to those objects is undone after it, as a replay
+    runs no host code."""
+
+    def __init__(self, objects):
+        self.saved = [(o, {k: _host_copy(v) for k, v in vars(o).items()}) for o in objects]
+
+    def __enter__(self):
+        self.now = [(o, dict(vars(o))) for o, _ in self.saved]
+        for o, attrs in self.saved:
+            vars(o).update({k: _host_copy(v) for k, v in attrs.items()})    # a fresh copy each replay
+
+    def __exit__(self, *exc):
+        for o, attrs in self.now:
+            vars(o).clear()
+            vars(o).update(attrs)
+
+
+def _host_copy(v):
+    """Mutable host containers copied (one level); tensors and other objects shared."""
+    return copy.copy(v) if isinstance(v, (list, dict, set, np.ndarray)) else v
+
+
 class _Rerun:
-    def __init__(self, unit, monkeypatch):
-        self.unit, self.monkeypatch, self.payload = unit, monkeypatch, None
+    def __init__(self, unit, monkeypatch, host: _HostState):
+        self.unit, self.monkeypatch, self.host, self.payload = unit, monkeypatch, host, None
 
     def replay(self):
-        with self.monkeypatch.context() as m:
+        with self.monkeypatch.context() as m, self.host:
             for name in ("tensor", "as_tensor"):
                 m.setattr(torch, name, _no_device(getattr(torch, name)))
             payload = self.unit()
@@ -67,7 +98,26 @@ def _no_device(make):
 def _graphed(es, row_buckets: bool, monkeypatch, max_graphs: int = 2048) -> Executor:
     ex = Executor(es)
     ex.cuda_graphs, ex.row_buckets = True, row_buckets
-    ex.step_graphs, ex.layer_graphs = RerunGraphs(monkeypatch, max_graphs), RerunGraphs(monkeypatch, max_graphs)
+
+    # the host state a captured unit reads: the executor's, its policies' and the step's views (which the
+    # loop changes in place: a unit replayed for a later step or sequence must see the capture's)
+    live = []
+    run_batch, step = ex.run_batch, ex.step
+
+    def batch(steps):
+        live[:] = [o for st in steps if st is not None for o in (st.view, st.cache, st.commit) if o is not None]
+        return run_batch(steps)
+
+    def guided(canvas, policy, view, lo, hi):
+        live[:] = [policy, view]
+        return step(canvas, policy, view, lo, hi)
+    ex.run_batch, ex.step = batch, guided
+
+    def frozen():
+        objects = [ex, *live, *ex._policies.values(), *ex._commits.values()]
+        return list({id(o): o for o in objects}.values())       # each once: restored in one piece
+    ex.step_graphs, ex.layer_graphs = (RerunGraphs(monkeypatch, max_graphs, frozen),
+                                       RerunGraphs(monkeypatch, max_graphs, frozen))
     return ex
 
 
@@ -96,6 +146,22 @@ def test_a_step_takes_one_bucket_where_it_costs_few_rows():
     assert _bucketed(shared, uniform) is shared
 
 
+def test_the_slack_sets_when_a_step_takes_one_bucket():
+    """EngineSet.step_bucket_slack: inf always shares the step's largest bucket, 1 only where it adds no row."""
+    w = 5
+    skewed = [(None, (w, 2), (w, 3), (w, 40)), (None, (w, 3), (w, 2), (w, 30))]
+    shared = (None, (w, 3, True), (w, 3, True), (w, 40, True))
+    assert _bucketed(shared, skewed, float("inf")) == (None, (w, 48, True), (w, 48, True), (w, 48, True))
+    assert _bucketed(shared, skewed, 1.0) == _bucketed(shared, skewed) == (None, (w, 3, True), (w, 3, True),
+                                                                         (w, 48, True))
+    same_bucket = [(None, (w, 7), (w, 8))]                   # both round up to 8: one bucket is free
+    shared = (None, (w, 7, False), (w, 8, False))
+    assert _bucketed(shared, same_bucket, 1.0) == (None, (w, 8, True), (w, 8, True))
+    flat = [(None, (w, 7), (w, 9), (w, 10))]                  # own buckets 8, 12, 12; one bucket: 12
+    shared = (None, (w, 7, False), (w, 9, False), (w, 10, False))
+    assert _bucketed(shared, flat, 1.0) == (None, (w, 8, True), (w, 12, True), (w, 12, True))
+
+
 @pytest.mark.parametrize("kernels,row_buckets", [("torch", True), ("torch", False), ("plain", False)])
 @pytest.mark.parametrize("method", ["dcu", "dcu@proportional", "dcu@softmax", "dcu+apd@proportional",
                                     "dual+threshold", "dllm-cache"])
@@ -110,6 +176,40 @@ def test_replayed_graphs_decode_what_eager_decodes(method, kernels, row_buckets,
     for _ in range(3):
         _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
     assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
+
+
+@pytest.mark.parametrize("row_buckets", [True, False])
+def test_uneven_schedule_counts_replay_what_eager_decodes(row_buckets, deep_llada, monkeypatch):
+    """15 steps for 3 blocks of 8: a block commits 2, 2, 2, 1, 1 tokens, a host count each step's graph bakes
+    (its commit key), so steps that differ only in it must not share a graph."""
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu("dcu").replace(steps=15)
+    prompts = _prompts(es.spec.vocab_size, (5, 11))
+    want = [decode(es, p, cfg) for p in prompts]
+    ex = _graphed(es, row_buckets, monkeypatch)
+    for _ in range(3):
+        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+    assert ex.step_graphs.replays > 0
+
+
+@pytest.mark.parametrize("method", ["dcu@proportional", "dcu+apd@proportional"])
+def test_one_bucket_per_step_decodes_what_eager_decodes(method, deep_llada, monkeypatch):
+    """step_bucket_slack inf: every scored layer of a step runs the step's largest bucket. One sequence and a
+    batch still decode exactly what they decode eagerly, and more whole steps replay than with slack 1 (a
+    shared bucket only where it adds no row; here the default 1.25 shares every step's, as inf does)."""
+    es = torch_engine_set(deep_llada, "fp32", kernels="torch")
+    cfg = _dcu(method)
+    prompts = _prompts(es.spec.vocab_size, (5, 11, 8))
+    want = [decode(es, p, cfg) for p in prompts]
+    replays = {}
+    for slack in (1.0, float("inf")):
+        ex = _graphed(es, True, monkeypatch)
+        ex.step_bucket_slack = slack
+        for _ in range(2):
+            _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+            _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=2))
+        replays[slack] = ex.step_graphs.replays
+    assert replays[float("inf")] > replays[1.0]
 
 
 def test_graphs_dropped_from_a_full_cache_are_captured_again(deep_llada, monkeypatch):
@@ -202,13 +302,14 @@ def test_proportional_budgets_repeat_their_step_keys_with_bucketed_rows(batch, d
     assert len(bucketed) <= steps // 4
 
 
-@pytest.mark.parametrize("method", ["dcu", "dcu+apd"])
-def test_batched_steps_replay_across_block_positions(method, deep_llada, monkeypatch):
+@pytest.mark.parametrize("method,steps", [("dcu", 24), ("dcu", 15), ("dcu+apd", 24)])
+def test_batched_steps_replay_across_block_positions(method, steps, deep_llada, monkeypatch):
     """A batch's head and batched commit find each sequence's rows in device tables, so one whole-step graph
     serves steps whose sequences sit in other blocks than at its capture, and decodes what each prompt
-    decodes alone."""
+    decodes alone. With 15 steps for 3 blocks of 8 a block commits 2, 2, 2, 1, 1 tokens: a host count the
+    batched commit bakes, so it must be in the step key."""
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
-    cfg = _dcu(method)
+    cfg = _dcu(method).replace(steps=steps)
     prompts = _prompts(es.spec.vocab_size, (7, 7, 7))          # one canvas length: the commits go together
     want = [decode(es, p, cfg) for p in prompts]
     ex = _graphed(es, False, monkeypatch)
@@ -220,7 +321,8 @@ def test_batched_steps_replay_across_block_positions(method, deep_llada, monkeyp
         ranges[key].add(tuple(None if st is None else (st.lo, st.hi) for st in steps))
         return key
     ex._step_key = counted
-    _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=2))
+    for _ in range(2):                  # the second pass replays the first pass's graphs for new sequences
+        _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=2))
     assert ex._commit_tables, "the batch's commits never went together"
     assert ex.step_graphs.replays > 0
     assert any(key is not None and len(where) > 1 for key, where in ranges.items())

@@ -22,9 +22,13 @@ def test_bucketed_rows_repeat_proportional_step_keys_and_the_report_is_written(t
     assert prop["bucketed"]["step_keys"] < prop["exact"]["step_keys"]
     assert prop["bucketed"]["step_replay"] > prop["exact"]["step_replay"]
     assert prop["bucketed"]["padding"] > 1.0 and prop["exact"]["padding"] is None
+    # one bucket for a whole step: more steps repeat, for more rows
+    one = prop["one-bucket"]
+    assert one["step_keys"] < prop["bucketed"]["step_keys"] and one["step_replay"] > prop["bucketed"]["step_replay"]
+    assert one["padding"] > prop["bucketed"]["padding"]
     # uniform budgets: nothing to pad, the same keys either way
-    assert uniform["exact"] == uniform["bucketed"] and uniform["bucketed"]["padding"] is None
-    assert "bucketed" in run.stdout
+    assert uniform["exact"] == uniform["bucketed"] == uniform["one-bucket"] and uniform["bucketed"]["padding"] is None
+    assert "bucketed" in run.stdout and "one-bucket" in run.stdout
 
 
 def _keys(tmp_path, name, *args):

@@ -54,6 +54,9 @@ BENCH = [
     (["--methods", "dcu+apd@tau0=7"], r"--tau0 \(tau0\) must be in \[0, 1\]"),
     (["--prompt-len", "0"], r"--prompt-len must be at least 1"),
     (["--layers", "2"], r"--layers and --dtype apply to --random-weights only"),
+    (["--step-bucket-slack", "0.5"], r"--step-bucket-slack must be at least 1 .*got 0.5"),
+    (["--step-bucket-slack", "nan"], r"--step-bucket-slack must be at least 1 .*got nan"),
+    (["--step-bucket-slack", "inf", "--no-row-buckets"], r"drop it with --no-row-buckets"),
 ]
 
 
