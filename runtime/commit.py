@@ -357,6 +357,17 @@ class FactorCommit(CommitPolicy):
     def step_key(self, view):
         return ("factor", view.start, view.end) if self._greedy() else None
 
+    def batch_key(self, view):
+        return ("factor", self.cfg) if self.ops is not None and self._greedy() else None
+
+    def select_batch(self, view, logits, ids, rows, tables):
+        # rows past a sequence's range are never candidates (not in its block), so each row of the batch
+        # sorts and counts exactly its own sequence's candidates
+        cand = (ids == self.mask_id) & rows.in_block
+        stats = self.ops.vocab_stats(logits)
+        conf = stats.conf.masked_fill(~cand, NEG_INF)                           # [B, R]
+        return self.without_mask_tokens(factor_transfer(conf, cand, self.cfg.factor), stats.x0)
+
     def select(self, logits, ids, view):
         cand = self.candidates(ids, view.start, view)
         x0, conf = self.sample_with_confidence(logits, cand, view.start, view)
@@ -367,7 +378,9 @@ class FactorCommit(CommitPolicy):
 def factor_transfer(conf: torch.Tensor, cand: torch.Tensor, factor: float) -> torch.Tensor:
     """Transfer mask [B, R] of the factor rule, without host syncs."""
     B, R = conf.shape
-    s, order = torch.sort(conf, dim=-1, descending=True)                        # [B, R]
+    # stable: equal confidences keep row order, so a row's rank does not depend on how many rows follow it
+    # (a sequence alone and in a batch, whose rows run to the longest sequence's range, rank alike)
+    s, order = torch.sort(conf, dim=-1, descending=True, stable=True)           # [B, R]
     n = cand.sum(-1, keepdim=True)                                              # [B, 1]
     idx = torch.arange(R, device=conf.device)
     thr = 1 - factor / (idx.double() + 2)

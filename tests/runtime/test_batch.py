@@ -348,7 +348,7 @@ def test_proportional_budgets_are_each_sequences_own_in_a_batch(kernels, allocat
         assert calls["alone"] == 0 and calls["per_slot"] > 0
 
 
-@pytest.mark.parametrize("method", ["dcu+apd", "dcu+apd@global", "dcu", "dual+threshold"])
+@pytest.mark.parametrize("method", ["dcu+apd", "dcu+apd@global", "dcu", "dual+threshold", "dcu+factor"])
 def test_a_batch_decides_its_commits_together(method, tiny_models, monkeypatch):
     """With fused kernels, the sequences of a batch decide each step's commit in one pass over all their
     logits (APD's tau and previous logits in the executor's tables), and each gets what it gets alone.
@@ -356,7 +356,7 @@ def test_a_batch_decides_its_commits_together(method, tiny_models, monkeypatch):
     does, so it batches sequences of one canvas length only); with more prompts than slots, an APD sequence
     that joins decides alone until it has a previous step, then joins in."""
     from dllm.engines.engine_set import torch_engine_set
-    from dllm.runtime.commit import ApdCommit, LladaSchedule, ThresholdCommit
+    from dllm.runtime.commit import ApdCommit, FactorCommit, LladaSchedule, ThresholdCommit
 
     name, _, apd_mode = method.partition("@")
     es = torch_engine_set(tiny_models["llada"], "fp32", kernels="torch")
@@ -365,7 +365,8 @@ def test_a_batch_decides_its_commits_together(method, tiny_models, monkeypatch):
     prompts = _prompts(es.spec.vocab_size, lengths)
     solo = [decode(es, p, cfg) for p in prompts]
     assert any(max(r.tokens_per_step) > 1 for r in solo) or name == "dcu"
-    policy = {"dcu+apd": ApdCommit, "dcu": LladaSchedule, "dual+threshold": ThresholdCommit}[name]
+    policy = {"dcu+apd": ApdCommit, "dcu": LladaSchedule, "dual+threshold": ThresholdCommit,
+              "dcu+factor": FactorCommit}[name]
     calls = {"alone": 0, "together": 0}
     monkeypatch.setattr(policy, "select", _counted(calls, "alone", policy.select))
     monkeypatch.setattr(policy, "select_batch", _counted(calls, "together", policy.select_batch))
@@ -373,5 +374,6 @@ def test_a_batch_decides_its_commits_together(method, tiny_models, monkeypatch):
     assert calls == {"alone": 0, "together": max(r.steps for r in solo[:3])}
     calls.update(alone=0, together=0)
     _same(solo, decode_batch(es, prompts, cfg, batch_size=3))
-    # APD: a joining sequence's first step; the schedule: a batch with the longer prompt; threshold: never
-    assert calls["together"] > 0 and (calls["alone"] > 0) == (name != "dual+threshold")
+    # APD: a joining sequence's first step; the schedule: a batch with the longer prompt; threshold and
+    # factor: never
+    assert calls["together"] > 0 and (calls["alone"] > 0) == (name not in ("dual+threshold", "dcu+factor"))

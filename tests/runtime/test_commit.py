@@ -99,6 +99,17 @@ def test_factor_rule_and_its_quirk(confs, expected):
     assert sorted(t[0].nonzero().flatten().tolist()) == sorted(order)
 
 
+def test_factor_rule_ranks_equal_confidences_by_row_whatever_follows():
+    """Three rows tie at 0.78 and the rule takes two of them: the first two rows, alone and with the rows a
+    batch pads a shorter sequence with (never candidates)."""
+    confs = [0.78, 0.1, 0.78, 0.95, 0.78]                 # sorted: 0.95, 0.78 x3 (the third fails 0.8), 0.1
+    want = [True, False, True, True, False]
+    for pad in (0, 1, 7):
+        conf = torch.tensor([confs + [-math.inf] * pad], dtype=torch.float32)
+        cand = torch.tensor([[True] * len(confs) + [False] * pad])
+        assert factor_transfer(conf, cand, 1.0)[0].tolist() == want + [False] * pad
+
+
 def test_factor_policy_uses_the_rule():
     p = _policy(FactorCommit, factor=1.0, G=4, block_length=4, steps=4)
     t, _ = p.select(_logits_with_probs([0.9, 0.7, 0.5, 0.4]), torch.full((1, 4), MASK), _view(G=4))

@@ -302,7 +302,7 @@ def test_proportional_budgets_repeat_their_step_keys_with_bucketed_rows(batch, d
     assert len(bucketed) <= steps // 4
 
 
-@pytest.mark.parametrize("method,steps", [("dcu", 24), ("dcu", 15), ("dcu+apd", 24)])
+@pytest.mark.parametrize("method,steps", [("dcu", 24), ("dcu", 15), ("dcu+apd", 24), ("dcu+factor", 24)])
 def test_batched_steps_replay_across_block_positions(method, steps, deep_llada, monkeypatch):
     """A batch's head and batched commit find each sequence's rows in device tables, so one whole-step graph
     serves steps whose sequences sit in other blocks than at its capture, and decodes what each prompt
