@@ -315,7 +315,9 @@ class Executor:
         where each sequence's rows are (one small copy, only when they move)."""
         self._commit_group = None
         live = [st for st in steps if st is not None]
-        if len(steps) == 1 or self.ops is None or not live:
+        # one sequence goes through the tables too where its steps are captured: then one graph serves its
+        # steps in every block (the key holds no block position; see _step_key)
+        if (len(steps) == 1 and not self.cuda_graphs) or self.ops is None or not live:
             return
         keys = {st.commit.batch_key(st.view) for st in live}
         if len(keys) != 1 or None in keys:
@@ -400,11 +402,12 @@ class Executor:
     def _step_key(self, steps, commit_keys) -> tuple | None:
         """What fixes a whole step's kernels; None when a layer cannot be captured."""
         topk, layer_keys = self._batched_topk(steps), self._layer_keys(steps)
-        # A batch's head reads its rows from head_idx_t, and a batched commit (or an eager one after the step)
-        # finds each sequence's rows in commit_meta_t: there the step depends on where the sequences are only
-        # through the row count R, so steps at different block positions share a graph.
+        # With graphs the head reads its rows from head_idx_t, and a commit that decides with the others
+        # (commit_meta_t) or eagerly after the step finds each sequence's rows outside the graph: there the
+        # step depends on where the sequences are only through the row count R, so steps at different block
+        # positions share a graph. A commit inside the graph on its own rows bakes them.
         eager_commits = any(st is not None and k is None for st, k in zip(steps, commit_keys))
-        tables_only = len(steps) > 1 and (self._commit_group is not None or eager_commits)
+        tables_only = self._commit_group is not None or eager_commits
         parts = []
         for st, ck, keys in zip(steps, commit_keys, layer_keys):
             if st is None:
@@ -596,7 +599,7 @@ class Executor:
     def _head_rows(self, steps) -> torch.Tensor:
         """Hidden rows whose logits the commits need: [B, R] (Dream: position i reads hidden row i-1)."""
         shift = 1 if self.spec.logit_shift else 0
-        if len(steps) == 1:                     # one sequence: a slice (lo >= P >= 1 keeps it inside)
+        if len(steps) == 1 and not self.cuda_graphs:    # one sequence: a slice (lo >= P >= 1 keeps it inside)
             st = steps[0]
             return self.h[:, st.lo - shift:st.hi - shift]
         B, R = len(steps), max(st.hi - st.lo for st in steps if st is not None)
@@ -608,7 +611,7 @@ class Executor:
         rows for the head into ``head_idx_t``, one small copy when the slots' ranges change. A shorter range
         repeats its last row; an empty slot reads one row of the first live sequence's."""
         live = [st for st in steps if st is not None]
-        if len(steps) == 1 or not live:
+        if (len(steps) == 1 and not self.cuda_graphs) or not live:
             return
         ranges = tuple((st.lo, st.hi) if st is not None else (live[0].lo, live[0].lo + 1) for st in steps)
         if ranges == self._head_ranges:

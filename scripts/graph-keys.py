@@ -1,7 +1,8 @@
 """How often CUDA graphs would replay, measured on the CPU: graph keys over several different prompts.
 
     python3 scripts/graph-keys.py [--layers 32] [--methods dcu,dcu@allocation=softmax,dcu+apd]
-                                  [--prompts 4] [--batch 1] [--arrive-every S] [--prompt-len-max M] [--json F]
+                                  [--prompts 4] [--batch 1] [--arrive-every S] [--prompt-len-max M]
+                                  [--rows exact,bucketed,one-bucket] [--json F]
 
 (methods as dllm-bench names them, overrides included.) With CUDA graphs the executor replays a whole step
 when its key has been seen twice, else single layers (runtime/executor.py). DCU's proportional and
@@ -38,18 +39,25 @@ from dllm.tools.random_model import random_model
 
 
 class KeyCounter(GraphCache):
-    """A GraphCache that never captures: it counts the keys asked for and how many had been seen twice."""
+    """A GraphCache that never captures: it counts the keys asked for and how many had been seen twice since
+    the executor last dropped its graphs (``clear``: a new canvas shape or prompt length)."""
 
     def __init__(self):
         super().__init__()
-        self.keys: collections.Counter = collections.Counter()
+        self.keys: set = set()
+        self.live: collections.Counter = collections.Counter()
         self.asked = self.would_replay = 0
 
     def replay(self, key):
         self.asked += 1
-        self.would_replay += self.keys[key] >= self.capture_after
-        self.keys[key] += 1
+        self.would_replay += self.live[key] >= self.capture_after
+        self.live[key] += 1
+        self.keys.add(key)
         return False, None
+
+    def clear(self):
+        super().clear()
+        self.live.clear()
 
     def seen(self, key):
         return False
@@ -126,8 +134,12 @@ def main():
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--batch", type=int, default=1, help="prompts decoded at once (decode_batch when > 1)")
     p.add_argument("--arrive-every", type=int, help="with --batch: submit one prompt every this many steps")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"which row counts to measure, of {','.join(ROWS)}")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    if not rows or any(r not in ROWS for r in rows):
+        p.error(f"--rows {a.rows!r}: give some of {','.join(ROWS)}")
     if a.prompt_len_max is not None and a.prompt_len_max < a.prompt_len:
         p.error(f"--prompt-len-max {a.prompt_len_max} is below --prompt-len {a.prompt_len}; give a maximum >= it")
     if a.arrive_every is not None and (a.arrive_every < 1 or a.batch < 2):
@@ -145,7 +157,7 @@ def main():
     print(f"{'method':>24} {'rows':>10} | steps | step replay (keys) | layer replay (keys) | rows run / asked")
     for method in split_methods(a.methods):
         cfg = parse_method(method, base)
-        for kind in ROWS:
+        for kind in rows:
             r = measure(engines, cfg, prompts, a.batch, kind, a.arrive_every)
             results.setdefault(method, {})[kind] = r
             pad = "-" if r["padding"] is None else f"{r['padding']:.3f}"

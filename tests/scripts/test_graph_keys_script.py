@@ -57,3 +57,5 @@ def test_bad_arguments_are_named():
     run = subprocess.run([sys.executable, str(SCRIPT), "--prompt-len", "9", "--prompt-len-max", "4"],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "below --prompt-len 9" in run.stderr
+    run = subprocess.run([sys.executable, str(SCRIPT), "--rows", "exact,buckets"], capture_output=True, text=True)
+    assert run.returncode != 0 and "give some of exact,bucketed,one-bucket" in run.stderr
