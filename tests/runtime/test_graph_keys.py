@@ -212,6 +212,21 @@ def test_one_bucket_per_step_decodes_what_eager_decodes(method, deep_llada, monk
     assert replays[float("inf")] > replays[1.0]
 
 
+@pytest.mark.parametrize("method", ["dcu", "dcu+apd", "dual+threshold", "prefix"])
+def test_replayed_dream_graphs_decode_what_eager_decodes(method, tiny_models, monkeypatch):
+    """Dream reads position i's logits from hidden row i-1: the head's row table shifts by one, alone and in
+    a batch."""
+    es = torch_engine_set(tiny_models["dream"], "fp32", kernels="torch")
+    cfg = _dcu(method)
+    prompts = _prompts(es.spec.vocab_size, (5, 11))
+    want = [decode(es, p, cfg) for p in prompts]
+    ex = _graphed(es, True, monkeypatch)
+    for _ in range(2):
+        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+        _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=2))
+    assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
+
+
 def test_graphs_dropped_from_a_full_cache_are_captured_again(deep_llada, monkeypatch):
     """A small cache drops graphs all the time; the decode still equals eager decoding."""
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
