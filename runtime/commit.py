@@ -125,6 +125,14 @@ class CommitPolicy(abc.ABC):
         canvas and keeps the loop's count of the block's masks exact (random models do predict it)."""
         return transfer & (x0 != self.mask_id), x0
 
+    def batch_confidence(self, logits: torch.Tensor, ids: torch.Tensor, rows: "BatchRows"
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch's greedy (x0, conf, cand) [B, R]: each sequence's candidates are the masks of its block
+        (rows past its range never are), conf -inf everywhere else."""
+        cand = (ids == self.mask_id) & rows.in_block
+        stats = self.ops.vocab_stats(logits)
+        return stats.x0, stats.conf.masked_fill(~cand, NEG_INF), cand
+
     def candidates(self, ids: torch.Tensor, lo: int, view: StepView) -> torch.Tensor:
         """Masks of the current block among rows [lo, lo+R): [B, R] bool."""
         cand = ids == self.mask_id
@@ -217,16 +225,15 @@ class LladaSchedule(CommitPolicy):
 
     def select_batch(self, view, logits, ids, rows, tables):
         B = logits.shape[0]
-        cand = (ids == self.mask_id) & rows.in_block
-        stats = self.ops.vocab_stats(logits)
-        conf = stats.conf.masked_fill(~cand, NEG_INF).gather(1, rows.last)     # repeated rows: equal values
+        x0, conf, _ = self.batch_confidence(logits, ids, rows)
+        conf = conf.gather(1, rows.last)                                        # repeated rows: equal values
         full = torch.full((B, view.canvas_len), NEG_INF, dtype=conf.dtype, device=conf.device)
         full.scatter_(1, rows.idx, conf)
         k = self.counts[view.step_in_block]
         transfer = torch.zeros(full.shape, dtype=torch.bool, device=conf.device)
         if k > 0:
             transfer.scatter_(1, torch.topk(full, k, dim=-1).indices, True)
-        return self.without_mask_tokens(transfer.gather(1, rows.idx) & rows.valid, stats.x0)
+        return self.without_mask_tokens(transfer.gather(1, rows.idx) & rows.valid, x0)
 
     def select(self, logits, ids, view):
         B, R, _ = logits.shape
@@ -335,10 +342,8 @@ class ThresholdCommit(CommitPolicy):
         return ("threshold", self.cfg) if self.ops is not None and self._greedy() else None
 
     def select_batch(self, view, logits, ids, rows, tables):
-        cand = (ids == self.mask_id) & rows.in_block
-        stats = self.ops.vocab_stats(logits)
-        conf = stats.conf.masked_fill(~cand, NEG_INF)                           # [B, R]
-        return self.without_mask_tokens(_with_top1(cand & (conf >= self.cfg.threshold), conf, cand), stats.x0)
+        x0, conf, cand = self.batch_confidence(logits, ids, rows)
+        return self.without_mask_tokens(_with_top1(cand & (conf >= self.cfg.threshold), conf, cand), x0)
 
     def select(self, logits, ids, view):
         cand = self.candidates(ids, view.start, view)
@@ -361,12 +366,10 @@ class FactorCommit(CommitPolicy):
         return ("factor", self.cfg) if self.ops is not None and self._greedy() else None
 
     def select_batch(self, view, logits, ids, rows, tables):
-        # rows past a sequence's range are never candidates (not in its block), so each row of the batch
-        # sorts and counts exactly its own sequence's candidates
-        cand = (ids == self.mask_id) & rows.in_block
-        stats = self.ops.vocab_stats(logits)
-        conf = stats.conf.masked_fill(~cand, NEG_INF)                           # [B, R]
-        return self.without_mask_tokens(factor_transfer(conf, cand, self.cfg.factor), stats.x0)
+        # rows past a sequence's range are never candidates, so each row of the batch sorts and counts
+        # exactly its own sequence's candidates
+        x0, conf, cand = self.batch_confidence(logits, ids, rows)
+        return self.without_mask_tokens(factor_transfer(conf, cand, self.cfg.factor), x0)
 
     def select(self, logits, ids, view):
         cand = self.candidates(ids, view.start, view)

@@ -115,7 +115,7 @@ class Executor:
         # bucketed top-k row counts (see the module docstring): with graphs only, since on the CPU or
         # without graphs the padding rows would cost compute and buy nothing
         self.row_buckets = self.cuda_graphs and getattr(engines, "row_buckets", True)
-        self.step_bucket_slack = float(getattr(engines, "step_bucket_slack", 1.25))
+        self.step_bucket_slack = float(engines.step_bucket_slack)
         self._policies: dict = {}
         self._commits: dict = {}
         self.spec = engines.spec
@@ -315,9 +315,7 @@ class Executor:
         where each sequence's rows are (one small copy, only when they move)."""
         self._commit_group = None
         live = [st for st in steps if st is not None]
-        # one sequence goes through the tables too where its steps are captured: then one graph serves its
-        # steps in every block (the key holds no block position; see _step_key)
-        if (len(steps) == 1 and not self.cuda_graphs) or self.ops is None or not live:
+        if not self._by_tables(steps) or self.ops is None or not live:
             return
         keys = {st.commit.batch_key(st.view) for st in live}
         if len(keys) != 1 or None in keys:
@@ -338,6 +336,12 @@ class Executor:
                             st.lo - st.view.prompt_len) for st in steps]))
         self._commit_meta = _upload(self.commit_meta_t, self.commit_meta_host, meta, self._commit_meta)
         self._commit_group = (first, live[0].view, tables, keys.pop())
+
+    def _by_tables(self, steps) -> bool:
+        """Whether the head and a commit that decides with the others find each sequence's rows in device
+        tables (``head_idx_t``, ``commit_meta_t``): always in a batch, and for one sequence where its steps
+        are captured, so that one graph serves its steps in every block (see _step_key)."""
+        return len(steps) > 1 or self.cuda_graphs
 
     def _commit_rows(self, R: int):
         """Each sequence's rows of a batched commit over R rows, from ``commit_meta_t`` (device work only)."""
@@ -599,7 +603,7 @@ class Executor:
     def _head_rows(self, steps) -> torch.Tensor:
         """Hidden rows whose logits the commits need: [B, R] (Dream: position i reads hidden row i-1)."""
         shift = 1 if self.spec.logit_shift else 0
-        if len(steps) == 1 and not self.cuda_graphs:    # one sequence: a slice (lo >= P >= 1 keeps it inside)
+        if not self._by_tables(steps):          # one sequence: a slice (lo >= P >= 1 keeps it inside)
             st = steps[0]
             return self.h[:, st.lo - shift:st.hi - shift]
         B, R = len(steps), max(st.hi - st.lo for st in steps if st is not None)
@@ -611,7 +615,7 @@ class Executor:
         rows for the head into ``head_idx_t``, one small copy when the slots' ranges change. A shorter range
         repeats its last row; an empty slot reads one row of the first live sequence's."""
         live = [st for st in steps if st is not None]
-        if (len(steps) == 1 and not self.cuda_graphs) or not live:
+        if not self._by_tables(steps) or not live:
             return
         ranges = tuple((st.lo, st.hi) if st is not None else (live[0].lo, live[0].lo + 1) for st in steps)
         if ranges == self._head_ranges:
@@ -857,7 +861,7 @@ def row_bucket(k: int) -> int:
     return up * 3 // 4 if up * 3 // 4 >= k else up
 
 
-def _bucketed(shared: tuple, answers: list[tuple], slack: float = 1.25) -> tuple:
+def _bucketed(shared: tuple, answers: list[tuple], slack: float = EngineSet.step_bucket_slack) -> tuple:
     """``row_buckets``: the per-sequence choice (w, k, True) at every layer where the sequences pick a window
     plus their own top-k, k their largest budget there rounded up to a bucket, so shapes follow buckets
     rather than budgets. When one bucket for every such layer (the step's largest) costs at most ``slack``

@@ -28,7 +28,7 @@ import json
 
 import torch
 
-from dllm.engines.engine_set import torch_engine_set
+from dllm.engines.engine_set import EngineSet, torch_engine_set
 from dllm.exporter.models.writer import tiny_spec
 from dllm.runtime import DecodeConfig, decode
 from dllm.runtime.loop import BatchDecoder, batch_canvas_length, decode_batch
@@ -94,7 +94,8 @@ def staggered(engines, cfg, prompts, batch: int, every: int, ex: Executor) -> No
 
 
 # how each method's rows are counted: (row_buckets, step_bucket_slack)
-ROWS = {"exact": (False, 1.25), "bucketed": (True, 1.25), "one-bucket": (True, float("inf"))}
+DEFAULT_SLACK = EngineSet.step_bucket_slack
+ROWS = {"exact": (False, DEFAULT_SLACK), "bucketed": (True, DEFAULT_SLACK), "one-bucket": (True, float("inf"))}
 
 
 def measure(engines, cfg, prompts, batch: int, rows_kind: str, arrive_every: int | None = None) -> dict:

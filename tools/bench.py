@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-row-buckets", action="store_true",
                    help="torch on CUDA with graphs: DCU's layers run their exact row counts instead of bucketed "
                         "ones (bucketed rows keep graph shapes when proportional budgets move; for comparison)")
-    p.add_argument("--step-bucket-slack", type=float, default=1.25, metavar="X",
+    p.add_argument("--step-bucket-slack", type=float, metavar="X",
                    help="torch on CUDA with row buckets: every DCU layer of a step runs the step's largest bucket "
                         "(so the whole step replays as one graph) when that costs at most X times the rows of each "
                         "layer's own bucket; inf: always, 1: only when free (default 1.25)")
@@ -377,9 +377,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.json:
         check_output_file(args.json, "--json")
     slack = args.step_bucket_slack
-    if not slack >= 1:                                      # also refuses nan
+    if slack is not None and not slack >= 1:                # also refuses nan
         raise ConfigError(f"--step-bucket-slack must be at least 1 (a ratio of rows; inf for always), got {slack}")
-    if args.no_row_buckets and slack != 1.25:
+    if args.no_row_buckets and slack is not None:
         raise ConfigError("--step-bucket-slack sets how row buckets are shared across a step; drop it with "
                           "--no-row-buckets (exact row counts have no buckets)")
     if args.batch is not None and args.plot:
@@ -441,7 +441,8 @@ def bench(args: argparse.Namespace, argv: list[str] | None, log=print) -> dict:
             engines.ops.split_kv = True
         source.description["attention"] = args.attention
         engines.row_buckets = not args.no_row_buckets
-        engines.step_bucket_slack = args.step_bucket_slack
+        if args.step_bucket_slack is not None:
+            engines.step_bucket_slack = args.step_bucket_slack
         with torch_threads(engines.torch_threads):
             return _bench(args, argv, cfg, source, log)
     finally:

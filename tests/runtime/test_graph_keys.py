@@ -125,6 +125,16 @@ def _dcu(method):
     return _config(method).replace(gen_length=24, steps=24, budget=3)
 
 
+def _decodes_as_eager(es, cfg, prompts, ex: Executor, passes: int, batch_size: int | None = None) -> None:
+    """``passes`` passes through ``ex`` (later ones replaying what earlier ones captured), each decoding every
+    prompt exactly as eager decoding does: one at a time, and with ``batch_size`` also as a batch."""
+    want = [decode(es, p, cfg) for p in prompts]
+    for _ in range(passes):
+        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+        if batch_size is not None:
+            _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=batch_size))
+
+
 def test_row_buckets():
     assert [row_bucket(k) for k in range(14)] == [0, 1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
     assert [row_bucket(k) for k in (17, 24, 25, 33, 48, 49, 65, 96, 97, 200, 223)] == \
@@ -169,12 +179,8 @@ def test_replayed_graphs_decode_what_eager_decodes(method, kernels, row_buckets,
     """Decoding the same prompts three times through one executor: the later passes replay what the first
     captured, and every pass equals eager decoding (ids, rows per layer and step, commit steps)."""
     es = torch_engine_set(deep_llada, "fp32", kernels=kernels)
-    cfg = _dcu(method)
-    prompts = _prompts(es.spec.vocab_size, (5, 11))
-    want = [decode(es, p, cfg) for p in prompts]
     ex = _graphed(es, row_buckets, monkeypatch)
-    for _ in range(3):
-        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+    _decodes_as_eager(es, _dcu(method), _prompts(es.spec.vocab_size, (5, 11)), ex, passes=3)
     assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
 
 
@@ -183,12 +189,8 @@ def test_uneven_schedule_counts_replay_what_eager_decodes(row_buckets, deep_llad
     """15 steps for 3 blocks of 8: a block commits 2, 2, 2, 1, 1 tokens, a host count each step's graph bakes
     (its commit key), so steps that differ only in it must not share a graph."""
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
-    cfg = _dcu("dcu").replace(steps=15)
-    prompts = _prompts(es.spec.vocab_size, (5, 11))
-    want = [decode(es, p, cfg) for p in prompts]
     ex = _graphed(es, row_buckets, monkeypatch)
-    for _ in range(3):
-        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+    _decodes_as_eager(es, _dcu("dcu").replace(steps=15), _prompts(es.spec.vocab_size, (5, 11)), ex, passes=3)
     assert ex.step_graphs.replays > 0
 
 
@@ -198,16 +200,11 @@ def test_one_bucket_per_step_decodes_what_eager_decodes(method, deep_llada, monk
     batch still decode exactly what they decode eagerly, and more whole steps replay than with slack 1 (a
     shared bucket only where it adds no row; here the default 1.25 shares every step's, as inf does)."""
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
-    cfg = _dcu(method)
-    prompts = _prompts(es.spec.vocab_size, (5, 11, 8))
-    want = [decode(es, p, cfg) for p in prompts]
     replays = {}
     for slack in (1.0, float("inf")):
         ex = _graphed(es, True, monkeypatch)
         ex.step_bucket_slack = slack
-        for _ in range(2):
-            _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
-            _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=2))
+        _decodes_as_eager(es, _dcu(method), _prompts(es.spec.vocab_size, (5, 11, 8)), ex, passes=2, batch_size=2)
         replays[slack] = ex.step_graphs.replays
     assert replays[float("inf")] > replays[1.0]
 
@@ -217,25 +214,16 @@ def test_replayed_dream_graphs_decode_what_eager_decodes(method, tiny_models, mo
     """Dream reads position i's logits from hidden row i-1: the head's row table shifts by one, alone and in
     a batch."""
     es = torch_engine_set(tiny_models["dream"], "fp32", kernels="torch")
-    cfg = _dcu(method)
-    prompts = _prompts(es.spec.vocab_size, (5, 11))
-    want = [decode(es, p, cfg) for p in prompts]
     ex = _graphed(es, True, monkeypatch)
-    for _ in range(2):
-        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
-        _same(want, decode_batch(es, prompts, cfg, executor=ex, batch_size=2))
+    _decodes_as_eager(es, _dcu(method), _prompts(es.spec.vocab_size, (5, 11)), ex, passes=2, batch_size=2)
     assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
 
 
 def test_graphs_dropped_from_a_full_cache_are_captured_again(deep_llada, monkeypatch):
     """A small cache drops graphs all the time; the decode still equals eager decoding."""
     es = torch_engine_set(deep_llada, "fp32", kernels="torch")
-    cfg = _dcu("dcu+apd@proportional")
-    prompts = _prompts(es.spec.vocab_size, (5, 11))
-    want = [decode(es, p, cfg) for p in prompts]
     ex = _graphed(es, True, monkeypatch, max_graphs=3)
-    for _ in range(3):
-        _same(want, [decode(es, p, cfg, executor=ex) for p in prompts])
+    _decodes_as_eager(es, _dcu("dcu+apd@proportional"), _prompts(es.spec.vocab_size, (5, 11)), ex, passes=3)
     assert ex.layer_graphs.dropped > 0 and len(ex.layer_graphs) == 3
     assert ex.step_graphs.replays + ex.layer_graphs.replays > 0
 
