@@ -59,13 +59,13 @@ class ExportConfig:
         object.__setattr__(self, "dtype", _enum(DType, self.dtype, "dtype"))
         object.__setattr__(self, "backend", _enum(ExportBackend, self.backend, "backend"))
         if self.max_seq_len is not None and self.max_seq_len < 1:
-            raise ConfigError(f"max_seq_len must be at least 1, got {self.max_seq_len}")
+            raise ConfigError(f"--max-seq-len (max_seq_len) must be at least 1, got {self.max_seq_len}")
         if self.opt_rows < 1:
-            raise ConfigError(f"opt_rows must be at least 1, got {self.opt_rows}")
+            raise ConfigError(f"--opt-rows (opt_rows) must be at least 1, got {self.opt_rows}")
         if self.max_rows is not None and self.max_rows < self.opt_rows:
-            raise ConfigError(f"max_rows ({self.max_rows}) must be at least opt_rows ({self.opt_rows})")
+            raise ConfigError(f"--max-rows {self.max_rows} must be at least --opt-rows {self.opt_rows}; raise --max-rows or lower --opt-rows")
         if self.max_batch < 1:
-            raise ConfigError(f"max_batch must be at least 1, got {self.max_batch}")
+            raise ConfigError(f"--max-batch (max_batch) must be at least 1, got {self.max_batch}")
         if self.opset not in SUPPORTED_OPSETS:
             raise ConfigError(f"opset {self.opset} is not supported; use one of {list(SUPPORTED_OPSETS)} "
                               "(what TensorRT 10.3 on JetPack 6 parses and this exporter is tested with)")

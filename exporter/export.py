@@ -18,11 +18,12 @@ import platform
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
-from dllm.errors import CheckpointError
-from dllm.generation import generation_defaults_from_checkpoint
+from dllm.errors import CheckpointError, DllmWarning
+from dllm.generation import GenerationDefaults, generation_defaults_from_checkpoint
 from dllm.exporter.config import BuildConfig, ExportBackend, ExportConfig
 from dllm.exporter.engine_dir import (ONNX_DIR, PLANS_DIR, ExportLock, WorkRecords, copy_tokenizer, files_sha256,
                                       finalize, link_or_copy, prepare_output)
@@ -162,6 +163,8 @@ def _export(cfg: ExportConfig, progress: Progress | None, interrupt: DeferredInt
     ckpt = open_checkpoint(cfg.checkpoint)
     spec = ckpt.spec
     max_seq_len = cfg.resolve_max_seq_len(spec.max_seq_len)
+    generation = generation_defaults_from_checkpoint(cfg.checkpoint)
+    _warn_if_no_room(max_seq_len, generation)
     trt_mod = tag = None
     if cfg.backend == ExportBackend.TENSORRT:
         from dllm.engines.trt_build import check_dtype_supported, device_tag, gpu_info, load_trt
@@ -238,9 +241,20 @@ def _export(cfg: ExportConfig, progress: Progress | None, interrupt: DeferredInt
                "max_rows": cfg.max_rows, "validate": cfg.validate,
                "validation": validation if cfg.validate else {}, "export_seconds": export_seconds,
                "external_data": "<onnx file>.data", "tensorrt": build_info},
-        generation=generation_defaults_from_checkpoint(cfg.checkpoint).to_dict(),
+        generation=generation.to_dict(),
         quantization=quant.record(tmp, [(e.decl, e.onnx) for e in entries]) if quant else None)
     return finalize(tmp, cfg.out_dir, manifest, keep, records)
+
+
+def _warn_if_no_room(max_seq_len: int, generation: GenerationDefaults) -> None:
+    """A canvas no longer than the checkpoint's default generation fits no prompt: every run with the
+    defaults would fail, so say it before the export's minutes rather than at the first run."""
+    gen = generation.gen_length
+    if gen is not None and max_seq_len <= gen:
+        warnings.warn(f"--max-seq-len {max_seq_len} leaves no room for a prompt before the default generation of "
+                      f"{gen} tokens ({generation.source}): every run will need a --gen-length below {max_seq_len}; "
+                      f"export with --max-seq-len of {gen} plus the longest prompt expected to run the defaults",
+                      DllmWarning, stacklevel=3)
 
 
 def _build_plans(entries: list[SubgraphEntry], build: BuildConfig, trt_mod, tag: str, tmp: Path,

@@ -118,9 +118,15 @@ def check_prompt(prompt: torch.Tensor, engines: EngineSet, cfg: DecodeConfig, ma
     P = prompt.shape[1]
     limit = max_seq_len or spec.max_seq_len
     if P + cfg.gen_length > limit:
+        # offer only fixes that work: a gen length of whole blocks that fits, a prompt of at least one token
+        room, block = limit - P, cfg.block_length
+        fixes = ([f"lower --gen-length to at most {room - room % block}"] if room >= block else
+                 [f"lower --gen-length and --block-length to at most {room}"] if room >= 1 else [])
+        if limit - cfg.gen_length >= 1:
+            fixes.append(f"shorten the prompt to at most {limit - cfg.gen_length} tokens")
+        fix = " or ".join(fixes) or f"shorten the prompt and lower --gen-length (together at most {limit} tokens)"
         raise ConfigError(f"prompt of {P} tokens + --gen-length {cfg.gen_length} = {P + cfg.gen_length} exceeds the "
-                          f"canvas limit of {limit} tokens (max_seq_len); shorten the prompt to at most "
-                          f"{max(0, limit - cfg.gen_length)} tokens or lower --gen-length")
+                          f"canvas limit of {limit} tokens (max_seq_len); {fix}")
     lo, hi = int(prompt.min()), int(prompt.max())
     if lo < 0 or hi >= spec.vocab_size:
         raise ConfigError(f"prompt ids must lie in [0, {spec.vocab_size}), got min {lo} max {hi}")

@@ -88,7 +88,7 @@ class Pipeline:
         self.executor = Executor(engines)
         self.last_result: GenerationResult | None = None
         self.last_results: list[GenerationResult] = []
-        self._warned: set[int] = set()
+        self._warned: set[tuple] = set()      # the settings already warned about, each once
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -224,11 +224,14 @@ class Pipeline:
             if not isinstance(event, (list, GenerationResult)):     # the last event is the result
                 yield event
 
-    def _check_length(self, gen_length: int) -> None:
-        message = self.generation.length_warning(gen_length)
-        if message is not None and gen_length not in self._warned:
-            self._warned.add(gen_length)
-            warnings.warn(message, GenerationWarning, stacklevel=4)
+    def _check_settings(self, cfg: DecodeConfig) -> None:
+        """Warn, once per setting, where a valid config decodes badly or wastes steps."""
+        checks = {("gen_length", cfg.gen_length): lambda: self.generation.length_warning(cfg.gen_length),
+                  ("steps", cfg.steps_per_block, cfg.block_length): lambda: _idle_steps_warning(cfg)}
+        for key, message in checks.items():
+            if key not in self._warned and (text := message()) is not None:
+                self._warned.add(key)
+                warnings.warn(text, GenerationWarning, stacklevel=4)
 
     def _run(self, prompt, config, chat, stream: bool, on_step=None, batch_size: int | None = None,
              stop=None, on_result=None) -> Iterator:
@@ -236,7 +239,7 @@ class Pipeline:
         cfg = self.default_config() if config is None else config
         if not isinstance(cfg, DecodeConfig):
             raise ConfigError(f"config must be a DecodeConfig, got {type(cfg).__name__}")
-        self._check_length(cfg.gen_length)
+        self._check_settings(cfg)
         batch = is_prompt_batch(prompt)
         if not batch and batch_size is not None:
             raise ConfigError("batch_size applies to a list of prompts; pass [prompt, ...] or drop batch_size")
@@ -301,6 +304,17 @@ class Pipeline:
         self.last_results = results
         self.last_result = results[-1]          # None when stop() dropped the last prompt
         yield results if batch else results[0]
+
+
+def _idle_steps_warning(cfg: DecodeConfig) -> str | None:
+    """A block has ``block_length`` positions, so a schedule of more steps per block has steps that commit
+    nothing: valid (the reference decoders run them too), but time spent for no token."""
+    idle = cfg.steps_per_block - cfg.block_length
+    if idle <= 0:
+        return None
+    return (f"--steps {cfg.steps} gives {cfg.steps_per_block} steps to each block of {cfg.block_length} positions, "
+            f"so at least {idle} steps of every block commit nothing (the reference decoders run them too); "
+            f"--steps {cfg.block_length * cfg.num_blocks} or fewer decodes in fewer steps")
 
 
 def _indexed(steps):

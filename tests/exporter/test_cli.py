@@ -38,8 +38,8 @@ def test_export_prints_a_summary(ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/nothing"], "is not a directory"),
     (["{ckpt}", "--max-seq-len", "100000"], "beyond the model's limit"),
-    (["{ckpt}", "--opt-rows", "0"], "opt_rows must be at least 1"),
-    (["{ckpt}", "--max-batch", "0"], "max_batch must be at least 1, got 0"),
+    (["{ckpt}", "--opt-rows", "0"], "--opt-rows (opt_rows) must be at least 1"),
+    (["{ckpt}", "--max-batch", "0"], "--max-batch (max_batch) must be at least 1, got 0"),
 ])
 def test_errors_are_one_line_with_exit_code_2(ckpt, tmp_path, capsys, args, message):
     argv = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args] + ["-o", str(tmp_path / "out")]
@@ -89,3 +89,18 @@ def test_generation_defaults_are_recorded(tmp_path):
     g = read_manifest(out).generation
     assert g == {"gen_length": 64, "block_length": 64, "steps": 64, "chat": True, "max_gen_length": 64,
                  "source": "train_config.json"}
+
+
+def test_a_canvas_without_room_for_the_default_generation_warns_before_exporting(tmp_path, capsys):
+    """--max-seq-len at or below the default gen length fits no prompt: said first, the export still runs."""
+    from dllm.tools.assets import shipped_model_dir
+
+    out = tmp_path / "short"
+    assert main([str(shipped_model_dir()), "-o", str(out), "--no-validate", "--no-vproj", "--max-seq-len", "64"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("dllm-export: warning: --max-seq-len 64 leaves no room for a prompt before the default "
+                          "generation of 64 tokens (train_config.json)")
+    assert read_manifest(out).max_seq_len == 64
+    assert main([str(shipped_model_dir()), "-o", str(tmp_path / "fits"), "--no-validate", "--no-vproj",
+                 "--max-seq-len", "65"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -71,6 +71,22 @@ def test_prompt_longer_than_the_canvas(pipes):
         pipes["llada"].generate(list(range(6, 100)) * 2, CFG)
 
 
+@pytest.mark.parametrize("sizes, fix", [        # sizes(L) -> (prompt length, gen length, block length), L the canvas
+    (lambda L: (L - 27, 32, 8), "lower --gen-length to at most 24 or shorten the prompt to at most {L-32} tokens$"),
+    (lambda L: (L - 2, 32, 8), "lower --gen-length and --block-length to at most 2 or shorten the prompt to at most {L-32}"),
+    (lambda L: (4, L, L), "lower --gen-length and --block-length to at most {L-4}$"),    # the gen length fills the canvas
+    (lambda L: (L, L, L), r"shorten the prompt and lower --gen-length \(together at most {L} tokens"),  # neither alone fits
+])
+def test_a_canvas_overflow_offers_only_fixes_that_work(pipes, sizes, fix):
+    """Each fix the error offers fits the canvas as given: whole blocks of gen length, a prompt of one token or more."""
+    pipe = pipes["llada"]
+    L = pipe.max_seq_len
+    P, gen, block = sizes(L)
+    fix = fix.replace("{L-32}", str(L - 32)).replace("{L-4}", str(L - 4)).replace("{L}", str(L))
+    with pytest.raises(ConfigError, match=fix):
+        pipe.generate([6] * P, DecodeConfig(gen_length=gen, block_length=block, steps=gen))
+
+
 def test_from_dir_onnxruntime_matches_torch(engine_dirs, pipes):
     pipe = Pipeline.from_dir(engine_dirs["dream"], backend="onnxruntime", device="cpu")
     a = pipe.generate("Hi", CFG)
@@ -111,6 +127,24 @@ def test_generation_defaults_chat_and_length_warning(tiny_models, tiny_checkpoin
     with pytest.warns(GenerationWarning, match="--gen-length 32 is beyond the 16 positions"):
         pipe.generate([6, 7], pipe.default_config(gen_length=32, block_length=8))
     assert Pipeline(engines).default_config() == DecodeConfig()                    # no defaults: the runtime's
+
+
+def test_more_steps_than_positions_warns_once_and_decodes_as_asked(pipes):
+    import warnings
+
+    from dllm.runtime.pipeline import GenerationWarning
+
+    pipe = pipes["llada"]
+    cfg = DecodeConfig(gen_length=16, block_length=8, steps=24)                    # 12 steps per block of 8
+    with pytest.warns(GenerationWarning, match="--steps 24 gives 12 steps to each block of 8 positions, so at "
+                                               "least 4 steps .* --steps 16 or fewer"):
+        res = pipe.generate([6, 7], cfg)
+    assert res.steps == 24
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GenerationWarning)
+        pipe.generate([6, 7], cfg)                                                 # once per setting
+        pipe.generate([6, 7], cfg.replace(steps=16))
+        pipe.generate([6, 7], cfg.replace(commit="apd"))                           # adaptive: no schedule
 
 
 def test_older_engine_directories_without_generation_defaults(engine_dirs, tmp_path):
