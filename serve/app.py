@@ -270,7 +270,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         endpoint = _ENDPOINTS.get(request.url.path)
         if state is not None and endpoint is not None:
             state.metrics.count(endpoint, Outcome.REJECTED)
-        return JSONResponse(error_body(_describe(e.errors()), param=_param(e.errors())), 400)
+        errors = _field_errors(e.errors())
+        return JSONResponse(error_body(_describe(errors), param=_param(errors)), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -283,6 +284,29 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, e: Exception):
         log.exception("unexpected error")
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", type_="server_error"), 500)
+
+
+def _field_errors(errors) -> list[dict]:
+    """pydantic's errors with a union field's branches folded into one error on the field itself: ``stop: 3``
+    fails as a string and as a list, and the client should read ``stop``, not ``stop.str``."""
+    def branch(x) -> bool:                # the type tag pydantic puts in a union member's location
+        return isinstance(x, str) and (x in ("str", "int", "float", "bool", "none") or "[" in x or x[:1].isupper())
+
+    out: list[dict] = []
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        field = tuple(x for x in loc if not branch(x))
+        if field != loc:
+            err = {**err, "loc": field}
+            same = next((o for o in out if o.get("loc") == err["loc"] and o.get("union")), None)
+            msg = err.get("msg", "")
+            if same is not None:
+                if msg[:1].lower() + msg[1:] not in same["msg"]:
+                    same["msg"] = f"{same['msg']} or {msg[:1].lower()}{msg[1:]}"
+                continue
+            err["union"] = True
+        out.append(err)
+    return out
 
 
 def _param(errors) -> str | None:

@@ -3,8 +3,10 @@ text bookkeeping that turns canvases into OpenAI-style deltas.
 
 A diffusion LM commits tokens out of order. What a client may read as final text is the committed
 prefix: the generated positions up to the first one still masked, cut at the first EOS and at
-``max_tokens``. ``IncrementalText`` turns each step's canvas row into the new part of that prefix
-(and, for clients that asked, a snapshot of the whole canvas with the masked positions marked).
+``max_tokens``, and before the first stop string a request gave. ``IncrementalText`` turns each step's canvas
+row into the new part of that prefix (and, for clients that asked, a snapshot of the whole canvas with the
+masked positions marked). Once the committed prefix holds a stop string the answer is final, so the
+generation can end there: the rest of the canvas could not change it.
 
 Events cross from the worker thread to the request's event loop through ``Job.emit``.
 """
@@ -22,7 +24,7 @@ from dllm.runtime import DecodeConfig
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"          # the model wrote an end-of-sequence token
+    STOP = "stop"          # the model wrote an end-of-sequence token, or one of the request's stop strings
     LENGTH = "length"      # max_tokens (or the canvas) ran out first
 
 
@@ -44,6 +46,7 @@ class GenerationRequest:
     stream: bool = False           # emit text deltas as the committed prefix grows
     canvas: bool = False           # emit the whole canvas after every step (stream only)
     endpoint: str = "chat"         # metrics label
+    stop: tuple[str, ...] = ()     # the answer ends before the first of these strings (OpenAI's ``stop``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +142,12 @@ class IncrementalText:
 
     Text deltas only ever extend what was sent: the committed prefix never changes once committed,
     and a trailing replacement character (half of a multi-byte character split across tokens) is
-    held back until the token that completes it is committed.
+    held back until the token that completes it is committed, as is a trailing piece of text that
+    could be the start of a stop string.
+
+    With stop strings the answer is the text before the earliest stop string, and its tokens are those up
+    to the one that completes it: the same whether the stop string shows in the committed prefix of a
+    step (``stopped``: the generation may end there) or only in the final canvas.
     """
 
     def __init__(self, tokenizer, mask_id: int, eos_ids: Sequence[int], request: GenerationRequest):
@@ -148,26 +156,64 @@ class IncrementalText:
         self.eos = set(eos_ids)
         self.request = request
         self.sent = ""
+        self.stopped: tuple[list[int], str] | None = None   # the answer's ids and text, once a stop string shows
         self._piece_cache: dict[int, str] = {}
 
     def step(self, step: int, gen_ids: list[int]) -> Progress | None:
-        """gen_ids: the generated positions of the canvas after step ``step`` (mask id where masked)."""
+        """gen_ids: the generated positions of the canvas after step ``step`` (mask id where masked). Without
+        streaming this only looks for stop strings (``stopped``) and returns None."""
         prefix = []
         for t in gen_ids[:self.request.max_tokens]:
             if t == self.mask_id or t in self.eos:
                 break
             prefix.append(t)
-        delta = self._extend(self._decode(prefix).rstrip("\ufffd"))
+        text = self._decode(prefix)
+        if self.request.stop and self.stopped is None:
+            self.stopped = self._cut_at_stop(prefix, text)
+        if not self.request.stream:
+            return None
+        if self.stopped is not None:
+            text = self.stopped[1]
+        else:
+            text = text.rstrip("\ufffd")
+            text = text[:len(text) - self._stop_start(text)]
+        delta = self._extend(text)
         canvas = self._canvas(step, gen_ids) if self.request.canvas else None
         if not delta and canvas is None:
             return None
         return Progress(delta, canvas)
 
-    def finish(self, gen_ids: list[int], prompt_tokens: int, steps: int, wall_s: float, queue_s: float) -> Finished:
-        ids, reason = content_ids(gen_ids, self.eos, self.request.max_tokens)
-        text = self._decode(ids)
+    def finish(self, gen_ids: list[int] | None, prompt_tokens: int, steps: int, wall_s: float,
+               queue_s: float) -> Finished:
+        """The answer from the final canvas ``gen_ids``; None once ``stopped`` (the generation ended there)."""
+        if self.stopped is not None:
+            (ids, text), reason = self.stopped, FinishReason.STOP
+            gen_length = self.request.config.gen_length
+        else:
+            ids, reason = content_ids(gen_ids, self.eos, self.request.max_tokens)
+            text, gen_length = self._decode(ids), len(gen_ids)
+            cut = self._cut_at_stop(ids, text) if self.request.stop else None
+            if cut is not None:
+                (ids, text), reason = cut, FinishReason.STOP
         rest = text[len(self.sent):] if text.startswith(self.sent) else ""
-        return Finished(rest, text, reason, prompt_tokens, len(ids), steps, len(gen_ids), wall_s, queue_s)
+        return Finished(rest, text, reason, prompt_tokens, len(ids), steps, gen_length, wall_s, queue_s)
+
+    def _cut_at_stop(self, ids: list[int], text: str) -> tuple[list[int], str] | None:
+        """(the ids up to the one that completes the earliest stop string, the text before it), or None when
+        ``text`` (the decoding of ``ids``) holds no stop string."""
+        if not any(s in text for s in self.request.stop):
+            return None
+        for k in range(1, len(ids) + 1):         # once per request: the first token count whose text has one
+            head = self._decode(ids[:k])
+            found = [i for i in (head.find(s) for s in self.request.stop) if i >= 0]
+            if found:
+                return ids[:k], head[:min(found)]
+        return None
+
+    def _stop_start(self, text: str) -> int:
+        """The length of the longest end of ``text`` that begins a stop string (held back: it may be one)."""
+        return max((n for s in self.request.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
 
     def _extend(self, text: str) -> str:
         if len(text) > len(self.sent) and text.startswith(self.sent):

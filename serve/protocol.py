@@ -1,8 +1,8 @@
 """The OpenAI wire format: request bodies (pydantic) and the JSON of responses, chunks and errors.
 
-Requests accept the OpenAI fields a diffusion LM can honour; fields it cannot (n > 1, stop
-sequences, logprobs, penalties, top_p != 1) are accepted only at their neutral values, and any
-other field is an error, so a client never silently gets something other than what it asked for.
+Requests accept the OpenAI fields a diffusion LM can honour; fields it cannot (n > 1, logprobs,
+penalties, top_p != 1) are accepted only at their neutral values, and any other field is an error, so
+a client never silently gets something other than what it asked for.
 Decoding knobs travel in the ``dllm`` extension object (see ``dllm.serve.requests``).
 """
 

@@ -7,6 +7,7 @@
 | `dllm.method` | `method_config(method)` (e.g. `"dcu+apd"`, `"full"`) |
 | `dllm.<field>` | that DecodeConfig field (`block_length`, `steps`, `threshold`, `budget`, `tau0`, ...) |
 | `dllm.canvas` | not decoding: stream the whole canvas after every step |
+| `stop` | not decoding: the answer ends before the first stop string (``GenerationRequest.stop``) |
 
 Unset fields keep the server's defaults (``ServeConfig.default_decode_config``); ``steps`` defaults
 to the gen length (one token per step for the ``schedule`` commit). Every problem is a RequestError
@@ -27,6 +28,7 @@ from dllm.serve.protocol import ChatCompletionRequest, CompletionRequest
 # DecodeConfig fields the request sets through its own OpenAI fields, never through `dllm`
 _OWN_FIELDS = {"gen_length": "max_tokens", "temperature": "temperature", "seed": "seed"}
 EXTENSION_KEYS = ("method", "canvas")
+MAX_STOP = 4                   # stop strings per request, as in OpenAI's API
 
 
 class RequestError(DllmError):
@@ -142,9 +144,6 @@ def _common_checks(body, model: ModelInfo) -> None:
         if value not in allowed:
             raise RequestError(f"{name}={value!r} is not supported by this server; leave {name} unset",
                                param=name)
-    if body.stop:
-        raise RequestError("stop sequences are not supported; leave stop unset (answers end at the model's "
-                           "end-of-sequence token)", param="stop")
     if body.stream_options is not None and not body.stream:
         raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
 
@@ -170,7 +169,17 @@ def _generation_request(body, model: ModelInfo, ids: list[int], max_tokens: int 
                            f"canvas of {model.max_seq_len}; {fix}", param="max_tokens",
                            code="context_length_exceeded")
     return GenerationRequest(tuple(int(t) for t in ids), cfg, max_tokens, stream=body.stream, canvas=canvas,
-                             endpoint=endpoint)
+                             endpoint=endpoint, stop=_stop_strings(body.stop))
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    """OpenAI's ``stop``: one string or a list of up to MAX_STOP non-empty strings (an empty list: none)."""
+    strings = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(strings) > MAX_STOP:
+        raise RequestError(f"stop holds {len(strings)} strings; send at most {MAX_STOP}", param="stop")
+    if any(not s for s in strings):
+        raise RequestError("stop strings must not be empty; drop the empty one", param="stop")
+    return tuple(strings)
 
 
 def _text_content(content, index: int) -> str:

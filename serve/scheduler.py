@@ -11,8 +11,9 @@ answering each job as soon as its own sequence ends, and takes jobs that arrive 
 between two steps (``more``: step-level continuous batching of the queue).
 
 Between two steps a runner checks each job's cancel flag (set when its client disconnects) and stops
-that job; a queued job that was cancelled is dropped without running. Nothing a request does can stop
-the worker: every exception ends that request only.
+that job; a queued job that was cancelled is dropped without running. A job with stop strings is answered,
+and its sequence stopped, at the step whose committed prefix first holds one. Nothing a request does can
+stop the worker: every exception ends that request only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from typing import Callable, Protocol
 
 from dllm.errors import DllmError
-from dllm.serve.jobs import Cancelled, Failed, IncrementalText, Job, Outcome
+from dllm.serve.jobs import Cancelled, Failed, Finished, IncrementalText, Job, Outcome
 from dllm.serve.metrics import ServeMetrics
 
 log = logging.getLogger("dllm.serve")
@@ -32,6 +33,10 @@ log = logging.getLogger("dllm.serve")
 
 class QueueFull(Exception):
     """The queue holds ``max_queue`` requests already."""
+
+
+class _StopStringHit(Exception):
+    """Raised between two steps to end a generation whose committed prefix holds one of its stop strings."""
 
 
 # more(fits, n): up to n queued jobs, taken from the head of the queue while fits(job) holds (the worker's
@@ -74,15 +79,21 @@ class SequentialRunner:
             last = now
             if job.cancelled:
                 raise Cancelled
-            if req.stream:
+            if req.stream or req.stop:
                 progress = text.step(view.step, canvas[0, P:].tolist())
                 if progress is not None:
                     job.emit(progress)
+                if text.stopped is not None:
+                    raise _StopStringHit(view.step)
 
         try:
             result = pipe.generate(list(req.prompt_ids), req.config, on_step=on_step)
         except Cancelled:
             metrics.count(req.endpoint, Outcome.CANCELLED)
+            return
+        except _StopStringHit as hit:
+            _answer(metrics, job, text.finish(None, P, hit.args[0], time.perf_counter() - job.started,
+                                              job.started - job.submitted))
             return
         except DllmError as e:      # the runtime refused the request (validation should have caught it)
             log.warning("generation refused: %s", e)
@@ -94,12 +105,7 @@ class SequentialRunner:
             metrics.count(req.endpoint, Outcome.FAILED)
             job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
             return
-        done = text.finish(result.ids, P, result.steps, result.wall_s, job.started - job.submitted)
-        metrics.prompt_tokens.inc(P)
-        metrics.completion_tokens.inc(done.completion_tokens)
-        metrics.request_seconds.observe(time.perf_counter() - job.submitted)
-        metrics.count(req.endpoint, Outcome.OK)
-        job.emit(done)
+        _answer(metrics, job, text.finish(result.ids, P, result.steps, result.wall_s, job.started - job.submitted))
 
 
 class BatchRunner:
@@ -146,15 +152,10 @@ class BatchRunner:
         last = time.perf_counter()
 
         def on_result(i, result):
-            job, req = by_index[i], by_index[i].request
-            P = len(req.prompt_ids)
-            done = texts[i].finish(result.ids, P, result.steps, result.wall_s, job.started - job.submitted)
-            metrics.prompt_tokens.inc(P)
-            metrics.completion_tokens.inc(done.completion_tokens)
-            metrics.request_seconds.observe(time.perf_counter() - job.submitted)
-            metrics.count(req.endpoint, Outcome.OK)
+            job = by_index[i]
             closed.add(id(job))
-            job.emit(done)
+            _answer(metrics, job, texts[i].finish(result.ids, len(job.request.prompt_ids), result.steps,
+                                                  result.wall_s, job.started - job.submitted))
 
         def add(job: Job) -> None:
             req = job.request
@@ -175,7 +176,8 @@ class BatchRunner:
         try:
             with torch_threads(pipe.engines.torch_threads):
                 batch = BatchDecoder(pipe.engines, cfg, slots, N, executor=executor, max_seq_len=pipe.max_seq_len,
-                                     stop=lambda i: by_index[i].cancelled, on_finish=on_result)
+                                     stop=lambda i: by_index[i].cancelled or id(by_index[i]) in closed,
+                                     on_finish=on_result)
                 for job in jobs:
                     add(job)
                 while True:
@@ -192,10 +194,16 @@ class BatchRunner:
                     last = now
                     for i, canvas, view, _ in events:      # canvas [1, P + G] of job i
                         job, req = by_index[i], by_index[i].request
-                        if req.stream and not job.cancelled:
-                            progress = texts[i].step(view.step, canvas[0, len(req.prompt_ids):].tolist())
+                        if (req.stream or req.stop) and not job.cancelled and id(job) not in closed:
+                            P = len(req.prompt_ids)
+                            progress = texts[i].step(view.step, canvas[0, P:].tolist())
                             if progress is not None:
                                 job.emit(progress)
+                            if texts[i].stopped is not None:       # answered now; stop() drops its sequence
+                                closed.add(id(job))
+                                _answer(metrics, job, texts[i].finish(None, P, view.step,
+                                                                      time.perf_counter() - job.started,
+                                                                      job.started - job.submitted))
         except DllmError as e:
             self._fail(members, closed, f"generation failed: {e}")
             return
@@ -212,6 +220,15 @@ class BatchRunner:
             if id(job) not in closed:
                 self.metrics.count(job.request.endpoint, Outcome.FAILED)
                 job.emit(Failed(message))
+
+
+def _answer(metrics: ServeMetrics, job: Job, done: Finished) -> None:
+    """Send a finished job its answer and count it."""
+    metrics.prompt_tokens.inc(done.prompt_tokens)
+    metrics.completion_tokens.inc(done.completion_tokens)
+    metrics.request_seconds.observe(time.perf_counter() - job.submitted)
+    metrics.count(job.request.endpoint, Outcome.OK)
+    job.emit(done)
 
 
 class Scheduler:

@@ -20,3 +20,23 @@ async def drain(job: Job) -> list:
         events.append(await job.next_event())
         if isinstance(events[-1], (Finished, Failed)):
             return events
+
+
+def stop_reference(pipe, req: GenerationRequest) -> tuple[str, int]:
+    """The answer to ``req`` with its stop strings, from ``pipe`` run to the end: the final text cut before the
+    earliest stop string, and the step at which the committed prefix (the text up to the first masked
+    position) first held one (the generation's last step when none did)."""
+    spec, P, hits = pipe.spec, len(req.prompt_ids), []
+
+    def on_step(canvas, view, committed):
+        prefix = []
+        for t in canvas[0, P:P + req.max_tokens].tolist():
+            if t == spec.mask_id or t in spec.eos_ids:
+                break
+            prefix.append(t)
+        if any(s in pipe.tokenizer.decode(prefix, skip_special_tokens=True) for s in req.stop):
+            hits.append(view.step)
+
+    result = pipe.generate(list(req.prompt_ids), req.config, on_step=on_step)
+    found = [i for i in (result.text.find(s) for s in req.stop) if i >= 0]
+    return result.text[:min(found)] if found else result.text, hits[0] if hits else result.steps

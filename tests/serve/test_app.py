@@ -106,6 +106,24 @@ def test_max_tokens_rounds_the_canvas_up_and_cuts_the_answer(client, reference_p
     assert "".join(c.choices[0].delta.content or "" for c in stream) == want.text[:3]
 
 
+def test_stop_strings_end_the_answer_streamed_or_not(client, reference_pipeline):
+    want = reference_pipeline.generate(SORT, cfg("full")).text
+    assert want.startswith("4 19 52")
+    extra = {"dllm": {"method": "full"}}
+    out = client.chat.completions.create(model=MODEL, messages=SORT, max_tokens=32, stop=[" 5", "x"], extra_body=extra)
+    assert out.choices[0].message.content == "4 19" and out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == len("4 19 5")          # up to the token that completes the stop string
+    assert out.model_extra["dllm"]["steps"] <= 32
+    stream = client.chat.completions.create(model=MODEL, messages=SORT, max_tokens=32, stop=" 5", stream=True,
+                                            extra_body=extra)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "4 19"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    prompt = reference_pipeline.encode(SORT)
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, stop="9", extra_body=extra)
+    assert out.choices[0].text == "4 1" and out.choices[0].finish_reason == "stop"
+
+
 def test_text_completions_with_text_and_token_id_prompts(client, served, reference_pipeline):
     prompt = reference_pipeline.tokenizer.apply_chat_template(SORT, add_generation_prompt=True, tokenize=False)
     want = reference_pipeline.generate(prompt, cfg("dcu+apd", gen=64), chat=False)   # already templated

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("prometheus_client")
 
 from dllm.serve.jobs import Failed, Finished, GenerationRequest, Job, Progress  # noqa: E402
-from tests.serve.conftest import drain, request  # noqa: E402
+from tests.serve.conftest import drain, request, stop_reference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,25 @@ def test_a_cancelled_request_leaves_its_batch_mates_unchanged(state, reference_p
     results, _ = run_batch(state, [others[0], long, others[1]], cancel_after_first_event=1)
     assert results[1] is None
     assert [events[-1].full_text for events in (results[0], results[2])] == want
+
+
+def test_a_stop_string_ends_its_sequence_early_and_changes_no_batch_mate(state, reference_pipeline):
+    pipe = state.pipeline
+    sort = "Sort: 52 71 19 3 88"                  # `full` commits "3 1" at step 28 of 32, "3 19 5" at 30
+    reqs = [request(pipe, sort, "full", stream=True, stop=(" ",)), request(pipe, "What is 47+38?", "full"),
+            request(pipe, sort, "full", stream=True, stop=("52", "zz")), request(pipe, sort, "full", stop=("9",))]
+    want = [stop_reference(reference_pipeline, r) for r in reqs]
+    assert [w[0] for w in want] == ["3", "85", "3 19 ", "3 1"]
+    assert want[0][1] < reqs[0].config.steps and want[2][1] == reqs[2].config.steps     # one ends early
+    results, order = run_batch(state, reqs)
+    for events, (text, steps), r in zip(results, want, reqs):
+        done = events[-1]
+        assert isinstance(done, Finished) and (done.full_text, done.steps) == (text, steps)
+        assert done.finish_reason.value == "stop"
+        if r.stream:
+            assert "".join(e.text for e in events) == text and "5" not in "".join(e.text for e in events[:-1])
+    assert order[0] == 0                          # answered at its stop, before its batch-mates end
+    assert results[0][-1].completion_tokens == 2 and results[2][-1].completion_tokens == 7
 
 
 def test_a_bad_request_fails_alone(state, reference_pipeline):

@@ -36,7 +36,9 @@ BAD = [
     (chat(temperature=-1.0), 400, "dllm", "temperature"),
     (chat(temperature="hot"), 400, "temperature", "temperature"),
     (chat(n=2), 400, "n", "n=2"),
-    (chat(stop=["\n"]), 400, "stop", "stop"),
+    (chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", "at most 4"),
+    (chat(stop=["a", ""]), 400, "stop", "empty"),
+    (chat(stop=3), 400, "stop", "stop: Input should be a valid string or input should be a valid list"),
     (chat(top_p=0.5), 400, "top_p", "top_p"),
     (chat(logprobs=True), 400, "logprobs", "logprobs"),
     (chat(tools=[{"type": "function"}]), 400, "tools", "unrecognized request argument"),
@@ -65,6 +67,8 @@ def test_bad_chat_requests_get_openai_errors(served, body, status, param, word):
     ({"model": MODEL, "prompt": ""}, "prompt", "empty"),
     ({"model": MODEL, "prompt": "hi", "echo": True}, "echo", "echo"),
     ({"model": MODEL}, "prompt", "missing"),
+    ({"model": MODEL, "prompt": 3}, "prompt", "prompt: Input should be a valid string or input should be a valid list"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["x", 3]}, "stop", "stop.1: Input should be a valid string"),
 ])
 def test_bad_completion_requests(served, body, param, word):
     resp = httpx.post(f"{served.url}/v1/completions", json=body)

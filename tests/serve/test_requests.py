@@ -87,3 +87,47 @@ def test_deltas_never_split_a_character_and_add_up_to_the_answer(byte_tokenizer)
     done = text.finish(answer, 1, len(answer), 0.1, 0.0)
     assert "".join(sent) + done.text == done.full_text == "déjà vu ✓"
     assert done.finish_reason == FinishReason.STOP and done.completion_tokens == len(ids)
+
+
+def test_a_stop_string_cuts_the_answer_the_same_mid_generation_and_at_the_end(byte_tokenizer):
+    """A stop string split over several tokens: the streamed text never shows its start, the committed prefix
+    that first holds it ends the answer, and the final canvas gives the same answer and token count."""
+    tok = byte_tokenizer
+    eos, mask = tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<mask>")
+    ids = tok("plain ✓ words", add_special_tokens=False)["input_ids"]
+    answer = ids + [eos, eos]
+    cut = next(k for k in range(len(ids) + 1) if "✓" in tok.decode(ids[:k]))      # the token that completes it
+    req = GenerationRequest((0,), DecodeConfig(gen_length=32, block_length=32), 32, stream=True, stop=("✓ w", "z"))
+    text = IncrementalText(tok, mask, [eos], req)
+    canvas, sent = [mask] * len(answer), []
+    for step, pos in enumerate(range(len(answer)), start=1):                      # left to right
+        canvas[pos] = answer[pos]
+        progress = text.step(step, list(canvas))
+        sent.append(progress.text if progress else "")
+        assert "✓" not in "".join(sent) and "\ufffd" not in "".join(sent)
+        if text.stopped is not None:
+            break
+    assert "".join(sent) == "plain "                                              # " ✓ w" held back, then cut
+    early = text.finish(None, 1, step, 0.1, 0.0)
+    late = IncrementalText(tok, mask, [eos], req).finish(answer, 1, len(answer), 0.1, 0.0)
+    stop_tokens = next(k for k in range(len(ids) + 1) if "✓ w" in tok.decode(ids[:k]))
+    assert step == stop_tokens > cut
+    for done in (early, late):
+        assert done.full_text == "plain " and done.finish_reason == FinishReason.STOP
+        assert done.completion_tokens == stop_tokens
+    assert early.text == ""                                                       # all of it was streamed
+
+
+def test_stop_takes_a_string_or_up_to_four_non_empty_ones():
+    from dllm.serve.protocol import CompletionRequest
+    from dllm.serve.requests import completion_request
+
+    def stops(stop):
+        body = CompletionRequest(model="m", prompt=[6, 7], max_tokens=8, stop=stop)
+        return completion_request(body, model(), encode=None).stop
+
+    assert stops("\n") == ("\n",) and stops(["a", "bc"]) == ("a", "bc") and stops([]) == () and stops(None) == ()
+    for bad, word in ((["a"] * 5, "at most 4"), (["a", ""], "empty"), ("", "empty")):
+        with pytest.raises(RequestError, match=word) as e:
+            stops(bad)
+        assert e.value.param == "stop"

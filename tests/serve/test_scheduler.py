@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("prometheus_client")
 
 from dllm.serve.jobs import Failed, Finished, GenerationRequest, Job, Progress  # noqa: E402
-from tests.serve.conftest import drain, request  # noqa: E402
+from tests.serve.conftest import drain, request, stop_reference  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,26 @@ def test_jobs_run_in_order_and_a_failing_generation_spares_the_worker(state, ref
     while state.scheduler.running and time.monotonic() < deadline:   # the worker resets it after the last event
         time.sleep(0.01)
     assert state.scheduler.depth == 0 and state.scheduler.running == 0
+
+
+def test_a_stop_string_ends_the_generation_at_the_step_that_commits_it(state, reference_pipeline):
+    pipe = state.pipeline
+    reqs = [request(pipe, "Sort: 52 71 19 3 88", "full", stream=stream, stop=(" 1",)) for stream in (True, False)]
+    text, steps = stop_reference(reference_pipeline, reqs[0])
+    assert text == "3" and steps < reqs[0].config.steps
+    before = state.metrics.decode_steps._value.get()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(r, loop) for r in reqs]
+        for j in jobs:
+            state.scheduler.submit(j)
+        return [await drain(j) for j in jobs]
+
+    for events in asyncio.run(run()):
+        assert isinstance(events[-1], Finished) and (events[-1].full_text, events[-1].steps) == (text, steps)
+        assert "".join(e.text for e in events) == text and events[-1].finish_reason.value == "stop"
+    assert state.metrics.decode_steps._value.get() - before == 2 * steps       # no step after the stop
 
 
 def test_a_queued_job_cancelled_before_it_starts_never_runs(state):
