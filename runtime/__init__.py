@@ -18,7 +18,7 @@ _EXPORTS = {
     "Alg": "config", "Allocation": "config", "ApdMode": "config", "CachePolicyKind": "config",
     "CommitPolicyKind": "config", "DecodeConfig": "config", "Proxy": "config", "Remasking": "config",
     "BatchDecoder": "loop", "DecodeResult": "loop", "decode": "loop", "method_config": "methods",
-    "GenerationResult": "pipeline", "Pipeline": "pipeline",
+    "GenerationResult": "pipeline", "Pipeline": "pipeline", "CommittedText": "text",
 }
 
 __all__ = sorted(_EXPORTS)

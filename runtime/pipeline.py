@@ -29,6 +29,7 @@ from dllm.runtime.config import DecodeConfig
 from dllm.runtime.executor import Executor
 from dllm.runtime.loop import DecodeResult, StepCallback, decode_batch_steps, decode_steps
 from dllm.runtime.prompts import check_ids, encode_chat, encode_text, encode_text_as_chat, load_tokenizer
+from dllm.runtime.text import CommittedText
 from dllm.threads import torch_threads
 
 
@@ -272,7 +273,8 @@ class Pipeline:
             else:
                 steps = _indexed(decode_steps(self.engines, ids[0], cfg, executor=self.executor,
                                               max_seq_len=self.max_seq_len))
-            texts = [_TextStream(len(p), self.spec.mask_id, self.spec.eos_ids) for p in ids]
+            texts = [CommittedText(self.tokenizer, self.spec.mask_id, self.spec.eos_ids) if stream else None
+                     for _ in ids]
             while True:
                 try:
                     index, canvas, view, committed = next(steps)
@@ -285,7 +287,7 @@ class Pipeline:
                     else:
                         on_step(canvas, view, committed)
                 if stream and committed:
-                    delta = texts[index].advance(canvas[0], self.tokenizer)
+                    delta = texts[index].advance(canvas[0, len(ids[index]):].tolist())
                     if delta:
                         yield (index, delta) if batch else delta
         decoded = decoded if batch else [decoded]
@@ -297,7 +299,7 @@ class Pipeline:
             result = built[i] if i in built else _generation_result(p, res, self.decode_text(res.ids) if text_out
                                                                      else None)
             if stream and result.text is not None:
-                delta = texts[i].finish(result.text)
+                delta = texts[i].rest(texts[i].answer(res.ids))
                 if delta:
                     yield (i, delta) if batch else delta
             results.append(result)
@@ -334,38 +336,6 @@ def is_prompt_batch(prompt) -> bool:
         return False
     return all(isinstance(p, (str, torch.Tensor)) or (isinstance(p, (list, tuple)) and not isinstance(p, str))
                for p in prompt)
-
-
-class _TextStream:
-    """The text of one sequence as it becomes final: the committed prefix of its generation, cut at EOS."""
-
-    def __init__(self, prompt_length: int, mask_id: int, eos_ids):
-        self.P, self.mask, self.eos = prompt_length, mask_id, set(eos_ids)
-        self.emitted, self.done = "", False
-
-    def advance(self, canvas_row: torch.Tensor, tokenizer) -> str:
-        """The new text after a step (empty when the committed prefix did not grow into new text)."""
-        if self.done:
-            return ""
-        prefix = []
-        for t in canvas_row[self.P:].tolist():
-            if t == self.mask:
-                break
-            if t in self.eos:
-                self.done = True
-                break
-            prefix.append(t)
-        return self._emit(tokenizer.decode(prefix, skip_special_tokens=True))
-
-    def finish(self, text: str) -> str:
-        """What the final text adds to what was streamed."""
-        return self._emit(text)
-
-    def _emit(self, text: str) -> str:
-        if len(text) > len(self.emitted) and text.startswith(self.emitted):
-            delta, self.emitted = text[len(self.emitted):], text
-            return delta
-        return ""
 
 
 def _generation_result(prompt_ids: list[int], result: DecodeResult, text: str | None) -> GenerationResult:

@@ -3,10 +3,10 @@ text bookkeeping that turns canvases into OpenAI-style deltas.
 
 A diffusion LM commits tokens out of order. What a client may read as final text is the committed
 prefix: the generated positions up to the first one still masked, cut at the first EOS and at
-``max_tokens``, and before the first stop string a request gave. ``IncrementalText`` turns each step's canvas
-row into the new part of that prefix (and, for clients that asked, a snapshot of the whole canvas with the
-masked positions marked). Once the committed prefix holds a stop string the answer is final, so the
-generation can end there: the rest of the canvas could not change it.
+``max_tokens``, and before the first stop string a request gave (``dllm.runtime.text``).
+``IncrementalText`` turns each step's canvas row into the new part of that prefix (and, for clients that
+asked, a snapshot of the whole canvas with the masked positions marked). Once the committed prefix holds a
+stop string the answer is final, so the generation can end there: the rest of the canvas could not change it.
 
 Events cross from the worker thread to the request's event loop through ``Job.emit``.
 """
@@ -21,6 +21,7 @@ import time
 from typing import Sequence, Union
 
 from dllm.runtime import DecodeConfig
+from dllm.runtime.text import CommittedText, Ending
 
 
 class FinishReason(str, enum.Enum):
@@ -127,57 +128,30 @@ class Job:
         return await self._events.get()
 
 
-def content_ids(ids: Sequence[int], eos_ids: Sequence[int], max_tokens: int) -> tuple[list[int], FinishReason]:
-    """The answer's token ids (cut at the first EOS and at ``max_tokens``) and why it ended."""
-    eos = set(eos_ids)
-    cut = next((i for i, t in enumerate(ids) if t in eos), None)
-    if cut is not None and cut <= max_tokens:
-        return list(ids[:cut]), FinishReason.STOP
-    end = len(ids) if cut is None else cut
-    return list(ids[:min(end, max_tokens)]), FinishReason.LENGTH
-
-
 class IncrementalText:
-    """Turns the generated canvas row of each step into Progress events, then the final Finished.
-
-    Text deltas only ever extend what was sent: the committed prefix never changes once committed,
-    and a trailing replacement character (half of a multi-byte character split across tokens) is
-    held back until the token that completes it is committed, as is a trailing piece of text that
-    could be the start of a stop string.
-
-    With stop strings the answer is the text before the earliest stop string, and its tokens are those up
-    to the one that completes it: the same whether the stop string shows in the committed prefix of a
-    step (``stopped``: the generation may end there) or only in the final canvas.
-    """
+    """Turns the generated canvas row of each step into Progress events, then the final Finished: the
+    runtime's ``CommittedText`` (deltas that only ever extend what was sent, never half a character nor
+    what could begin a stop string; ``stopped`` once the committed prefix holds a stop string) plus, for
+    clients that asked, each step's canvas with every position's token text."""
 
     def __init__(self, tokenizer, mask_id: int, eos_ids: Sequence[int], request: GenerationRequest):
         self.tokenizer = tokenizer
         self.mask_id = mask_id
-        self.eos = set(eos_ids)
         self.request = request
-        self.sent = ""
-        self.stopped: tuple[list[int], str] | None = None   # the answer's ids and text, once a stop string shows
+        self.text = CommittedText(tokenizer, mask_id, eos_ids, max_tokens=request.max_tokens, stop=request.stop)
         self._piece_cache: dict[int, str] = {}
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the committed prefix holds a stop string: the answer is final, the generation may end."""
+        return self.text.stopped is not None
 
     def step(self, step: int, gen_ids: list[int]) -> Progress | None:
         """gen_ids: the generated positions of the canvas after step ``step`` (mask id where masked). Without
         streaming this only looks for stop strings (``stopped``) and returns None."""
-        prefix = []
-        for t in gen_ids[:self.request.max_tokens]:
-            if t == self.mask_id or t in self.eos:
-                break
-            prefix.append(t)
-        text = self._decode(prefix)
-        if self.request.stop and self.stopped is None:
-            self.stopped = self._cut_at_stop(prefix, text)
+        delta = self.text.advance(gen_ids)
         if not self.request.stream:
             return None
-        if self.stopped is not None:
-            text = self.stopped[1]
-        else:
-            text = text.rstrip("\ufffd")
-            text = text[:len(text) - self._stop_start(text)]
-        delta = self._extend(text)
         canvas = self._canvas(step, gen_ids) if self.request.canvas else None
         if not delta and canvas is None:
             return None
@@ -186,43 +160,11 @@ class IncrementalText:
     def finish(self, gen_ids: list[int] | None, prompt_tokens: int, steps: int, wall_s: float,
                queue_s: float) -> Finished:
         """The answer from the final canvas ``gen_ids``; None once ``stopped`` (the generation ended there)."""
-        if self.stopped is not None:
-            (ids, text), reason = self.stopped, FinishReason.STOP
-            gen_length = self.request.config.gen_length
-        else:
-            ids, reason = content_ids(gen_ids, self.eos, self.request.max_tokens)
-            text, gen_length = self._decode(ids), len(gen_ids)
-            cut = self._cut_at_stop(ids, text) if self.request.stop else None
-            if cut is not None:
-                (ids, text), reason = cut, FinishReason.STOP
-        rest = text[len(self.sent):] if text.startswith(self.sent) else ""
-        return Finished(rest, text, reason, prompt_tokens, len(ids), steps, gen_length, wall_s, queue_s)
-
-    def _cut_at_stop(self, ids: list[int], text: str) -> tuple[list[int], str] | None:
-        """(the ids up to the one that completes the earliest stop string, the text before it), or None when
-        ``text`` (the decoding of ``ids``) holds no stop string."""
-        if not any(s in text for s in self.request.stop):
-            return None
-        for k in range(1, len(ids) + 1):         # once per request: the first token count whose text has one
-            head = self._decode(ids[:k])
-            found = [i for i in (head.find(s) for s in self.request.stop) if i >= 0]
-            if found:
-                return ids[:k], head[:min(found)]
-        return None
-
-    def _stop_start(self, text: str) -> int:
-        """The length of the longest end of ``text`` that begins a stop string (held back: it may be one)."""
-        return max((n for s in self.request.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
-
-    def _extend(self, text: str) -> str:
-        if len(text) > len(self.sent) and text.startswith(self.sent):
-            delta, self.sent = text[len(self.sent):], text
-            return delta
-        return ""
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        answer = self.text.answer(gen_ids)
+        reason = FinishReason.LENGTH if answer.ending == Ending.LENGTH else FinishReason.STOP
+        rest = self.text.rest(answer) if self.request.stream else answer.text    # nothing was sent without a stream
+        return Finished(rest, answer.text, reason, prompt_tokens, len(answer.ids), steps,
+                        self.request.config.gen_length, wall_s, queue_s)
 
     def _canvas(self, step: int, gen_ids: list[int]) -> Canvas:
         missing = sorted({t for t in gen_ids if t != self.mask_id and t not in self._piece_cache})

@@ -83,7 +83,7 @@ class SequentialRunner:
                 progress = text.step(view.step, canvas[0, P:].tolist())
                 if progress is not None:
                     job.emit(progress)
-                if text.stopped is not None:
+                if text.stopped:
                     raise _StopStringHit(view.step)
 
         try:
@@ -199,7 +199,7 @@ class BatchRunner:
                             progress = texts[i].step(view.step, canvas[0, P:].tolist())
                             if progress is not None:
                                 job.emit(progress)
-                            if texts[i].stopped is not None:       # answered now; stop() drops its sequence
+                            if texts[i].stopped:       # answered now; stop() drops its sequence
                                 closed.add(id(job))
                                 _answer(metrics, job, texts[i].finish(None, P, view.step,
                                                                       time.perf_counter() - job.started,

@@ -2,7 +2,7 @@
 
 Triton decides between compiling for the GPU and its CPU interpreter when a kernel module is imported,
 so the interpreter is switched on here, before anything imports dllm.kernels, on machines without CUDA.
-The fixtures: the shipped model exported once, and a real dllm-serve on it. ``write_schema_1`` turns an
+The fixtures: the shipped model exported once, a real dllm-serve on it, and a byte-level tokenizer. ``write_schema_1`` turns an
 export into an engine directory of the layout before batching.
 """
 
@@ -51,6 +51,22 @@ def reference_pipeline(shipped_engine_dir):
     from dllm.runtime import Pipeline
 
     return Pipeline.from_dir(shipped_engine_dir, backend="onnxruntime", device="cpu", intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """A real byte-level BPE tokenizer (as LLaDA's and Dream's are), where one character can span several
+    tokens; ``<eos>`` and ``<mask>`` are special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<mask>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["plain ascii words only"] * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", mask_token="<mask>")
 
 
 def write_schema_1(src: Path, dst: Path) -> Path:

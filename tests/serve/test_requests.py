@@ -9,7 +9,7 @@ from dllm.runtime import DecodeConfig, method_config
 pytest.importorskip("fastapi")
 
 from dllm.serve.config import ServeConfig  # noqa: E402
-from dllm.serve.jobs import FinishReason, GenerationRequest, IncrementalText, content_ids  # noqa: E402
+from dllm.serve.jobs import FinishReason, GenerationRequest, IncrementalText  # noqa: E402
 from dllm.serve.requests import ModelInfo, RequestError, decode_config  # noqa: E402
 
 
@@ -44,29 +44,6 @@ def test_bad_knobs_name_the_field(dllm, param):
     assert e.value.status == 400 and e.value.param == param
 
 
-def test_content_ids_cut_at_eos_and_max_tokens():
-    eos = (1, 5)
-    assert content_ids([7, 8, 5, 9], eos, 10) == ([7, 8], FinishReason.STOP)
-    assert content_ids([7, 8, 5, 9], eos, 2) == ([7, 8], FinishReason.STOP)        # EOS right at the limit
-    assert content_ids([7, 8, 9, 5], eos, 2) == ([7, 8], FinishReason.LENGTH)
-    assert content_ids([7, 8, 9], eos, 10) == ([7, 8, 9], FinishReason.LENGTH)     # the canvas ran out
-
-
-@pytest.fixture(scope="module")
-def byte_tokenizer():
-    """A real byte-level BPE tokenizer, where one character can span several tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<mask>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["plain ascii words only"] * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", mask_token="<mask>")
-
-
 def test_deltas_never_split_a_character_and_add_up_to_the_answer(byte_tokenizer):
     tok = byte_tokenizer
     eos, mask = tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<mask>")
@@ -87,35 +64,6 @@ def test_deltas_never_split_a_character_and_add_up_to_the_answer(byte_tokenizer)
     done = text.finish(answer, 1, len(answer), 0.1, 0.0)
     assert "".join(sent) + done.text == done.full_text == "déjà vu ✓"
     assert done.finish_reason == FinishReason.STOP and done.completion_tokens == len(ids)
-
-
-def test_a_stop_string_cuts_the_answer_the_same_mid_generation_and_at_the_end(byte_tokenizer):
-    """A stop string split over several tokens: the streamed text never shows its start, the committed prefix
-    that first holds it ends the answer, and the final canvas gives the same answer and token count."""
-    tok = byte_tokenizer
-    eos, mask = tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<mask>")
-    ids = tok("plain ✓ words", add_special_tokens=False)["input_ids"]
-    answer = ids + [eos, eos]
-    cut = next(k for k in range(len(ids) + 1) if "✓" in tok.decode(ids[:k]))      # the token that completes it
-    req = GenerationRequest((0,), DecodeConfig(gen_length=32, block_length=32), 32, stream=True, stop=("✓ w", "z"))
-    text = IncrementalText(tok, mask, [eos], req)
-    canvas, sent = [mask] * len(answer), []
-    for step, pos in enumerate(range(len(answer)), start=1):                      # left to right
-        canvas[pos] = answer[pos]
-        progress = text.step(step, list(canvas))
-        sent.append(progress.text if progress else "")
-        assert "✓" not in "".join(sent) and "\ufffd" not in "".join(sent)
-        if text.stopped is not None:
-            break
-    assert "".join(sent) == "plain "                                              # " ✓ w" held back, then cut
-    early = text.finish(None, 1, step, 0.1, 0.0)
-    late = IncrementalText(tok, mask, [eos], req).finish(answer, 1, len(answer), 0.1, 0.0)
-    stop_tokens = next(k for k in range(len(ids) + 1) if "✓ w" in tok.decode(ids[:k]))
-    assert step == stop_tokens > cut
-    for done in (early, late):
-        assert done.full_text == "plain " and done.finish_reason == FinishReason.STOP
-        assert done.completion_tokens == stop_tokens
-    assert early.text == ""                                                       # all of it was streamed
 
 
 def test_stop_takes_a_string_or_up_to_four_non_empty_ones():
