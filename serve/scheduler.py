@@ -192,11 +192,15 @@ class BatchRunner:
                     metrics.step_seconds.observe(now - last)
                     metrics.decode_steps.inc()
                     last = now
-                    for i, canvas, view, _ in events:      # canvas [1, P + G] of job i
+                    rows = None                            # the batch's canvas on the host, once per step
+                    for i, _, view, _ in events:           # job i's step
                         job, req = by_index[i], by_index[i].request
                         if (req.stream or req.stop) and not job.cancelled and id(job) not in closed:
+                            if rows is None:               # one device copy, not one per sequence
+                                rows = batch.canvas.to("cpu")
+                                slot = {run.index: b for b, run in enumerate(batch.slots) if run is not None}
                             P = len(req.prompt_ids)
-                            progress = texts[i].step(view.step, canvas[0, P:].tolist())
+                            progress = texts[i].step(view.step, rows[slot[i], P:P + cfg.gen_length].tolist())
                             if progress is not None:
                                 job.emit(progress)
                             if texts[i].stopped:       # answered now; stop() drops its sequence
