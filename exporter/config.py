@@ -63,7 +63,8 @@ class ExportConfig:
         if self.opt_rows < 1:
             raise ConfigError(f"--opt-rows (opt_rows) must be at least 1, got {self.opt_rows}")
         if self.max_rows is not None and self.max_rows < self.opt_rows:
-            raise ConfigError(f"--max-rows {self.max_rows} must be at least --opt-rows {self.opt_rows}; raise --max-rows or lower --opt-rows")
+            raise ConfigError(f"--max-rows {self.max_rows} must be at least --opt-rows {self.opt_rows}; raise --max-rows "
+                              "or lower --opt-rows")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch (max_batch) must be at least 1, got {self.max_batch}")
         if self.opset not in SUPPORTED_OPSETS:

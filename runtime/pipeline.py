@@ -299,7 +299,7 @@ class Pipeline:
             result = built[i] if i in built else _generation_result(p, res, self.decode_text(res.ids) if text_out
                                                                      else None)
             if stream and result.text is not None:
-                delta = texts[i].rest(texts[i].answer(res.ids))
+                delta = texts[i].rest(result.text)
                 if delta:
                     yield (i, delta) if batch else delta
             results.append(result)

@@ -79,14 +79,14 @@ class CommittedText:
         limit = len(gen_ids) if self.max_tokens is None else self.max_tokens
         if eos_at is not None and eos_at <= limit:
             ids, ending = list(gen_ids[:eos_at]), Ending.EOS
-        else:
-            ids, ending = list(gen_ids[:min(limit, len(gen_ids) if eos_at is None else eos_at)]), Ending.LENGTH
+        else:                                   # no EOS within the limit
+            ids, ending = list(gen_ids[:limit]), Ending.LENGTH
         text = self.decode(ids)
         return (self._cut_at_stop(ids, text) if self.stop else None) or Answer(ids, text, ending)
 
-    def rest(self, answer: Answer) -> str:
-        """What the final answer adds to the text handed out (marked as handed out)."""
-        return self._extend(answer.text)
+    def rest(self, text: str) -> str:
+        """What the final answer's ``text`` adds to the text handed out (marked as handed out)."""
+        return self._extend(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True) if ids else ""

@@ -300,9 +300,10 @@ def _field_errors(errors) -> list[dict]:
             err = {**err, "loc": field}
             same = next((o for o in out if o.get("loc") == err["loc"] and o.get("union")), None)
             msg = err.get("msg", "")
+            alternative = msg[:1].lower() + msg[1:]             # "... or input should be ..."
             if same is not None:
-                if msg[:1].lower() + msg[1:] not in same["msg"]:
-                    same["msg"] = f"{same['msg']} or {msg[:1].lower()}{msg[1:]}"
+                if alternative not in same["msg"]:
+                    same["msg"] = f"{same['msg']} or {alternative}"
                 continue
             err["union"] = True
         out.append(err)

@@ -162,7 +162,7 @@ class IncrementalText:
         """The answer from the final canvas ``gen_ids``; None once ``stopped`` (the generation ended there)."""
         answer = self.text.answer(gen_ids)
         reason = FinishReason.LENGTH if answer.ending == Ending.LENGTH else FinishReason.STOP
-        rest = self.text.rest(answer) if self.request.stream else answer.text    # nothing was sent without a stream
+        rest = self.text.rest(answer.text) if self.request.stream else answer.text    # nothing was sent without a stream
         return Finished(rest, answer.text, reason, prompt_tokens, len(answer.ids), steps,
                         self.request.config.gen_length, wall_s, queue_s)
 

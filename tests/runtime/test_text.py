@@ -46,7 +46,7 @@ def test_pieces_never_split_a_character_and_add_up_to_the_answer(tok, order):
     assert all("\ufffd" not in p for p in pieces)
     final = text.answer(answer)
     assert final == Answer(ids, TEXT, Ending.EOS)
-    assert "".join(pieces) + text.rest(final) == TEXT
+    assert "".join(pieces) + text.rest(final.text) == TEXT
     if order == "right-to-left":
         assert pieces[:-1] == [""] * (n - 1)          # nothing is final until position 0 commits
 
@@ -83,7 +83,7 @@ def test_a_stop_string_ends_the_answer_the_same_mid_generation_and_at_the_end(to
     assert "".join(pieces) == "déjà vu "
     late = CommittedText(tok, mask, [eos], stop=stop).answer(answer)
     assert text.stopped == late == Answer(ids[:completes], "déjà vu ", Ending.STOP)
-    assert text.advance(answer) == "" and text.rest(late) == ""          # final: nothing more to hand out
+    assert text.advance(answer) == "" and text.rest(late.text) == ""          # final: nothing more to hand out
     assert CommittedText(tok, mask, [eos], stop=("nowhere",)).answer(answer).ending == Ending.EOS
 
 
